@@ -1,0 +1,557 @@
+"""PagedCache: sequences, block tables, and every public operation of the contract.
+
+Read this module top to bottom. Each public method states what it needs, what it changes, what it
+returns and what it raises. The rules it implements are numbered as in the design brief:
+
+1. Writable iff exclusive: a block takes K/V writes only if its refcount is 1 and it is not indexed.
+2. Reserve -> write -> commit: `add_sequence`/`extend` reserve blocks, `write_kv` fills them,
+   `commit` publishes full blocks to the prefix index.
+3. Prefix hits are full blocks and leave at least one prompt token to compute.
+4. Duplicates are not merged: `commit` keeps a private block equal to an indexed one.
+5. Deterministic allocation from a FIFO free queue; an evicted block is used at once.
+6. Deterministic eviction of LRU cached leaves by a logical clock, ties by lowest block id.
+7. All or nothing: every check happens before the first change.
+8. Trim releases blocks past the new end, tail first, and keeps the new tail block as it is.
+9. Fork shares every block of the parent, partial tail included.
+
+Decisions the brief leaves open, fixed here (the MLX backend follows them exactly):
+
+- The logical clock ticks once per successful metadata-changing operation (add_sequence, extend,
+  commit, fork, trim, free, evict, clear_cache). Reads and `write_kv` do not tick; failures do not.
+- An operation that needs n fresh blocks fails with OutOfBlocksError unless n blocks are available
+  when it starts: free blocks plus cached blocks that repeated leaf eviction could reach. Blocks the
+  operation itself releases along the way do not count; blocks a prompt matches are pinned first.
+- Copy-on-write happens in `extend`: when new tokens land in a partial tail block that is not
+  writable, extend first copies the tail's visible rows, in every layer, into a fresh block. The COW
+  block is allocated before the blocks for positions past the tail. `write_kv` never allocates: it
+  raises NotWritableError for rows in a block the sequence does not own exclusively.
+- A released block that is indexed gets `last_used = now`; one that reaches refcount 0 and is not
+  indexed joins the free queue's tail. Freeing and trimming release the table tail first.
+- `clear_cache` drops every index node: cached blocks join the free queue in ascending block id
+  (counted as evictions); indexed blocks still in use simply stop being matchable.
+- `commit` walks the sequence's full blocks from the root and publishes every missing node, also
+  ones below an earlier commit whose index nodes were since evicted. A duplicate is counted once,
+  the first time the block is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagedkv.config import Config
+from pagedkv.errors import (
+    ConfigError,
+    InvalidPositionError,
+    InvariantError,
+    NotWritableError,
+    OutOfBlocksError,
+    StorageDisabledError,
+    TrimError,
+    UnknownSequenceError,
+)
+from pagedkv.spec import checks
+from pagedkv.spec.attention import reference_attention
+from pagedkv.spec.index import PrefixIndex
+from pagedkv.spec.pool import BlockPool
+from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
+from pagedkv.types import IndexEntry, Snapshot, Stats
+
+
+@dataclass
+class Sequence:
+    """A handle's state: its tokens and the block holding each run of `block_size` positions."""
+
+    id: int
+    namespace: str
+    tokens: list[int]
+    table: list[int]  # position p lives in block table[p // block_size], row p % block_size
+    committed: int  # leading full blocks already committed (for counting duplicates once)
+
+
+@dataclass
+class Counters:
+    prefix_queries: int = 0
+    prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefill_tokens_avoided: int = 0
+    cow_copies: int = 0
+    evictions: int = 0
+    duplicates: int = 0
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """ceil(num_tokens / block_size): the table length of a sequence of that many tokens."""
+    return -(-num_tokens // block_size)
+
+
+class PagedCache:
+    """The executable spec of a paged KV cache."""
+
+    def __init__(self, config: Config) -> None:
+        if not isinstance(config, Config):
+            raise ConfigError(f"PagedCache needs a pagedkv.Config, got {type(config).__name__}.")
+        self.config = config
+        self.pool = BlockPool(config.num_blocks)
+        self.index = PrefixIndex()
+        self.storage = KVStorage(config) if config.store_kv else None
+        self.sequences: dict[int, Sequence] = {}
+        self.clock = 0
+        self.next_sequence_id = 0
+        self.counters = Counters()
+
+    # ---- small helpers -------------------------------------------------------------------------
+
+    def _sequence(self, seq_id: object) -> Sequence:
+        seq = self.sequences.get(seq_id) if isinstance(seq_id, int) else None  # type: ignore[arg-type]
+        if seq is None:
+            raise UnknownSequenceError(
+                f"sequence {seq_id!r} is unknown or was freed; live sequences: "
+                f"{sorted(self.sequences)[:8]}. Use a handle returned by add_sequence or fork."
+            )
+        return seq
+
+    def _tick(self) -> int:
+        """Advances the logical clock; called once a changing operation has passed its checks."""
+        self.clock += 1
+        return self.clock
+
+    def _is_writable(self, block: int) -> bool:
+        """Rule 1."""
+        return self.pool.refcounts[block] == 1 and block not in self.index.node_of_block
+
+    def blocks_available(self, pinned: set[int] | None = None) -> int:
+        """Free blocks plus cached blocks eviction could reach, not counting `pinned` ones."""
+        return self.pool.num_free() + self.index.reclaimable(self.pool.refcounts, pinned or set())
+
+    def _require_blocks(self, needed: int, pinned: set[int], asked: str) -> None:
+        available = self.blocks_available(pinned)
+        if needed > available:
+            raise OutOfBlocksError(
+                f"{asked} needs {needed} new blocks but only {available} are free or evictable "
+                f"(of {self.config.num_blocks}); free or trim sequences, or use a larger pool."
+            )
+
+    def _allocate(self) -> int:
+        """Rule 5: pop the free queue's head; when it is empty, evict (rule 6) and use that block.
+        Precondition: a block is available (checked by _require_blocks). Returns it at refcount 1."""
+        if self.pool.num_free():
+            block = self.pool.pop_free()
+        else:
+            victim = self.index.lru_leaf(self.pool.refcounts)
+            assert victim is not None, "caller checked availability"
+            self.index.remove_leaf(victim)
+            self.counters.evictions += 1
+            block = victim.block
+        self.pool.incref(block)
+        return block
+
+    def _release(self, block: int, now: int) -> None:
+        """Drops one reference. An indexed block stays cached (and is touched); an unindexed block
+        that nobody references any more joins the free queue's tail."""
+        refcount = self.pool.decref(block)
+        node = self.index.node_of_block.get(block)
+        if node is not None:
+            node.last_used = now
+        elif refcount == 0:
+            self.pool.push_free(block)
+
+    def _prompt_keys(self, tokens: list[int]) -> list[tuple[int, ...]]:
+        """Rule 3: the keys of full blocks a prompt may match, leaving at least one token."""
+        size = self.config.block_size
+        return [tuple(tokens[i * size : (i + 1) * size]) for i in range((len(tokens) - 1) // size)]
+
+    # ---- reserve: add_sequence and extend ------------------------------------------------------
+
+    def can_add_sequence(self, tokens: SequenceOf[int], namespace: str = "") -> bool:
+        """Whether add_sequence(tokens, namespace) would find enough blocks. Changes nothing."""
+        tokens = checks.as_tokens(tokens, "can_add_sequence")
+        chain = self.index.match(checks.as_namespace(namespace), self._prompt_keys(tokens))
+        needed = blocks_for(len(tokens), self.config.block_size) - len(chain)
+        return needed <= self.blocks_available({node.block for node in chain})
+
+    def add_sequence(self, tokens: SequenceOf[int], namespace: str = "") -> tuple[int, int]:
+        """Starts a sequence for a prompt. Rule 3: the longest indexed chain of full blocks matching
+        the prompt (in `namespace`, capped to leave one token) is shared; blocks for the rest are
+        allocated (rule 5). The caller then writes K/V for positions [cached, len) and commits.
+
+        Returns (sequence id, cached tokens). Raises InvalidTokensError, InvalidArgumentError
+        (namespace not a str), OutOfBlocksError.
+        """
+        tokens = checks.as_tokens(tokens, "add_sequence")
+        namespace = checks.as_namespace(namespace)
+        chain = self.index.match(namespace, self._prompt_keys(tokens))
+        needed = blocks_for(len(tokens), self.config.block_size) - len(chain)
+        self._require_blocks(
+            needed, {n.block for n in chain}, f"add_sequence({len(tokens)} tokens)"
+        )
+        now = self._tick()
+        for node in chain:
+            self.pool.incref(node.block)
+            node.last_used = now
+        table = [node.block for node in chain] + [self._allocate() for _ in range(needed)]
+        seq = Sequence(self.next_sequence_id, namespace, tokens, table, committed=len(chain))
+        self.sequences[seq.id] = seq
+        self.next_sequence_id += 1
+        cached = len(chain) * self.config.block_size
+        self.counters.prefix_queries += 1
+        self.counters.prompt_tokens += len(tokens)
+        self.counters.prefix_hit_tokens += cached
+        self.counters.prefill_tokens_avoided += cached
+        return seq.id, cached
+
+    def _extend_plan(self, seq: Sequence, num_new: int) -> tuple[bool, int]:
+        """(does the tail need copy-on-write, how many blocks past the tail) for num_new tokens."""
+        size = self.config.block_size
+        tail_rows = len(seq.tokens) % size
+        cow = tail_rows != 0 and not self._is_writable(seq.table[-1])
+        grow = blocks_for(len(seq.tokens) + num_new, size) - len(seq.table)
+        return cow, grow
+
+    def can_extend(self, seq_id: int, num_tokens: int) -> bool:
+        """Whether extend(seq_id, <num_tokens tokens>) would find enough blocks. Changes nothing."""
+        seq = self._sequence(seq_id)
+        cow, grow = self._extend_plan(seq, max(1, checks.as_count(num_tokens, "num_tokens")))
+        return int(cow) + grow <= self.blocks_available()
+
+    def extend(self, seq_id: int, tokens: SequenceOf[int]) -> None:
+        """Appends k >= 1 tokens (a decode step, a prefill chunk, speculative drafts) and reserves
+        their positions. If they start inside a tail block that is not writable (shared after fork,
+        or indexed after trim), the tail is first copied (rule 1): a fresh block receives its visible
+        rows in every layer and replaces it in the table. Blocks past the tail are then allocated.
+
+        Raises UnknownSequenceError, InvalidTokensError, OutOfBlocksError.
+        """
+        seq = self._sequence(seq_id)
+        tokens = checks.as_tokens(tokens, "extend")
+        cow, grow = self._extend_plan(seq, len(tokens))
+        self._require_blocks(int(cow) + grow, set(), f"extend(sequence {seq.id}, {len(tokens)})")
+        now = self._tick()
+        if cow:
+            self._copy_on_write_tail(seq, now)
+        seq.table.extend(self._allocate() for _ in range(grow))
+        seq.tokens.extend(tokens)
+
+    def _copy_on_write_tail(self, seq: Sequence, now: int) -> None:
+        old = seq.table[-1]
+        new = self._allocate()
+        if self.storage is not None:
+            self.storage.copy_rows(old, new, len(seq.tokens) % self.config.block_size)
+        seq.table[-1] = new
+        self._release(old, now)
+        self.counters.cow_copies += 1
+
+    # ---- write and commit ----------------------------------------------------------------------
+
+    def _require_storage(self, asked: str) -> KVStorage:
+        if self.storage is None:
+            raise StorageDisabledError(
+                f"{asked} needs K/V storage but this cache is metadata-only; "
+                "create it with Config(store_kv=True)."
+            )
+        return self.storage
+
+    def write_kv(
+        self, seq_id: int, layer: int, start: int, keys: np.ndarray, values: np.ndarray
+    ) -> None:
+        """Stores K/V rows for positions [start, start + n) of a sequence in one layer.
+        keys and values: `[n, kv_heads, head_dim]` of the cache's dtype (bfloat16 as uint16 bits).
+
+        Every touched block must be writable (rule 1): positions served from the prefix index or
+        shared by a fork already hold their K/V. Raises StorageDisabledError, UnknownSequenceError,
+        InvalidArgumentError (layer), KVDtypeError, KVShapeError, InvalidPositionError,
+        NotWritableError.
+        """
+        storage = self._require_storage("write_kv")
+        seq = self._sequence(seq_id)
+        cfg = self.config
+        layer = checks.as_layer(layer, cfg.num_layers)
+        start = checks.as_count(start, "start")
+        count = checks.check_kv(
+            keys, values, NUMPY_STORAGE_DTYPE[cfg.dtype], cfg.dtype, cfg.num_kv_heads, cfg.head_dim
+        )
+        if start + count > len(seq.tokens):
+            raise InvalidPositionError(
+                f"write_kv of positions [{start}, {start + count}) but sequence {seq.id} has "
+                f"{len(seq.tokens)} positions; extend it first."
+            )
+        positions = np.arange(start, start + count)
+        blocks = np.array(seq.table)[positions // cfg.block_size]
+        for block in sorted(set(blocks.tolist())):
+            if not self._is_writable(block):
+                raise NotWritableError(
+                    f"write_kv into block {block} of sequence {seq.id}, which is shared "
+                    f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
+                    "stored. Write only positions that add_sequence/extend reserved afresh."
+                )
+        storage.write_rows(layer, blocks, positions % cfg.block_size, keys, values)
+
+    def commit(self, seq_id: int) -> int:
+        """Publishes the sequence's full blocks into the prefix index (rule 2). Walks its full
+        blocks from the namespace root; a missing node is created for the sequence's block. An
+        existing node with another block is a duplicate (rule 4): the sequence keeps its private
+        block, later blocks go under the existing path, and `duplicates` counts it once.
+
+        Returns how many blocks were newly published. Raises UnknownSequenceError.
+        """
+        seq = self._sequence(seq_id)
+        now = self._tick()
+        size, parent, published = self.config.block_size, None, 0
+        for i in range(len(seq.tokens) // size):
+            key = tuple(seq.tokens[i * size : (i + 1) * size])
+            child = self.index.children_of(seq.namespace, parent).get(key)
+            if child is None:
+                child = self.index.insert(seq.namespace, parent, key, seq.table[i], now)
+                published += 1
+            elif child.block != seq.table[i] and i >= seq.committed:
+                self.counters.duplicates += 1
+            parent = child
+        seq.committed = len(seq.tokens) // size
+        return published
+
+    # ---- fork, trim, free ----------------------------------------------------------------------
+
+    def fork(self, seq_id: int) -> int:
+        """Rule 9: a new sequence sharing every block of the parent, partial tail included. The
+        first write past the shared tail copies it. Returns the new id. Raises UnknownSequenceError.
+        """
+        parent = self._sequence(seq_id)
+        self._tick()
+        for block in parent.table:
+            self.pool.incref(block)
+        child = Sequence(
+            self.next_sequence_id,
+            parent.namespace,
+            list(parent.tokens),
+            list(parent.table),
+            parent.committed,
+        )
+        self.sequences[child.id] = child
+        self.next_sequence_id += 1
+        self.counters.prefill_tokens_avoided += len(parent.tokens)
+        return child.id
+
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        """Rule 8: drops the last `num_tokens` tokens. Blocks past the new end are released, tail
+        first; the new tail block is kept as it is, so if it is shared or indexed the next extend
+        copies it. Trimming to 0 tokens leaves an empty sequence that extend can refill.
+
+        Raises UnknownSequenceError, InvalidArgumentError (not an int >= 0), TrimError (more than
+        the sequence holds).
+        """
+        seq = self._sequence(seq_id)
+        num_tokens = checks.as_count(num_tokens, "trim num_tokens")
+        if num_tokens > len(seq.tokens):
+            raise TrimError(
+                f"trim({num_tokens}) of sequence {seq.id}, which holds {len(seq.tokens)} tokens; "
+                "trim at most its length."
+            )
+        now = self._tick()
+        new_length = len(seq.tokens) - num_tokens
+        keep = blocks_for(new_length, self.config.block_size)
+        for block in reversed(seq.table[keep:]):
+            self._release(block, now)
+        del seq.table[keep:]
+        del seq.tokens[new_length:]
+        seq.committed = min(seq.committed, new_length // self.config.block_size)
+
+    def free(self, seq_id: int) -> None:
+        """Ends a sequence and releases its blocks, tail first. Committed blocks stay cached.
+        Free never publishes. Raises UnknownSequenceError."""
+        seq = self._sequence(seq_id)
+        now = self._tick()
+        for block in reversed(seq.table):
+            self._release(block, now)
+        del self.sequences[seq.id]
+
+    # ---- the prefix cache ----------------------------------------------------------------------
+
+    def evict(self, num_blocks: int) -> list[int]:
+        """Evicts up to `num_blocks` cached leaves in rule-6 order; each joins the free queue's tail.
+        Returns the evicted block ids in order. Raises InvalidArgumentError."""
+        num_blocks = checks.as_count(num_blocks, "evict num_blocks")
+        self._tick()
+        evicted: list[int] = []
+        while len(evicted) < num_blocks:
+            victim = self.index.lru_leaf(self.pool.refcounts)
+            if victim is None:
+                break
+            self.index.remove_leaf(victim)
+            self.pool.push_free(victim.block)
+            evicted.append(victim.block)
+        self.counters.evictions += len(evicted)
+        return evicted
+
+    def clear_cache(self) -> int:
+        """Empties the prefix index. Cached blocks join the free queue in ascending id; indexed
+        blocks still in use stay with their sequences but can no longer be matched.
+        Returns how many cached blocks were freed."""
+        self._tick()
+        cached = sorted(n.block for n in self.index.nodes() if self.pool.refcounts[n.block] == 0)
+        self.index.clear()
+        for block in cached:
+            self.pool.push_free(block)
+        self.counters.evictions += len(cached)
+        return len(cached)
+
+    # ---- reads: gather and attention -----------------------------------------------------------
+
+    def _rows_of(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.arange(len(seq.tokens))
+        blocks = np.array(seq.table, dtype=np.int64)[positions // self.config.block_size]
+        return blocks, positions % self.config.block_size
+
+    def gather(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of every position of the sequence, in order: each `[len, kv_heads, head_dim]`
+        (bfloat16 as uint16 bits). Raises StorageDisabledError, UnknownSequenceError,
+        InvalidArgumentError."""
+        storage = self._require_storage("gather")
+        seq = self._sequence(seq_id)
+        layer = checks.as_layer(layer, self.config.num_layers)
+        return storage.read_rows(layer, *self._rows_of(seq))
+
+    def _gather_float32(self, seq: Sequence, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        keys, values = self._require_storage("attention").read_rows(layer, *self._rows_of(seq))
+        return to_float32(keys, self.config.dtype), to_float32(values, self.config.dtype)
+
+    def attention_decode(
+        self, layer: int, seq_ids: SequenceOf[int], queries: np.ndarray, scale: float | None = None
+    ) -> np.ndarray:
+        """One query per sequence, batched over sequences of ragged lengths: query b (at the last
+        position of seq_ids[b]) attends over all of that sequence's keys.
+        queries: `[B, q_heads, head_dim]`. Returns `[B, q_heads, head_dim]` float32.
+        Raises StorageDisabledError, UnknownSequenceError, InvalidArgumentError, KVDtypeError,
+        KVShapeError, InvalidPositionError (an empty sequence)."""
+        self._require_storage("attention_decode")
+        layer = checks.as_layer(layer, self.config.num_layers)
+        seqs = [self._sequence(s) for s in seq_ids]
+        queries = checks.check_queries(
+            queries, self.config.num_kv_heads, self.config.head_dim, len(seqs)
+        )
+        scale = checks.as_scale(scale, self.config.head_dim)
+        outputs = []
+        for b, seq in enumerate(seqs):
+            if not seq.tokens:
+                raise InvalidPositionError(f"attention_decode over empty sequence {seq.id}.")
+            keys, values = self._gather_float32(seq, layer)
+            last = np.array([len(seq.tokens) - 1])
+            outputs.append(reference_attention(queries[b : b + 1], keys, values, last, scale)[0])
+        return np.stack(outputs) if outputs else np.zeros_like(queries)
+
+    def attention_prefill(
+        self, seq_id: int, layer: int, queries: np.ndarray, scale: float | None = None
+    ) -> np.ndarray:
+        """Causal attention for the last L positions of a sequence (the tokens computed after a
+        cached prefix): the query at position p sees keys 0..p. queries: `[L, q_heads, head_dim]`
+        with 1 <= L <= len. Returns `[L, q_heads, head_dim]` float32."""
+        self._require_storage("attention_prefill")
+        seq = self._sequence(seq_id)
+        layer = checks.as_layer(layer, self.config.num_layers)
+        queries = checks.check_queries(
+            queries, self.config.num_kv_heads, self.config.head_dim, None
+        )
+        count = queries.shape[0]
+        if not 1 <= count <= len(seq.tokens):
+            raise InvalidPositionError(
+                f"attention_prefill with {count} queries but sequence {seq.id} has "
+                f"{len(seq.tokens)} positions; pass 1..len queries."
+            )
+        scale = checks.as_scale(scale, self.config.head_dim)
+        keys, values = self._gather_float32(seq, layer)
+        positions = np.arange(len(seq.tokens) - count, len(seq.tokens))
+        return reference_attention(queries, keys, values, positions, scale)
+
+    # ---- observation ---------------------------------------------------------------------------
+
+    def sequence_length(self, seq_id: int) -> int:
+        return len(self._sequence(seq_id).tokens)
+
+    def tokens(self, seq_id: int) -> tuple[int, ...]:
+        return tuple(self._sequence(seq_id).tokens)
+
+    def block_table(self, seq_id: int) -> tuple[int, ...]:
+        return tuple(self._sequence(seq_id).table)
+
+    def stats(self) -> Stats:
+        refcounts, indexed = self.pool.refcounts, self.index.node_of_block
+        rows_held: dict[int, int] = {}
+        for seq in self.sequences.values():
+            for i, block in enumerate(seq.table):
+                rows = min(self.config.block_size, len(seq.tokens) - i * self.config.block_size)
+                rows_held[block] = max(rows_held.get(block, 0), rows)
+        return Stats(
+            free_blocks=self.pool.num_free(),
+            cached_blocks=sum(1 for b in indexed if refcounts[b] == 0),
+            in_use_blocks=sum(1 for r in refcounts if r >= 1),
+            shared_blocks=sum(1 for r in refcounts if r >= 2),
+            indexed_blocks=len(indexed),
+            sequences=len(self.sequences),
+            tokens_stored=sum(len(s.tokens) for s in self.sequences.values()),
+            unique_tokens=sum(rows_held.values()),
+            **vars(self.counters),
+        )
+
+    def snapshot(self) -> Snapshot:
+        """Every observable piece of metadata, as plain comparable data."""
+        entries = [
+            IndexEntry(n.namespace, n.path_tokens(), n.block, n.last_used)
+            for n in self.index.nodes()
+        ]
+        return Snapshot(
+            clock=self.clock,
+            next_sequence_id=self.next_sequence_id,
+            free_queue=tuple(self.pool.free_queue),
+            refcounts=tuple(self.pool.refcounts),
+            sequences=tuple(
+                (s.id, s.namespace, tuple(s.tokens), tuple(s.table), s.committed)
+                for s in sorted(self.sequences.values(), key=lambda s: s.id)
+            ),
+            index=tuple(sorted(entries, key=lambda e: (e.namespace, e.path_tokens))),
+            stats=self.stats(),
+        )
+
+    def check_invariants(self) -> None:
+        """Raises InvariantError naming the first broken invariant of the design brief."""
+        size, refcounts = self.config.block_size, self.pool.refcounts
+
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise InvariantError(message)
+
+        counted = [0] * self.config.num_blocks
+        for seq in self.sequences.values():
+            require(
+                len(seq.table) == blocks_for(len(seq.tokens), size),
+                f"sequence {seq.id}: table length != ceil(len / block_size)",
+            )
+            for block in seq.table:
+                counted[block] += 1
+        require(counted == refcounts, "refcount != occurrences in block tables")
+        queue = list(self.pool.free_queue)
+        require(len(queue) == len(set(queue)), "free queue holds a block twice")
+        indexed = self.index.node_of_block
+        expected_free = {
+            b for b in range(self.config.num_blocks) if refcounts[b] == 0 and b not in indexed
+        }
+        require(set(queue) == expected_free, "free queue != unreferenced, unindexed blocks")
+        nodes = self.index.nodes()
+        require(len({n.block for n in nodes}) == len(nodes), "two index nodes share a block")
+        for node in nodes:
+            require(indexed.get(node.block) is node, "node_of_block out of sync")
+            siblings = self.index.children_of(node.namespace, node.parent)
+            require(siblings.get(node.key) is node, "index node not reachable from its parent")
+            require(len(node.key) == size, "index node key is not a full block")
+        for seq in self.sequences.values():
+            for i, block in enumerate(seq.table):
+                node = indexed.get(block)
+                end = min(len(seq.tokens), (i + 1) * size)
+                require(
+                    node is None or node.path_tokens()[:end] == tuple(seq.tokens[:end]),
+                    f"sequence {seq.id} holds indexed block {block} under other tokens",
+                )
+        writable_owners = [
+            b for s in self.sequences.values() for b in s.table if self._is_writable(b)
+        ]
+        require(len(writable_owners) == len(set(writable_owners)), "a block writable twice")

@@ -1,0 +1,377 @@
+"""The machinery shared by the state machines.
+
+`prefix_kv` plays the model: the K/V row of position p is a function of the layer and the tokens
+0..p, exactly as in a transformer. So every correct way of obtaining a row (writing it, sharing a
+cached prefix block, forking, copy-on-write) yields the same bytes, and the dense model of a sequence
+is just its token list. Values are multiples of 1/256 in [-0.5, 0.5), exact in every pool dtype.
+
+`CacheMachine` applies each operation to every implementation under test, demands the same result
+or the same error type from all, and checks that a failed operation changed nothing.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pagedkv.config import DTYPES, Config
+from pagedkv.errors import (
+    InvalidArgumentError,
+    InvalidPositionError,
+    InvalidTokensError,
+    KVShapeError,
+    OutOfBlocksError,
+    PagedKVError,
+    UnknownSequenceError,
+)
+from pagedkv.spec import PagedCache as SpecCache
+from tests.property import oracle
+
+STEMS = (
+    (1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5),  # two system prompts, and a third that
+    (9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8, 7, 6, 5),  # shares the first five tokens of the first
+    (1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+)
+tokens_strategy = st.lists(st.integers(0, 3), min_size=1, max_size=7)
+
+
+@lru_cache(maxsize=100_000)
+def _row(prefix_hash: int, layer: int, salt: int, width: int) -> np.ndarray:
+    lanes = np.arange(width, dtype=np.int64)
+    mixed = (
+        (prefix_hash % 1000003) * 2654435761 + layer * 97 + salt * 7919 + lanes * 40503
+    ) % 1000003
+    return ((mixed % 256) / 256.0 - 0.5).astype(np.float32)
+
+
+def prefix_kv(tokens: tuple[int, ...], layer: int, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """K and V `[len(tokens), kv_heads, head_dim]` float32 that a model would produce."""
+    width = config.num_kv_heads * config.head_dim
+    keys, values, running = [], [], 17
+    for token in tokens:
+        running = (running * 1000003 + token + 1) % (2**61 - 1)
+        keys.append(_row(running, layer, 1, width))
+        values.append(_row(running, layer, 2, width))
+    shape = (len(tokens), config.num_kv_heads, config.head_dim)
+    if not tokens:
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    return np.stack(keys).reshape(shape), np.stack(values).reshape(shape)
+
+
+class SpecImpl:
+    """How the machine talks to the spec: K/V as NumPy, bfloat16 as uint16 bit patterns."""
+
+    name = "spec"
+
+    @staticmethod
+    def make(config: Config):
+        return SpecCache(config)
+
+    @staticmethod
+    def to_native(array: np.ndarray, dtype: str):
+        if dtype == "bfloat16":  # exact values: the top 16 bits of the float32 are the bfloat16
+            return (array.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return array.astype({"float32": np.float32, "float16": np.float16}[dtype])
+
+    @staticmethod
+    def to_bits(array) -> np.ndarray:
+        """Raw bytes of a gathered array, for bit-exact comparison across implementations."""
+        return np.ascontiguousarray(array).view(np.uint8)
+
+    @staticmethod
+    def to_float32(array, dtype: str) -> np.ndarray:
+        if dtype == "bfloat16":
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array.astype(np.float32)
+
+    @staticmethod
+    def queries(array: np.ndarray):
+        return array
+
+    @staticmethod
+    def output(array) -> np.ndarray:
+        return np.asarray(array, dtype=np.float32)
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Drives every implementation in `impls` with identical operations."""
+
+    impls: tuple = (SpecImpl,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.caches: list = []
+        self.model: dict[int, list[int]] = {}  # live sequence id -> its tokens
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    def apply(self, op: str, *args, native_args=None):
+        """Runs cache.op(*args) on every implementation. Returns ("ok", result) or ("error", type).
+        `native_args(impl)` supplies per-implementation arguments (K/V arrays) instead of args."""
+        outcomes = []
+        for impl, cache in zip(self.impls, self.caches):
+            before = cache.snapshot()
+            call_args = native_args(impl) if native_args else args
+            try:
+                outcomes.append(("ok", getattr(cache, op)(*call_args)))
+            except PagedKVError as error:
+                assert cache.snapshot() == before, (
+                    f"{impl.name}.{op} raised {error!r} yet changed state"
+                )
+                outcomes.append(("error", type(error)))
+        first = outcomes[0]
+        for impl, outcome in zip(self.impls[1:], outcomes[1:]):
+            assert outcome == first, (
+                f"{op}{args}: {self.impls[0].name} {first} != {impl.name} {outcome}"
+            )
+        return first
+
+    def write_true_rows(self, seq: int, start: int, stop: int) -> tuple:
+        """Writes the model's K/V for positions [start, stop) in every layer."""
+        outcome = ("ok", None)
+        tokens = tuple(self.model[seq])
+        for layer in range(self.config.num_layers):
+            keys, values = prefix_kv(tokens, layer, self.config)
+            outcome = self.write(seq, layer, start, keys[start:stop], values[start:stop])
+        return outcome
+
+    def write(self, seq: int, layer: int, start: int, keys: np.ndarray, values: np.ndarray):
+        dtype = self.config.dtype
+
+        def native(impl):
+            return (seq, layer, start, impl.to_native(keys, dtype), impl.to_native(values, dtype))
+
+        return self.apply("write_kv", native_args=native)
+
+    def pick(self, data) -> int:
+        return data.draw(st.sampled_from(sorted(self.model)), label="sequence")
+
+    # ---- setup --------------------------------------------------------------------------------
+
+    @initialize(
+        num_blocks=st.integers(3, 24),
+        block_size=st.sampled_from([1, 2, 3, 4]),
+        num_layers=st.integers(1, 2),
+        num_kv_heads=st.sampled_from([1, 2]),
+        head_dim=st.sampled_from([2, 4]),
+        dtype=st.sampled_from(DTYPES),
+    )
+    def setup(self, **sizes) -> None:
+        self.config = Config(**sizes)
+        self.caches = [impl.make(self.config) for impl in self.impls]
+
+    # ---- reserve -> write -> commit -----------------------------------------------------------
+
+    @rule(
+        stem=st.integers(0, len(STEMS) - 1),
+        cut=st.integers(0, 14),
+        suffix=tokens_strategy,
+        namespace=st.sampled_from(["", "", "", "tenant-b"]),
+    )
+    def add_sequence(self, stem, cut, suffix, namespace):
+        prompt = list(STEMS[stem][:cut]) + suffix
+        before = self.caches[0].snapshot()
+        status, result = self.apply("add_sequence", prompt, namespace)
+        if status == "ok":
+            seq, cached = result
+            size = self.config.block_size
+            assert cached % size == 0 and cached < len(prompt), (cached, len(prompt))
+            table = oracle.table_of(self.caches[0].snapshot(), seq)
+            shared = set(table[: cached // size])
+            fresh = oracle.expected_allocation(before, len(table) - len(shared), shared, size)
+            assert list(table[cached // size :]) == fresh, "allocation order (rules 5, 6)"
+            self.model[seq] = prompt
+            assert self.write_true_rows(seq, cached, len(prompt))[0] == "ok"
+
+    @rule(stem=st.integers(0, len(STEMS) - 1), cut=st.integers(4, 14), suffix=tokens_strategy)
+    def serve_prompt(self, stem, cut, suffix):
+        """The common path of a server: a prompt on a shared system prompt, prefilled, committed."""
+        before = len(self.model)
+        self.add_sequence(stem, cut, suffix, "")
+        if len(self.model) > before:
+            assert self.apply("commit", max(self.model))[0] == "ok"
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), tokens=tokens_strategy)
+    def extend_and_commit(self, data, tokens):
+        self.extend(data, tokens)
+        self.commit(data)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), tokens=tokens_strategy)
+    def extend(self, data, tokens):
+        seq = self.pick(data)
+        before = self.caches[0].snapshot()
+        status, _ = self.apply("extend", seq, tokens)
+        if status == "ok":
+            old, new = oracle.table_of(before, seq), oracle.table_of(self.caches[0].snapshot(), seq)
+            copied = [new[len(old) - 1]] if old and new[len(old) - 1] != old[-1] else []
+            fresh = copied + list(new[len(old) :])
+            size = self.config.block_size
+            assert fresh == oracle.expected_allocation(before, len(fresh), set(), size)
+            start = len(self.model[seq])
+            self.model[seq] = self.model[seq] + tokens
+            assert self.write_true_rows(seq, start, len(self.model[seq]))[0] == "ok"
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def commit(self, data):
+        assert self.apply("commit", self.pick(data))[0] == "ok"
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def rewrite_rows(self, data):
+        """Writes garbage into a range; if allowed, no other sequence may see it; then repairs."""
+        seq = self.pick(data)
+        length = len(self.model[seq])
+        if not length:
+            return
+        start = data.draw(st.integers(0, length - 1), label="start")
+        stop = data.draw(st.integers(start + 1, length), label="stop")
+        shape = (stop - start, self.config.num_kv_heads, self.config.head_dim)
+        garbage = np.full(shape, 0.25, np.float32)
+        status, _ = self.write(seq, 0, start, garbage, -garbage)
+        if status == "ok":
+            self.check_gathers(skip=seq)
+            assert self.write_true_rows(seq, start, stop)[0] == "ok"
+
+    # ---- fork, trim, free, eviction -----------------------------------------------------------
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def fork(self, data):
+        seq = self.pick(data)
+        status, child = self.apply("fork", seq)
+        assert status == "ok"
+        self.model[child] = list(self.model[seq])
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), extra=st.integers(0, 2))
+    def trim(self, data, extra):
+        seq = self.pick(data)
+        length = len(self.model[seq])
+        count = data.draw(st.integers(0, length), label="count") + (extra if extra == 2 else 0)
+        before = self.caches[0].snapshot()
+        status, result = self.apply("trim", seq, count)
+        if count > length:
+            assert status == "error"
+        else:
+            assert status == "ok"
+            old, new = oracle.table_of(before, seq), oracle.table_of(self.caches[0].snapshot(), seq)
+            assert new == old[: len(new)], "trim keeps the new tail block as it is"
+            oracle.check_release(before, self.caches[0].snapshot(), list(reversed(old[len(new) :])))
+            self.model[seq] = self.model[seq][: length - count]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = self.pick(data)
+        before = self.caches[0].snapshot()
+        assert self.apply("free", seq)[0] == "ok"
+        del self.model[seq]
+        released = list(reversed(oracle.table_of(before, seq)))
+        oracle.check_release(before, self.caches[0].snapshot(), released)
+
+    @rule(count=st.integers(0, 9))
+    def evict_or_clear(self, count):
+        """evict(0..8) mostly; clear_cache() for the largest draw."""
+        if count == 9:
+            assert self.apply("clear_cache")[0] == "ok"
+            return
+
+        before = self.caches[0].snapshot()
+        status, evicted = self.apply("evict", count)
+        assert evicted == oracle.lru_victims(before, count, set(), self.config.block_size)
+        assert self.caches[0].snapshot().free_queue == before.free_queue + tuple(evicted)
+
+    def exhaust(self, extra):
+        """A prompt longer than the whole pool can never fit: it must fail and change nothing."""
+        prompt = [0] * (self.config.num_blocks * self.config.block_size + extra)
+        assert self.apply("add_sequence", prompt, "") == ("error", OutOfBlocksError)
+
+    # ---- bad input: the right error, and nothing changed (apply checks the snapshot) ----------
+
+    @rule(data=st.data(), case=st.integers(0, 12))
+    def bad_input(self, data, case):
+        live = sorted(self.model)
+        seq = live[0] if live else 0
+        unknown = max(live, default=-1) + 1000
+        cfg = self.config
+        good = np.zeros((1, cfg.num_kv_heads, cfg.head_dim), np.float32)
+        cases = [
+            (("add_sequence", []), InvalidTokensError),
+            (("add_sequence", [1, -1]), InvalidTokensError),
+            (("add_sequence", [1, 2**31]), InvalidTokensError),
+            (("add_sequence", [1], 7), InvalidArgumentError),
+            (("extend", unknown, [1]), UnknownSequenceError),
+            (("commit", unknown), UnknownSequenceError),
+            (("fork", unknown), UnknownSequenceError),
+            (("free", unknown), UnknownSequenceError),
+            (("evict", -1), InvalidArgumentError),
+            (("trim", seq, -1), InvalidArgumentError if live else UnknownSequenceError),
+        ]
+        if case < len(cases):
+            (op, *args), expected = cases[case]
+            assert self.apply(op, *args) == ("error", expected)
+        elif case == 12:
+            self.exhaust(1 + case % 3)
+        elif live and case == 10:  # wrong head_dim
+            bad = np.zeros((1, cfg.num_kv_heads, cfg.head_dim + 1), np.float32)
+            assert self.write(seq, 0, 0, bad, bad) == ("error", KVShapeError)
+        elif live:  # past the end of the sequence
+            end = len(self.model[seq])
+            assert self.write(seq, 0, end, good, good) == ("error", InvalidPositionError)
+
+    # ---- checks after every step --------------------------------------------------------------
+
+    def check_gathers(self, skip: int | None = None) -> None:
+        for seq, tokens in self.model.items():
+            if seq == skip:
+                continue
+            for layer in range(self.config.num_layers):
+                want_k, want_v = prefix_kv(tuple(tokens), layer, self.config)
+                first_bits = None
+                for impl, cache in zip(self.impls, self.caches):
+                    keys, values = cache.gather(seq, layer)
+                    got_k = impl.to_float32(keys, self.config.dtype)
+                    got_v = impl.to_float32(values, self.config.dtype)
+                    np.testing.assert_array_equal(got_k, want_k, f"{impl.name} K seq {seq}")
+                    np.testing.assert_array_equal(got_v, want_v, f"{impl.name} V seq {seq}")
+                    bits = (impl.to_bits(keys).tobytes(), impl.to_bits(values).tobytes())
+                    assert first_bits is None or bits == first_bits, f"{impl.name} bytes differ"
+                    first_bits = bits
+
+    @invariant()
+    def caches_agree_with_the_model(self) -> None:
+        if not self.caches:
+            return
+        snapshots = []
+        for cache in self.caches:
+            cache.check_invariants()
+            snapshot = cache.snapshot()
+            stats = snapshot.stats
+            assert (
+                stats.free_blocks + stats.cached_blocks + stats.in_use_blocks
+                == self.config.num_blocks
+            )
+            assert {s[0]: list(s[2]) for s in snapshot.sequences} == self.model
+            snapshots.append(snapshot)
+        for impl, snapshot in zip(self.impls[1:], snapshots[1:]):
+            assert snapshot == snapshots[0], (
+                f"{impl.name} snapshot differs from {self.impls[0].name}"
+            )
+        self.check_gathers()
+
+    def teardown(self) -> None:
+        """Freeing every sequence and clearing the cache leaves all N blocks free."""
+        if not self.caches:
+            return
+        for seq in sorted(self.model):
+            self.apply("free", seq)
+        self.apply("clear_cache")
+        for cache in self.caches:
+            assert cache.stats().free_blocks == self.config.num_blocks
+            cache.check_invariants()

@@ -1,0 +1,208 @@
+"""Every bad-input class of every operation: the right error, and nothing changed.
+
+Each case runs on a cache holding committed, shared, cached and private blocks, and compares the
+snapshot and every sequence's gathered K/V before and after.
+"""
+
+import numpy as np
+import pytest
+
+from pagedkv import Config
+from pagedkv import errors as E
+from tests.impls import IMPLS, cache_class, kv, to_numpy
+
+H, D = 2, 4
+
+
+def populated(impl):
+    cache = cache_class(impl)(
+        Config(num_blocks=6, block_size=4, num_layers=2, num_kv_heads=H, head_dim=D)
+    )
+    a, _ = cache.add_sequence(list(range(9)))  # 3 blocks
+    for layer in range(2):
+        rows = kv(impl, 9, H, D, 0.5)
+        cache.write_kv(a, layer, 0, rows, rows)
+    cache.commit(a)
+    b = cache.fork(a)  # shares all three
+    c, _ = cache.add_sequence([7, 7, 7, 7, 7])  # 2 private blocks
+    cache.commit(c)
+    cache.free(c)  # one cached block, one free
+    return cache, a, b
+
+
+def good_rows(impl, n=1):
+    return kv(impl, n, H, D, 0.0)
+
+
+CASES = {
+    # add_sequence
+    "add: no tokens": (lambda c, i, a, b: c.add_sequence([]), E.InvalidTokensError),
+    "add: negative token": (lambda c, i, a, b: c.add_sequence([1, -3]), E.InvalidTokensError),
+    "add: token too large": (lambda c, i, a, b: c.add_sequence([2**31]), E.InvalidTokensError),
+    "add: float token": (lambda c, i, a, b: c.add_sequence([1.0]), E.InvalidTokensError),
+    "add: bool token": (lambda c, i, a, b: c.add_sequence([True]), E.InvalidTokensError),
+    "add: string": (lambda c, i, a, b: c.add_sequence("abc"), E.InvalidTokensError),
+    "add: namespace type": (lambda c, i, a, b: c.add_sequence([1], 3), E.InvalidArgumentError),
+    "add: out of blocks": (lambda c, i, a, b: c.add_sequence([3] * 13), E.OutOfBlocksError),
+    # extend
+    "extend: unknown": (lambda c, i, a, b: c.extend(99, [1]), E.UnknownSequenceError),
+    "extend: freed": (lambda c, i, a, b: c.extend(2, [1]), E.UnknownSequenceError),
+    "extend: no tokens": (lambda c, i, a, b: c.extend(a, []), E.InvalidTokensError),
+    "extend: bad token": (lambda c, i, a, b: c.extend(a, [-1]), E.InvalidTokensError),
+    "extend: out of blocks (cow + 3 blocks)": (
+        lambda c, i, a, b: c.extend(a, [1] * 12),
+        E.OutOfBlocksError,
+    ),
+    # write_kv
+    "write: unknown": (
+        lambda c, i, a, b: c.write_kv(99, 0, 0, *[good_rows(i)] * 2),
+        E.UnknownSequenceError,
+    ),
+    "write: layer": (
+        lambda c, i, a, b: c.write_kv(a, 2, 8, *[good_rows(i)] * 2),
+        E.InvalidArgumentError,
+    ),
+    "write: negative start": (
+        lambda c, i, a, b: c.write_kv(a, 0, -1, *[good_rows(i)] * 2),
+        E.InvalidArgumentError,
+    ),
+    "write: past the end": (
+        lambda c, i, a, b: c.write_kv(a, 0, 9, *[good_rows(i)] * 2),
+        E.InvalidPositionError,
+    ),
+    "write: shape": (
+        lambda c, i, a, b: c.write_kv(a, 0, 8, kv(i, 1, H, D + 1, 0), kv(i, 1, H, D + 1, 0)),
+        E.KVShapeError,
+    ),
+    "write: zero rows": (
+        lambda c, i, a, b: c.write_kv(a, 0, 8, kv(i, 0, H, D, 0), kv(i, 0, H, D, 0)),
+        E.KVShapeError,
+    ),
+    "write: k/v differ": (
+        lambda c, i, a, b: c.write_kv(a, 0, 7, good_rows(i, 2), good_rows(i, 1)),
+        E.KVShapeError,
+    ),
+    "write: dtype": (
+        lambda c, i, a, b: c.write_kv(a, 0, 8, *[kv(i, 1, H, D, 0, "float16")] * 2),
+        E.KVDtypeError,
+    ),
+    "write: not an array": (
+        lambda c, i, a, b: c.write_kv(a, 0, 8, [[0.0]], [[0.0]]),
+        E.KVDtypeError,
+    ),
+    "write: shared block": (
+        lambda c, i, a, b: c.write_kv(a, 0, 8, *[good_rows(i)] * 2),
+        E.NotWritableError,
+    ),
+    # commit, fork, free
+    "commit: unknown": (lambda c, i, a, b: c.commit(-1), E.UnknownSequenceError),
+    "commit: not an int": (lambda c, i, a, b: c.commit("0"), E.UnknownSequenceError),
+    "fork: unknown": (lambda c, i, a, b: c.fork(99), E.UnknownSequenceError),
+    "free: unknown": (lambda c, i, a, b: c.free(99), E.UnknownSequenceError),
+    "free: freed": (lambda c, i, a, b: c.free(2), E.UnknownSequenceError),
+    # trim
+    "trim: unknown": (lambda c, i, a, b: c.trim(99, 1), E.UnknownSequenceError),
+    "trim: negative": (lambda c, i, a, b: c.trim(a, -1), E.InvalidArgumentError),
+    "trim: past the start": (lambda c, i, a, b: c.trim(a, 10), E.TrimError),
+    "trim: not an int": (lambda c, i, a, b: c.trim(a, 1.5), E.InvalidArgumentError),
+    # evict
+    "evict: negative": (lambda c, i, a, b: c.evict(-2), E.InvalidArgumentError),
+    "evict: not an int": (lambda c, i, a, b: c.evict(None), E.InvalidArgumentError),
+    # reads
+    "gather: unknown": (lambda c, i, a, b: c.gather(99, 0), E.UnknownSequenceError),
+    "gather: layer": (lambda c, i, a, b: c.gather(a, -1), E.InvalidArgumentError),
+    "can_extend: unknown": (lambda c, i, a, b: c.can_extend(99, 1), E.UnknownSequenceError),
+    "can_add: bad token": (lambda c, i, a, b: c.can_add_sequence([-1]), E.InvalidTokensError),
+}
+
+
+def queries(impl, batch, heads=4, dim=D):
+    data = np.ones((batch, heads, dim), np.float32)
+    if impl == "spec":
+        return data
+    import mlx.core as mx
+
+    return mx.array(data)
+
+
+CASES |= {
+    "decode: unknown": (
+        lambda c, i, a, b: c.attention_decode(0, [a, 99], queries(i, 2)),
+        E.UnknownSequenceError,
+    ),
+    "decode: batch mismatch": (
+        lambda c, i, a, b: c.attention_decode(0, [a], queries(i, 2)),
+        E.KVShapeError,
+    ),
+    "decode: heads not a multiple": (
+        lambda c, i, a, b: c.attention_decode(0, [a], queries(i, 1, 3)),
+        E.KVShapeError,
+    ),
+    "decode: layer": (
+        lambda c, i, a, b: c.attention_decode(5, [a], queries(i, 1)),
+        E.InvalidArgumentError,
+    ),
+    "decode: scale": (
+        lambda c, i, a, b: c.attention_decode(0, [a], queries(i, 1), "x"),
+        E.InvalidArgumentError,
+    ),
+    "prefill: too many queries": (
+        lambda c, i, a, b: c.attention_prefill(a, 0, queries(i, 10)),
+        E.InvalidPositionError,
+    ),
+    "prefill: head_dim": (
+        lambda c, i, a, b: c.attention_prefill(a, 0, queries(i, 2, 4, D + 1)),
+        E.KVShapeError,
+    ),
+}
+
+
+def observe(cache, seqs):
+    gathered = [
+        to_numpy(x).tobytes() for s in seqs for layer in (0, 1) for x in cache.gather(s, layer)
+    ]
+    return cache.snapshot(), gathered
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_raises_and_changes_nothing(impl, case):
+    cache, a, b = populated(impl)
+    call, expected = CASES[case]
+    before = observe(cache, [a, b])
+    with pytest.raises(expected) as info:
+        call(cache, impl, a, b)
+    assert isinstance(info.value, E.PagedKVError)
+    assert str(info.value)  # every message says something
+    assert observe(cache, [a, b]) == before
+    cache.check_invariants()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_config(impl):
+    for bad in (
+        dict(num_blocks=0),
+        dict(block_size=-1),
+        dict(head_dim=2.0),
+        dict(dtype="int8"),
+        dict(store_kv=1),
+    ):
+        with pytest.raises(E.ConfigError):
+            Config(**{"num_blocks": 4, "block_size": 4, **bad})
+    with pytest.raises(E.ConfigError):
+        cache_class(impl)({"num_blocks": 4})
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_storage_disabled_operations(impl):
+    cache = cache_class(impl)(Config(num_blocks=4, block_size=4, store_kv=False))
+    seq, _ = cache.add_sequence([1, 2])
+    for call in (
+        lambda: cache.gather(seq, 0),
+        lambda: cache.write_kv(seq, 0, 0, *[kv(impl, 1, 1, 8, 0)] * 2),
+        lambda: cache.attention_decode(0, [seq], queries(impl, 1, 1, 8)),
+    ):
+        before = cache.snapshot()
+        with pytest.raises(E.StorageDisabledError):
+            call()
+        assert cache.snapshot() == before
