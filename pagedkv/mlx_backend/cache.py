@@ -1,0 +1,383 @@
+"""PagedCache on MLX: the spec's contract, with metadata written for speed and K/V on the device.
+
+Same operations, names, results and errors as `pagedkv.spec.PagedCache` (see its module docstring
+for the rules and the decisions they fix); none of its code is shared. What differs is how:
+O(1) free queue, hashed trie lookups, a lazily invalidated LRU heap of evictable leaves, an
+availability check that only scans the index when the fast bound is not enough, commits that resume
+from the last committed node, and block tables kept as int32 arrays.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from pagedkv.config import Config
+from pagedkv.errors import (
+    ConfigError,
+    InvalidPositionError,
+    NotWritableError,
+    OutOfBlocksError,
+    StorageDisabledError,
+    TrimError,
+    UnknownSequenceError,
+)
+from pagedkv.mlx_backend import attention, observe, validate
+from pagedkv.mlx_backend.index import Node, PrefixIndex
+from pagedkv.mlx_backend.pool import BlockPool
+from pagedkv.mlx_backend.storage import KVStorage
+
+
+class Sequence:
+    __slots__ = ("id", "namespace", "tokens", "table", "num_blocks", "committed", "path", "epoch")
+
+    def __init__(
+        self,
+        seq_id: int,
+        namespace: str,
+        tokens: list[int],
+        table: np.ndarray,
+        num_blocks: int,
+        committed: int,
+        path: list[Node],
+        epoch: int,
+    ) -> None:
+        self.id = seq_id
+        self.namespace = namespace
+        self.tokens = tokens
+        self.table = table  # int32 buffer with spare capacity; the live part is [:num_blocks]
+        self.num_blocks = num_blocks
+        self.committed = committed
+        self.path = path  # index nodes of the committed blocks, valid while epoch matches
+        self.epoch = epoch
+
+    def append_block(self, block: int) -> None:
+        if self.num_blocks == len(self.table):
+            grown = np.empty(max(8, 2 * len(self.table)), np.int32)
+            grown[: self.num_blocks] = self.table[: self.num_blocks]
+            self.table = grown
+        self.table[self.num_blocks] = block
+        self.num_blocks += 1
+
+    def blocks(self) -> list[int]:
+        return self.table[: self.num_blocks].tolist()
+
+
+class PagedCache:
+    """The MLX implementation. See `pagedkv.spec.PagedCache` for each operation's contract."""
+
+    def __init__(self, config: Config) -> None:
+        if not isinstance(config, Config):
+            raise ConfigError(f"PagedCache needs a pagedkv.Config, got {type(config).__name__}.")
+        self.config = config
+        self.size = config.block_size
+        self.pool = BlockPool(config.num_blocks)
+        self.index = PrefixIndex(self.pool.refcounts)
+        self.storage = KVStorage(config) if config.store_kv else None
+        self.sequences: dict[int, Sequence] = {}
+        self.clock = 0
+        self.next_sequence_id = 0
+        self.counts = dict.fromkeys(
+            (
+                "prefix_queries",
+                "prompt_tokens",
+                "prefix_hit_tokens",
+                "prefill_tokens_avoided",
+                "cow_copies",
+                "evictions",
+                "duplicates",
+            ),
+            0,
+        )
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _seq(self, seq_id: object) -> Sequence:
+        try:
+            return self.sequences[seq_id]  # type: ignore[index]
+        except (KeyError, TypeError):
+            raise UnknownSequenceError(
+                f"sequence {seq_id!r} is unknown or was freed ({len(self.sequences)} live); use a "
+                "handle returned by add_sequence or fork."
+            ) from None
+
+    def _writable(self, block: int) -> bool:
+        return self.pool.refcounts[block] == 1 and block not in self.index.by_block
+
+    def blocks_available(self, pinned: set[int] | None = None) -> int:
+        return len(self.pool.free_queue) + self.index.reclaimable(pinned or set())
+
+    def _ensure(self, needed: int, pinned: set[int], asked: str) -> None:
+        if needed <= len(self.pool.free_queue) + len(self.index.evictable) - len(pinned):
+            return  # fast bound: every current evictable leaf is one block
+        available = self.blocks_available(pinned)
+        if needed > available:
+            raise OutOfBlocksError(
+                f"{asked} needs {needed} new blocks but only {available} are free or evictable "
+                f"(of {self.config.num_blocks}); free or trim sequences, or use a larger pool."
+            )
+
+    def _take_block(self) -> int:
+        refcounts = self.pool.refcounts
+        if self.pool.free_queue:
+            block = self.pool.free_queue.popleft()
+        else:
+            block = self.index.pop_lru_leaf().block
+            self.counts["evictions"] += 1
+        refcounts[block] = 1
+        return block
+
+    def _drop(self, block: int, now: int) -> None:
+        refcounts = self.pool.refcounts
+        refcounts[block] -= 1
+        node = self.index.by_block.get(block)
+        if node is not None:
+            node.last_used = now
+            if refcounts[block] == 0:
+                self.index.mark_if_evictable(node)
+        elif refcounts[block] == 0:
+            self.pool.free_queue.append(block)
+
+    # ---- reserve -------------------------------------------------------------------------------
+
+    def _match(self, tokens: list[int], namespace: str) -> list[Node]:
+        size, chain, parent = self.size, [], None
+        for i in range((len(tokens) - 1) // size):
+            node = self.index.child(namespace, parent, tuple(tokens[i * size : (i + 1) * size]))
+            if node is None:
+                break
+            chain.append(node)
+            parent = node
+        return chain
+
+    def can_add_sequence(self, tokens, namespace: str = "") -> bool:
+        tokens = validate.token_list(tokens, "can_add_sequence")
+        chain = self._match(tokens, validate.namespace(namespace))
+        needed = -(-len(tokens) // self.size) - len(chain)
+        return needed <= self.blocks_available({n.block for n in chain})
+
+    def add_sequence(self, tokens, namespace: str = "") -> tuple[int, int]:
+        tokens = validate.token_list(tokens, "add_sequence")
+        namespace = validate.namespace(namespace)
+        chain = self._match(tokens, namespace)
+        needed = -(-len(tokens) // self.size) - len(chain)
+        pinned = {n.block for n in chain if self.pool.refcounts[n.block] == 0}
+        self._ensure(needed, pinned, f"add_sequence({len(tokens)} tokens)")
+        self.clock += 1
+        now, refcounts = self.clock, self.pool.refcounts
+        table = np.empty(max(8, len(chain) + needed), np.int32)
+        for i, node in enumerate(chain):
+            refcounts[node.block] += 1
+            node.last_used = now
+            self.index.evictable.discard(node.block)
+            table[i] = node.block
+        for i in range(len(chain), len(chain) + needed):
+            table[i] = self._take_block()
+        seq = Sequence(
+            self.next_sequence_id,
+            namespace,
+            tokens,
+            table,
+            len(chain) + needed,
+            len(chain),
+            chain,
+            self.index.epoch,
+        )
+        self.sequences[seq.id] = seq
+        self.next_sequence_id += 1
+        cached = len(chain) * self.size
+        counts = self.counts
+        counts["prefix_queries"] += 1
+        counts["prompt_tokens"] += len(tokens)
+        counts["prefix_hit_tokens"] += cached
+        counts["prefill_tokens_avoided"] += cached
+        return seq.id, cached
+
+    def _plan(self, seq: Sequence, new_tokens: int) -> tuple[bool, int]:
+        length = len(seq.tokens)
+        cow = length % self.size != 0 and not self._writable(int(seq.table[seq.num_blocks - 1]))
+        return cow, -(-(length + new_tokens) // self.size) - seq.num_blocks
+
+    def can_extend(self, seq_id: int, num_tokens: int) -> bool:
+        seq = self._seq(seq_id)
+        cow, grow = self._plan(seq, max(1, validate.count(num_tokens, "num_tokens")))
+        return cow + grow <= self.blocks_available()
+
+    def extend(self, seq_id: int, tokens) -> None:
+        seq = self._seq(seq_id)
+        tokens = validate.token_list(tokens, "extend")
+        cow, grow = self._plan(seq, len(tokens))
+        if cow or grow:
+            self._ensure(cow + grow, set(), f"extend(sequence {seq.id}, {len(tokens)})")
+        self.clock += 1
+        if cow:
+            self._copy_tail(seq, self.clock)
+        for _ in range(grow):
+            seq.append_block(self._take_block())
+        seq.tokens += tokens
+
+    def _copy_tail(self, seq: Sequence, now: int) -> None:
+        old = int(seq.table[seq.num_blocks - 1])
+        new = self._take_block()
+        if self.storage is not None:
+            self.storage.copy_rows(old, new, len(seq.tokens) % self.size)
+        seq.table[seq.num_blocks - 1] = new
+        self._drop(old, now)
+        self.counts["cow_copies"] += 1
+
+    # ---- write and commit ----------------------------------------------------------------------
+
+    def _storage(self, op: str) -> KVStorage:
+        if self.storage is None:
+            raise StorageDisabledError(
+                f"{op} needs K/V storage but this cache is metadata-only; "
+                "create it with Config(store_kv=True)."
+            )
+        return self.storage
+
+    def write_kv(self, seq_id: int, layer: int, start: int, keys, values) -> None:
+        storage = self._storage("write_kv")
+        seq = self._seq(seq_id)
+        cfg = self.config
+        layer = validate.layer(layer, cfg.num_layers)
+        start = validate.count(start, "start")
+        rows = validate.kv_rows(keys, values, storage.dtype, cfg.num_kv_heads, cfg.head_dim)
+        if start + rows > len(seq.tokens):
+            raise InvalidPositionError(
+                f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
+                f"{len(seq.tokens)} positions; extend it first."
+            )
+        runs, position, size = [], start, self.size
+        while position < start + rows:  # one contiguous run per touched block
+            block = int(seq.table[position // size])
+            if not self._writable(block):
+                raise NotWritableError(
+                    f"write_kv into block {block} of sequence {seq.id}, which is shared "
+                    f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
+                    "stored. Write only positions that add_sequence/extend reserved afresh."
+                )
+            count = min(size - position % size, start + rows - position)
+            runs.append((block, position % size, count, position - start))
+            position += count
+        storage.write_rows(layer, runs, keys, values)
+
+    def commit(self, seq_id: int) -> int:
+        seq = self._seq(seq_id)
+        self.clock += 1
+        now, size, index = self.clock, self.size, self.index
+        full = len(seq.tokens) // size
+        if seq.epoch != index.epoch:  # a node was removed since: re-walk from the root
+            seq.path, seq.epoch = [], index.epoch
+            start = 0
+        else:
+            start = seq.committed
+        published, path, tokens = 0, seq.path, seq.tokens
+        del path[start:]
+        parent = path[-1] if path else None
+        for i in range(start, full):
+            key = tuple(tokens[i * size : (i + 1) * size])
+            node = index.child(seq.namespace, parent, key)
+            block = int(seq.table[i])
+            if node is None:
+                node = index.insert(seq.namespace, parent, key, block, now)
+                published += 1
+            elif node.block != block and i >= seq.committed:
+                self.counts["duplicates"] += 1
+            path.append(node)
+            parent = node
+        seq.committed = full
+        return published
+
+    # ---- fork, trim, free, eviction ------------------------------------------------------------
+
+    def fork(self, seq_id: int) -> int:
+        parent = self._seq(seq_id)
+        self.clock += 1
+        refcounts = self.pool.refcounts
+        for block in parent.blocks():
+            refcounts[block] += 1
+        child = Sequence(
+            self.next_sequence_id,
+            parent.namespace,
+            list(parent.tokens),
+            parent.table.copy(),
+            parent.num_blocks,
+            parent.committed,
+            list(parent.path),
+            parent.epoch,
+        )
+        self.sequences[child.id] = child
+        self.next_sequence_id += 1
+        self.counts["prefill_tokens_avoided"] += len(parent.tokens)
+        return child.id
+
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        seq = self._seq(seq_id)
+        num_tokens = validate.count(num_tokens, "trim num_tokens")
+        if num_tokens > len(seq.tokens):
+            raise TrimError(
+                f"trim({num_tokens}) of sequence {seq.id}, which holds {len(seq.tokens)} tokens; "
+                "trim at most its length."
+            )
+        self.clock += 1
+        length = len(seq.tokens) - num_tokens
+        keep = -(-length // self.size)
+        for block in seq.table[keep : seq.num_blocks][::-1].tolist():
+            self._drop(block, self.clock)
+        seq.num_blocks = keep
+        del seq.tokens[length:]
+        seq.committed = min(seq.committed, length // self.size)
+        del seq.path[seq.committed :]
+
+    def free(self, seq_id: int) -> None:
+        seq = self._seq(seq_id)
+        self.clock += 1
+        for block in seq.table[: seq.num_blocks][::-1].tolist():
+            self._drop(block, self.clock)
+        del self.sequences[seq.id]
+
+    def evict(self, num_blocks: int) -> list[int]:
+        num_blocks = validate.count(num_blocks, "evict num_blocks")
+        self.clock += 1
+        evicted = []
+        while len(evicted) < num_blocks and self.index.evictable:
+            evicted.append(self.index.pop_lru_leaf().block)
+        self.pool.free_queue.extend(evicted)
+        self.counts["evictions"] += len(evicted)
+        return evicted
+
+    def clear_cache(self) -> int:
+        self.clock += 1
+        cached = self.index.clear()
+        self.pool.free_queue.extend(cached)
+        self.counts["evictions"] += len(cached)
+        return len(cached)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def sequence_length(self, seq_id: int) -> int:
+        return len(self._seq(seq_id).tokens)
+
+    def tokens(self, seq_id: int) -> tuple[int, ...]:
+        return tuple(self._seq(seq_id).tokens)
+
+    def block_table(self, seq_id: int) -> tuple[int, ...]:
+        return tuple(self._seq(seq_id).blocks())
+
+    def block_table_array(self, seq_id: int) -> np.ndarray:
+        """The live int32 block table (a view: do not modify), ready for a kernel."""
+        seq = self._seq(seq_id)
+        return seq.table[: seq.num_blocks]
+
+    def gather(self, seq_id: int, layer: int):
+        storage = self._storage("gather")
+        seq = self._seq(seq_id)
+        layer = validate.layer(layer, self.config.num_layers)
+        return storage.gather(layer, mx.array(seq.table[: seq.num_blocks]), len(seq.tokens))
+
+    # Attention and observation live in their own modules to keep this one short.
+    attention_decode = attention.attention_decode
+    attention_prefill = attention.attention_prefill
+    stats = observe.stats
+    snapshot = observe.snapshot
+    check_invariants = observe.check_invariants
