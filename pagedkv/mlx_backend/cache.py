@@ -15,6 +15,7 @@ import numpy as np
 from pagedkv.config import Config
 from pagedkv.errors import (
     ConfigError,
+    InvalidArgumentError,
     InvalidPositionError,
     NotWritableError,
     OutOfBlocksError,
@@ -215,6 +216,37 @@ class PagedCache:
         for _ in range(grow):
             seq.append_block(self._take_block())
         seq.tokens += tokens
+
+    def decode_step(self, seq_ids, tokens) -> None:
+        try:  # one dict lookup per sequence; _seq explains a miss
+            seqs = [self.sequences[seq_id] for seq_id in seq_ids]
+        except (KeyError, TypeError):
+            seqs = [self._seq(seq_id) for seq_id in seq_ids]
+        tokens = validate.token_list(tokens, "decode_step")
+        if len(set(map(id, seqs))) != len(seqs) or len(tokens) != len(seqs) or not seqs:
+            raise InvalidArgumentError(
+                f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
+                f"sequences and {len(tokens)} tokens."
+            )
+        size, refcounts, indexed = self.size, self.pool.refcounts, self.index.by_block
+        needed, cows = 0, []
+        for seq in seqs:  # inline _plan: this loop is the per-token hot path of a server
+            if len(seq.tokens) % size:
+                tail = seq.table.item(seq.num_blocks - 1)
+                cow = refcounts[tail] != 1 or tail in indexed
+            else:
+                cow = None  # a fresh block past the tail
+            needed += cow is not False
+            cows.append(cow)
+        if needed:
+            self._ensure(needed, set(), f"decode_step({len(seqs)} sequences)")
+        self.clock += 1
+        for seq, token, cow in zip(seqs, tokens, cows):
+            if cow:
+                self._copy_tail(seq, self.clock)
+            elif cow is None:
+                seq.append_block(self._take_block())
+            seq.tokens.append(token)
 
     def _copy_tail(self, seq: Sequence, now: int) -> None:
         old = int(seq.table[seq.num_blocks - 1])

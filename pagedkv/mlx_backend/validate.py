@@ -18,10 +18,9 @@ def is_int(value: object) -> bool:
 
 
 def token_list(tokens: object, op: str) -> list[int]:
-    if type(tokens) is list and len(tokens) == 1:  # the decode step: one plain int
-        token = tokens[0]
-        if type(token) is int and 0 <= token < _TOKEN_LIMIT:
-            return [token]
+    if type(tokens) is list and tokens and all(type(t) is int for t in tokens):
+        if min(tokens) >= 0 and max(tokens) < _TOKEN_LIMIT:  # the hot path: plain ints
+            return list(tokens)
     if isinstance(tokens, np.ndarray):
         tokens = tokens.tolist() if tokens.dtype.kind in "iu" else list(tokens)
     elif isinstance(tokens, mx.array):

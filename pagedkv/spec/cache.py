@@ -17,7 +17,7 @@ returns and what it raises. The rules it implements are numbered as in the desig
 Decisions the brief leaves open, fixed here (the MLX backend follows them exactly):
 
 - The logical clock ticks once per successful metadata-changing operation (add_sequence, extend,
-  commit, fork, trim, free, evict, clear_cache). Reads and `write_kv` do not tick; failures do not.
+  decode_step, commit, fork, trim, free, evict, clear_cache). Reads and `write_kv` do not tick; failures do not.
 - An operation that needs n fresh blocks fails with OutOfBlocksError unless n blocks are available
   when it starts: free blocks plus cached blocks that repeated leaf eviction could reach. Blocks the
   operation itself releases along the way do not count; blocks a prompt matches are pinned first.
@@ -44,6 +44,7 @@ import numpy as np
 from pagedkv.config import Config
 from pagedkv.errors import (
     ConfigError,
+    InvalidArgumentError,
     InvalidPositionError,
     InvariantError,
     NotWritableError,
@@ -233,6 +234,31 @@ class PagedCache:
             self._copy_on_write_tail(seq, now)
         seq.table.extend(self._allocate() for _ in range(grow))
         seq.tokens.extend(tokens)
+
+    def decode_step(self, seq_ids: SequenceOf[int], tokens: SequenceOf[int]) -> None:
+        """Extends each sequence of a batch by its one token, as a single operation: one clock
+        tick, all or nothing. The batch needs the sum of what each extend would need; sequences
+        are then extended in the order given (copy-on-write and allocation as in `extend`).
+
+        Raises InvalidArgumentError (no sequences, a sequence twice, or not one token per
+        sequence), UnknownSequenceError, InvalidTokensError, OutOfBlocksError.
+        """
+        seqs = [self._sequence(seq_id) for seq_id in seq_ids]
+        tokens = checks.as_tokens(tokens, "decode_step")
+        if len({seq.id for seq in seqs}) != len(seqs) or len(tokens) != len(seqs) or not seqs:
+            raise InvalidArgumentError(
+                f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
+                f"sequences ({len({seq.id for seq in seqs})} distinct) and {len(tokens)} tokens."
+            )
+        plans = [self._extend_plan(seq, 1) for seq in seqs]
+        needed = sum(int(cow) + grow for cow, grow in plans)
+        self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
+        now = self._tick()
+        for seq, token, (cow, grow) in zip(seqs, tokens, plans):
+            if cow:
+                self._copy_on_write_tail(seq, now)
+            seq.table.extend(self._allocate() for _ in range(grow))
+            seq.tokens.append(token)
 
     def _copy_on_write_tail(self, seq: Sequence, now: int) -> None:
         old = seq.table[-1]

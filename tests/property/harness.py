@@ -218,6 +218,33 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
+    def decode_step(self, data):
+        """One token for each of a batch of distinct sequences, as one operation."""
+        batch = data.draw(
+            st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=5, unique=True),
+            label="batch",
+        )
+        tokens = data.draw(
+            st.lists(st.integers(0, 3), min_size=len(batch), max_size=len(batch)), label="tokens"
+        )
+        before = self.caches[0].snapshot()
+        status, _ = self.apply("decode_step", batch, tokens)
+        if status == "ok":
+            fresh = []
+            after = self.caches[0].snapshot()
+            for seq in batch:
+                old, new = oracle.table_of(before, seq), oracle.table_of(after, seq)
+                copied = [new[len(old) - 1]] if old and new[len(old) - 1] != old[-1] else []
+                fresh += copied + list(new[len(old) :])
+            size = self.config.block_size
+            assert fresh == oracle.expected_allocation(before, len(fresh), set(), size)
+            for seq, token in zip(batch, tokens):
+                self.model[seq] = self.model[seq] + [token]
+                end = len(self.model[seq])
+                assert self.write_true_rows(seq, end - 1, end)[0] == "ok"
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
     def commit(self, data):
         assert self.apply("commit", self.pick(data))[0] == "ok"
 

@@ -53,6 +53,12 @@ CASES = {
         lambda c, i, a, b: c.extend(a, [1] * 12),
         E.OutOfBlocksError,
     ),
+    # decode_step
+    "decode: twice": (lambda c, i, a, b: c.decode_step([a, a], [1, 2]), E.InvalidArgumentError),
+    "decode: token count": (lambda c, i, a, b: c.decode_step([a, b], [1]), E.InvalidArgumentError),
+    "decode: none": (lambda c, i, a, b: c.decode_step([], [1]), E.InvalidArgumentError),
+    "decode: unknown": (lambda c, i, a, b: c.decode_step([a, 99], [1, 2]), E.UnknownSequenceError),
+    "decode: bad token": (lambda c, i, a, b: c.decode_step([a], [-5]), E.InvalidTokensError),
     # write_kv
     "write: unknown": (
         lambda c, i, a, b: c.write_kv(99, 0, 0, *[good_rows(i)] * 2),
@@ -126,23 +132,23 @@ def queries(impl, batch, heads=4, dim=D):
 
 
 CASES |= {
-    "decode: unknown": (
+    "attention decode: unknown": (
         lambda c, i, a, b: c.attention_decode(0, [a, 99], queries(i, 2)),
         E.UnknownSequenceError,
     ),
-    "decode: batch mismatch": (
+    "attention decode: batch mismatch": (
         lambda c, i, a, b: c.attention_decode(0, [a], queries(i, 2)),
         E.KVShapeError,
     ),
-    "decode: heads not a multiple": (
+    "attention decode: heads not a multiple": (
         lambda c, i, a, b: c.attention_decode(0, [a], queries(i, 1, 3)),
         E.KVShapeError,
     ),
-    "decode: layer": (
+    "attention decode: layer": (
         lambda c, i, a, b: c.attention_decode(5, [a], queries(i, 1)),
         E.InvalidArgumentError,
     ),
-    "decode: scale": (
+    "attention decode: scale": (
         lambda c, i, a, b: c.attention_decode(0, [a], queries(i, 1), "x"),
         E.InvalidArgumentError,
     ),
@@ -206,3 +212,17 @@ def test_storage_disabled_operations(impl):
         with pytest.raises(E.StorageDisabledError):
             call()
         assert cache.snapshot() == before
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_step_out_of_blocks_changes_nothing(impl):
+    cache = cache_class(impl)(Config(num_blocks=4, block_size=2, store_kv=False))
+    a, _ = cache.add_sequence([1, 2])
+    b, _ = cache.add_sequence([3, 4, 5])  # one block full, one with a free row
+    c, _ = cache.add_sequence([6])  # nothing left
+    before = cache.snapshot()
+    with pytest.raises(E.OutOfBlocksError):
+        cache.decode_step([b, a], [7, 8])  # b fits in its tail, a needs a block: none
+    assert cache.snapshot() == before
+    cache.decode_step([b, c], [7, 8])  # both fit in their tails
+    assert cache.sequence_length(b) == 4 and cache.sequence_length(c) == 2

@@ -1,0 +1,1 @@
+"""Benchmark workloads, shared by `bench/` (pytest-benchmark) and the `pagedkv bench` command."""
