@@ -7,7 +7,6 @@ speculative draft), and the pool is sized so later requests force evictions of c
 from __future__ import annotations
 
 import sys
-import sys
 import time
 from collections.abc import Callable
 

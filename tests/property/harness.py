@@ -61,6 +61,21 @@ def prefix_kv(tokens: tuple[int, ...], layer: int, config: Config) -> tuple[np.n
     return np.stack(keys).reshape(shape), np.stack(values).reshape(shape)
 
 
+def spec_native(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as the spec stores them (bfloat16 as its uint16 bits, rounded to nearest)."""
+    if dtype == "bfloat16":
+        bits = array.astype(np.float32).view(np.uint32)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)  # round to nearest even, like MLX
+        return (rounded >> 16).astype(np.uint16)
+    return array.astype({"float32": np.float32, "float16": np.float16}[dtype])
+
+
+def mlx_native(array: np.ndarray, dtype: str):
+    import mlx.core as mx
+
+    return mx.array(array.astype(np.float32)).astype(getattr(mx, dtype))
+
+
 class SpecImpl:
     """How the machine talks to the spec: K/V as NumPy, bfloat16 as uint16 bit patterns."""
 
@@ -70,11 +85,7 @@ class SpecImpl:
     def make(config: Config):
         return SpecCache(config)
 
-    @staticmethod
-    def to_native(array: np.ndarray, dtype: str):
-        if dtype == "bfloat16":  # exact values: the top 16 bits of the float32 are the bfloat16
-            return (array.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-        return array.astype({"float32": np.float32, "float16": np.float16}[dtype])
+    to_native = staticmethod(spec_native)
 
     @staticmethod
     def to_bits(array) -> np.ndarray:

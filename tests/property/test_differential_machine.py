@@ -11,11 +11,9 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
-from tests.property.harness import CacheMachine, SpecImpl
+from tests.property.harness import CacheMachine, SpecImpl, mlx_native
 
 mx = pytest.importorskip("mlx.core", reason="the differential machine needs MLX (pagedkv[mlx])")
-
-MX_DTYPE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 class MLXImpl:
@@ -27,9 +25,7 @@ class MLXImpl:
 
         return PagedCache(config)
 
-    @staticmethod
-    def to_native(array: np.ndarray, dtype: str):
-        return mx.array(array.astype(np.float32)).astype(MX_DTYPE[dtype])
+    to_native = staticmethod(mlx_native)
 
     @staticmethod
     def to_bits(array) -> np.ndarray:
