@@ -1,4 +1,4 @@
-"""The `pagedkv` command line: `pagedkv demo` (and `python -m pagedkv demo`)."""
+"""The `pagedkv` command line: `pagedkv demo` and `pagedkv bench GROUP` (also `python -m pagedkv`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the serving scenario and print what paging saved")
     demo.add_argument("--requests", type=int, default=8, help="concurrent requests (default 8)")
+    bench = commands.add_parser("bench", help="run a benchmark group (table, CSV and PNG)")
+    bench.add_argument("group", choices=["gather", "memory", "prefill", "throughput", "all"])
+    bench.add_argument("--full", action="store_true", help="the whole sweep (default: quick)")
+    bench.add_argument("--out", default="bench-results", help="folder for CSV and PNG files")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per path, median taken (default 5 quick, 20 --full)",
+    )
+    bench.add_argument(
+        "--model",
+        default="auto",
+        choices=["auto", "small", "llama3-8b"],
+        help="throughput model: auto = Llama-3-8B shape for --full on a GPU",
+    )
     return parser
 
 
@@ -23,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         from pagedkv.demo import main as demo_main
 
         return demo_main(args)
+    if args.command == "bench":
+        args.repeats = args.repeats or (20 if args.full else 5)
+        if args.repeats < 1:
+            print("pagedkv bench: --repeats must be >= 1", file=sys.stderr)
+            return 2
+        from pagedkv.benchmarks.cli import main as bench_main
+
+        return bench_main(args)
     return 2
 
 

@@ -1,0 +1,276 @@
+"""`pagedkv bench GROUP`: run a benchmark group, print a progress line per cell, an aligned table and
+a CSV block, and write the CSV and a PNG plot to --out (default bench-results/)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from pathlib import Path
+
+from pagedkv.benchmarks.common import device_info
+
+GROUPS = ("gather", "memory", "prefill", "throughput")
+
+
+def progress(done: int, total: int, label: str, started: float) -> None:
+    print(
+        f"  [{done}/{total}] {label} ({time.perf_counter() - started:.1f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_gather(full: bool, repeats: int):
+    from pagedkv.benchmarks.gather import FULL, QUICK, measure_cell
+
+    sweep = FULL if full else QUICK
+    cells = [
+        (c, b, k) for c in sweep["contexts"] for b in sweep["batches"] for k in sweep["blocks"]
+    ]
+    started, rows = time.perf_counter(), []
+    for i, (ctx, batch, block) in enumerate(cells, 1):
+        cell = measure_cell(ctx, batch, block, repeats)
+        rows.append(
+            [
+                ctx,
+                batch,
+                block,
+                cell.fragmentation_pct,
+                cell.contiguous_us,
+                cell.gather_sdpa_a_us,
+                cell.gather_sdpa_b_us,
+                cell.overhead_a_pct,
+                cell.overhead_b_pct,
+                cell.gather_only_a_us,
+                cell.gather_only_b_us,
+                cell.append_a_us,
+                cell.append_b_us,
+            ]
+        )
+        progress(i, len(cells), f"ctx {ctx} batch {batch} block {block}", started)
+    header = [
+        "ctx",
+        "batch",
+        "block",
+        "frag%",
+        "contig_us",
+        "gatherA_sdpa_us",
+        "gatherB_sdpa_us",
+        "overheadA%",
+        "overheadB%",
+        "gatherA_only_us",
+        "gatherB_only_us",
+        "appendA_us",
+        "appendB_us",
+    ]
+    return header, rows
+
+
+def run_memory(full: bool, repeats: int):
+    from pagedkv.benchmarks.memory import FULL, QUICK, shared_prefix_cell
+    from pagedkv.mlx_backend import PagedCache
+
+    sweep = FULL if full else QUICK
+    cells = [(n, p) for p in sweep["prefixes"] for n in sweep["requests"]]
+    started, rows = time.perf_counter(), []
+    for i, (n, p) in enumerate(cells, 1):
+        cell = shared_prefix_cell(PagedCache, n, p)
+        rows.append(
+            [
+                n,
+                p,
+                cell.paged_bytes / 2**20,
+                cell.dense_bytes / 2**20,
+                cell.saved_pct,
+                cell.prompt_tokens,
+                cell.prefill_avoided,
+            ]
+        )
+        progress(i, len(cells), f"{n} requests, prefix {p}", started)
+    header = [
+        "requests",
+        "prefix",
+        "paged_MiB",
+        "dense_MiB",
+        "saved%",
+        "prompt_tokens",
+        "prefill_avoided",
+    ]
+    return header, rows
+
+
+def run_prefill(full: bool, repeats: int):
+    from pagedkv.benchmarks.memory import FULL, QUICK, multi_turn_chat, shared_prefix_cell
+    from pagedkv.mlx_backend import PagedCache
+
+    sweep = FULL if full else QUICK
+    started, rows = time.perf_counter(), []
+    cells = [(n, p) for p in sweep["prefixes"] for n in sweep["requests"]]
+    for i, (n, p) in enumerate(cells, 1):
+        cell = shared_prefix_cell(PagedCache, n, p)
+        rows.append(
+            [
+                f"shared prefix {p}",
+                n,
+                cell.prompt_tokens,
+                cell.prefill_avoided,
+                100 * cell.prefill_avoided / cell.prompt_tokens,
+            ]
+        )
+        progress(i, len(cells) + 1, f"{n} requests, prefix {p}", started)
+    chat = multi_turn_chat(PagedCache, turns=16 if full else 8)
+    rows.append(
+        [f"chat, {chat.turns} turns", 1, chat.prompt_tokens, chat.prefill_avoided, chat.avoided_pct]
+    )
+    progress(len(cells) + 1, len(cells) + 1, "multi-turn chat", started)
+    return ["workload", "requests", "prompt_tokens", "prefill_avoided", "avoided%"], rows
+
+
+def run_throughput(full: bool, repeats: int, model_name: str = "auto"):
+    import mlx.core as mx
+
+    from pagedkv.benchmarks.throughput import LLAMA3_8B, SMALL, build_model, decode_throughput
+
+    if model_name == "auto":
+        model_name = "llama3-8b" if full and mx.default_device().type == mx.gpu else "small"
+    shape, dtype = (LLAMA3_8B, "bfloat16") if model_name == "llama3-8b" else (SMALL, "float32")
+    model = build_model(shape, dtype)
+    prefix, steps = (2048, 64) if full else (256, 16)
+    started, rows = time.perf_counter(), []
+    for i, batch in enumerate((1, 4, 8), 1):
+        cell = decode_throughput(model, model_name, batch, prefix, steps)
+        rows.append(
+            [
+                model_name,
+                dtype,
+                batch,
+                prefix,
+                steps,
+                cell.dense_tok_s,
+                cell.paged_tok_s,
+                round(cell.ratio, 3),
+                cell.same_tokens,
+            ]
+        )
+        progress(i, 3, f"{model_name} batch {batch}", started)
+    header = [
+        "model",
+        "dtype",
+        "batch",
+        "prefix",
+        "steps",
+        "dense_tok_s",
+        "paged_tok_s",
+        "paged/dense",
+        "same_tokens",
+    ]
+    return header, rows
+
+
+def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    col = {name: i for i, name in enumerate(header)}
+    if group == "gather":
+        for batch in sorted({r[col["batch"]] for r in rows}):
+            for block in sorted({r[col["block"]] for r in rows}):
+                pts = [
+                    (r[0], r[col["overheadA%"]])
+                    for r in rows
+                    if r[col["batch"]] == batch and r[col["block"]] == block
+                ]
+                ax.plot(*zip(*pts), marker="o", label=f"batch {batch}, block {block}")
+        ax.set(
+            xscale="log",
+            xlabel="context (tokens)",
+            ylabel="gather-then-SDPA overhead (%)",
+            title="Layout A gather-then-SDPA vs contiguous SDPA",
+        )
+    elif group == "memory":
+        for prefix in sorted({r[1] for r in rows}):
+            pts = [(r[0], r[2], r[3]) for r in rows if r[1] == prefix]
+            line = ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=f"paged, prefix {prefix}",
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [p[2] for p in pts],
+                ls="--",
+                color=line[0].get_color(),
+                label=f"dense, prefix {prefix}",
+            )
+        ax.set(
+            xlabel="concurrent requests",
+            ylabel="K/V MiB (Llama-3-8B shape, fp16)",
+            title="K/V memory: paged vs mlx-lm dense caches",
+            yscale="log",
+        )
+    elif group == "prefill":
+        ax.barh([f"{r[0]} x{r[1]}" for r in rows], [r[4] for r in rows])
+        ax.set(xlabel="prefill tokens avoided (%)", title="Prefill avoided by prefix sharing")
+    else:
+        ax.plot([r[2] for r in rows], [r[5] for r in rows], marker="o", label="mlx-lm KVCache")
+        ax.plot([r[2] for r in rows], [r[6] for r in rows], marker="o", label="pagedkv")
+        ax.set(xlabel="batch", ylabel="decode tokens/s", title=f"Decode throughput ({rows[0][0]})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    groups = GROUPS if args.group == "all" else (args.group,)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = device_info()
+    print(
+        f"pagedkv bench: {', '.join(groups)} ({'full' if args.full else 'quick'}) on "
+        f"{info.get('device')} ({info.get('device_name')}), MLX {info.get('mlx')}"
+    )
+    runners = {
+        "gather": run_gather,
+        "memory": run_memory,
+        "prefill": run_prefill,
+        "throughput": lambda full, repeats: run_throughput(full, repeats, args.model),
+    }
+    for group in groups:
+        print(f"\n== {group}", flush=True)
+        header, rows = runners[group](args.full, args.repeats)
+        print(table(header, rows))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["device", "mlx", *header])
+        writer.writerows(
+            [
+                [
+                    info.get("device_name"),
+                    info.get("mlx"),
+                    *[round(v, 2) if isinstance(v, float) else v for v in r],
+                ]
+                for r in rows
+            ]
+        )
+        csv_path = out / f"{group}.csv"
+        csv_path.write_text(buffer.getvalue())
+        png_path = out / f"{group}.png"
+        plot(group, header, rows, png_path)
+        print("\nCSV:\n" + buffer.getvalue().rstrip())
+        print(f"\nwrote {csv_path} and {png_path}")
+    return 0
