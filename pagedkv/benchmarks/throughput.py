@@ -1,8 +1,8 @@
 """Model-level decode throughput: unmodified mlx-lm model code on the paged cache vs mlx-lm's KVCache.
 
 B requests share a prefix and have private suffixes of equal length, so the dense side can run as
-one plain `KVCache` batch. Both sides prefill, then greedy-decode `steps` tokens; only decoding is
-timed, each step evaluated and synchronized. The paged side prefills each request on its own (the
+one plain `KVCache` batch. Both sides prefill, run 3 untimed warm-up decode steps, then greedy-decode
+`steps` tokens; only those are timed, each step evaluated and the device synchronized. The paged side prefills each request on its own (the
 shared prefix is computed once and then matched) and decodes through `store.batch`.
 """
 
@@ -74,9 +74,13 @@ def decode_throughput(
     shared = [(31 * i + 7) % vocab for i in range(prefix)]
     prompts = [shared + [(97 * b + j) % vocab for j in range(16)] for b in range(batch)]
 
-    def decode(call, first):
+    def decode(call, first, warmup: int = 3):
+        """Untimed warm-up steps (kernel set-up), then `steps` timed greedy steps."""
         tokens, out = first, []
-        mx.eval(tokens)
+        for _ in range(warmup):
+            tokens = mx.argmax(call(tokens[:, None])[:, -1], axis=-1)
+            mx.eval(tokens)
+            out.append(tokens)
         mx.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
@@ -94,7 +98,7 @@ def decode_throughput(
     )
     dense_cache = None  # release the dense K/V before the paged run
 
-    per_request = -(-(prefix + 16 + steps + 1) // block_size)
+    per_request = -(-(prefix + 16 + steps + 4) // block_size)
     store = PagedKVStore.for_model(model, num_blocks=batch * per_request + 8, block_size=block_size)
     sessions, firsts = [], []
     for prompt in prompts:
