@@ -7,7 +7,11 @@ import os
 
 import pytest
 
-from pagedkv.benchmarks.metadata import decode_step_workload, pool_write_workload
+from pagedkv.benchmarks.metadata import (
+    decode_step_workload,
+    pool_write_ratio,
+    pool_write_workload,
+)
 from pagedkv.spec import PagedCache as SpecCache
 
 mx = pytest.importorskip("mlx.core", reason="the backend benchmarks need MLX (pagedkv[mlx])")
@@ -43,4 +47,21 @@ def bench_pool_write(record_device, pool):
         rounds=1 if record_device.disabled else 50,
         iterations=1,
         warmup_rounds=0 if record_device.disabled else 3,
+    )
+
+
+@pytest.mark.benchmark(group="pool write: large / 64 MiB, interleaved")
+def bench_pool_write_ratio(record_device):
+    """The figure of issue 3: both pools timed alternately in one run; the ratio is in extra_info."""
+    large = LARGE_POOL if not record_device.disabled else 256 * MiB
+    result = record_device.pedantic(
+        pool_write_ratio,
+        args=(64 * MiB, large),
+        kwargs={"repeats": 3 if record_device.disabled else 200},
+        rounds=1,
+    )
+    record_device.extra_info.update(result, large_pool_bytes=large)
+    print(
+        f"\npool write: 64 MiB {result['small_us']:.1f} us, {large / MiB:.0f} MiB "
+        f"{result['large_us']:.1f} us, ratio {result['ratio']:.3f}"
     )

@@ -81,3 +81,23 @@ def pool_write_workload(
         mx.synchronize()
 
     return write_token, cache
+
+
+def pool_write_ratio(small_bytes: int, large_bytes: int, repeats: int = 100) -> dict[str, float]:
+    """Median write-one-token time for both pools, measured alternately (A, B, A, B, ...) so that
+    drift on a busy host hits both equally; returns both medians and large / small."""
+    import statistics
+    import time
+
+    small, _ = pool_write_workload(small_bytes)
+    large, _ = pool_write_workload(large_bytes)
+    times: dict[str, list[float]] = {"small": [], "large": []}
+    for i in range(repeats + 5):
+        for name, fn in (("small", small), ("large", large)):
+            start = time.perf_counter()
+            fn()
+            if i >= 5:  # the first rounds are warm-up
+                times[name].append(time.perf_counter() - start)
+    small_us = 1e6 * statistics.median(times["small"])
+    large_us = 1e6 * statistics.median(times["large"])
+    return {"small_us": small_us, "large_us": large_us, "ratio": large_us / small_us}
