@@ -13,6 +13,7 @@ Modules, in reading order:
 - `index`: the prefix trie, namespaces, LRU-leaf eviction (rules 3, 6).
 - `storage`: the K/V arrays in layout A.
 - `cache`: `PagedCache`, every public operation and the rules they follow.
+- `observe`: stats, the comparable snapshot, and `check_invariants`.
 - `attention`: the float32 reference attention.
 
 This package never imports MLX.

@@ -46,19 +46,18 @@ from pagedkv.errors import (
     ConfigError,
     InvalidArgumentError,
     InvalidPositionError,
-    InvariantError,
     NotWritableError,
     OutOfBlocksError,
     StorageDisabledError,
     TrimError,
     UnknownSequenceError,
 )
-from pagedkv.spec import checks
+from pagedkv.spec import checks, observe
 from pagedkv.spec.attention import reference_attention
 from pagedkv.spec.index import PrefixIndex
-from pagedkv.spec.pool import BlockPool
+from pagedkv.spec.pool import BlockPool, blocks_for
 from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
-from pagedkv.types import IndexEntry, Snapshot, Stats
+from pagedkv.types import Snapshot, Stats
 
 
 @dataclass
@@ -81,11 +80,6 @@ class Counters:
     cow_copies: int = 0
     evictions: int = 0
     duplicates: int = 0
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """ceil(num_tokens / block_size): the table length of a sequence of that many tokens."""
-    return -(-num_tokens // block_size)
 
 
 class PagedCache:
@@ -501,83 +495,13 @@ class PagedCache:
         return tuple(self._sequence(seq_id).table)
 
     def stats(self) -> Stats:
-        refcounts, indexed = self.pool.refcounts, self.index.node_of_block
-        rows_held: dict[int, int] = {}
-        for seq in self.sequences.values():
-            for i, block in enumerate(seq.table):
-                rows = min(self.config.block_size, len(seq.tokens) - i * self.config.block_size)
-                rows_held[block] = max(rows_held.get(block, 0), rows)
-        return Stats(
-            free_blocks=self.pool.num_free(),
-            cached_blocks=sum(1 for b in indexed if refcounts[b] == 0),
-            in_use_blocks=sum(1 for r in refcounts if r >= 1),
-            shared_blocks=sum(1 for r in refcounts if r >= 2),
-            indexed_blocks=len(indexed),
-            sequences=len(self.sequences),
-            tokens_stored=sum(len(s.tokens) for s in self.sequences.values()),
-            unique_tokens=sum(rows_held.values()),
-            **vars(self.counters),
-        )
+        """Block states and event counters (see `pagedkv.types.Stats`)."""
+        return observe.stats(self)
 
     def snapshot(self) -> Snapshot:
         """Every observable piece of metadata, as plain comparable data."""
-        entries = [
-            IndexEntry(n.namespace, n.path_tokens(), n.block, n.last_used)
-            for n in self.index.nodes()
-        ]
-        return Snapshot(
-            clock=self.clock,
-            next_sequence_id=self.next_sequence_id,
-            free_queue=tuple(self.pool.free_queue),
-            refcounts=tuple(self.pool.refcounts),
-            sequences=tuple(
-                (s.id, s.namespace, tuple(s.tokens), tuple(s.table), s.committed)
-                for s in sorted(self.sequences.values(), key=lambda s: s.id)
-            ),
-            index=tuple(sorted(entries, key=lambda e: (e.namespace, e.path_tokens))),
-            stats=self.stats(),
-        )
+        return observe.snapshot(self)
 
     def check_invariants(self) -> None:
         """Raises InvariantError naming the first broken invariant of the design brief."""
-        size, refcounts = self.config.block_size, self.pool.refcounts
-
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise InvariantError(message)
-
-        counted = [0] * self.config.num_blocks
-        for seq in self.sequences.values():
-            require(
-                len(seq.table) == blocks_for(len(seq.tokens), size),
-                f"sequence {seq.id}: table length != ceil(len / block_size)",
-            )
-            for block in seq.table:
-                counted[block] += 1
-        require(counted == refcounts, "refcount != occurrences in block tables")
-        queue = list(self.pool.free_queue)
-        require(len(queue) == len(set(queue)), "free queue holds a block twice")
-        indexed = self.index.node_of_block
-        expected_free = {
-            b for b in range(self.config.num_blocks) if refcounts[b] == 0 and b not in indexed
-        }
-        require(set(queue) == expected_free, "free queue != unreferenced, unindexed blocks")
-        nodes = self.index.nodes()
-        require(len({n.block for n in nodes}) == len(nodes), "two index nodes share a block")
-        for node in nodes:
-            require(indexed.get(node.block) is node, "node_of_block out of sync")
-            siblings = self.index.children_of(node.namespace, node.parent)
-            require(siblings.get(node.key) is node, "index node not reachable from its parent")
-            require(len(node.key) == size, "index node key is not a full block")
-        for seq in self.sequences.values():
-            for i, block in enumerate(seq.table):
-                node = indexed.get(block)
-                end = min(len(seq.tokens), (i + 1) * size)
-                require(
-                    node is None or node.path_tokens()[:end] == tuple(seq.tokens[:end]),
-                    f"sequence {seq.id} holds indexed block {block} under other tokens",
-                )
-        writable_owners = [
-            b for s in self.sequences.values() for b in s.table if self._is_writable(b)
-        ]
-        require(len(writable_owners) == len(set(writable_owners)), "a block writable twice")
+        observe.check_invariants(self)

@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections import deque
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """ceil(num_tokens / block_size): the table length of a sequence of that many tokens."""
+    return -(-num_tokens // block_size)
+
+
 class BlockPool:
     """Refcounts and the free queue. Knows nothing of sequences or the prefix index."""
 
