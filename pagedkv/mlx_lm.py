@@ -50,6 +50,8 @@ class PagedKVStore:
     def __init__(self, config: Config) -> None:
         self.cache = PagedCache(config)
         self.config = config
+        self._tables_key: tuple | None = None
+        self._tables: mx.array | None = None
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int = 16, dtype: str | None = None):
@@ -74,6 +76,18 @@ class PagedKVStore:
         `session.remaining_prompt` to mlx-lm. Raises OutOfBlocksError, InvalidTokensError."""
         seq, cached = self.cache.add_sequence(prompt_tokens, namespace)
         return Session(self, seq, list(self.cache.tokens(seq)), cached)
+
+    def padded_tables(self, sessions: Sequence[Session]) -> mx.array:
+        """The sessions' block tables padded to one width, `[B, blocks]` int32. Tables change only
+        through metadata operations, which tick the clock, so every layer of a step reuses one."""
+        key = (self.cache.clock, tuple(s.seq for s in sessions))
+        if self._tables_key != key:
+            tables = [self.cache.block_table_array(s.seq) for s in sessions]
+            padded = np.zeros((len(tables), max(len(t) for t in tables)), np.int32)
+            for row, table in enumerate(tables):
+                padded[row, : len(table)] = table
+            self._tables_key, self._tables = key, mx.array(padded)
+        return self._tables
 
     def batch(self, sessions: Sequence[Session]) -> list[PagedLayerCache]:
         """Per-layer caches over several sessions, for batched decoding (ragged lengths)."""
@@ -167,9 +181,12 @@ class PagedLayerCache:
         keys = keys.transpose(0, 2, 1, 3).astype(dtype)  # [B, L, kv_heads, head_dim]
         values = values.transpose(0, 2, 1, 3).astype(dtype)
         self._reserve(count)
-        for b, session in enumerate(self.sessions):
-            start = session.offsets[self.layer]
-            cache.write_kv(session.seq, self.layer, start, keys[b], values[b])
+        starts = [session.offsets[self.layer] for session in self.sessions]
+        if len(self.sessions) == 1:
+            cache.write_kv(self.sessions[0].seq, self.layer, starts[0], keys[0], values[0])
+        else:  # one scatter per pool for the whole batch
+            cache.write_kv_batch([s.seq for s in self.sessions], self.layer, starts, keys, values)
+        for session, start in zip(self.sessions, starts):
             session.offsets[self.layer] = start + count
         if self.layer == cfg.num_layers - 1:
             for session in self.sessions:  # the whole prompt is in every layer: publish it
@@ -198,15 +215,10 @@ class PagedLayerCache:
 
     def _fetch(self) -> tuple[mx.array, mx.array]:
         cache, layer = self.store.cache, self.layer
-        lengths = [s.offsets[layer] for s in self.sessions]
-        tables = [cache.block_table_array(s.seq) for s in self.sessions]
-        width = max(len(t) for t in tables)
-        padded = np.zeros((len(tables), width), np.int32)
-        for row, table in enumerate(tables):
-            padded[row, : len(table)] = table
-        padded = mx.array(padded)
-        keys = gather_batch(cache.storage.keys[layer], padded)[:, :, : max(lengths)]
-        values = gather_batch(cache.storage.values[layer], padded)[:, :, : max(lengths)]
+        length = max(s.offsets[layer] for s in self.sessions)
+        tables = self.store.padded_tables(self.sessions)
+        keys = gather_batch(cache.storage.keys[layer], tables)[:, :, :length]
+        values = gather_batch(cache.storage.values[layer], tables)[:, :, :length]
         return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):

@@ -17,6 +17,7 @@ from pagedkv.errors import (
     ConfigError,
     InvalidArgumentError,
     InvalidPositionError,
+    KVShapeError,
     NotWritableError,
     OutOfBlocksError,
     StorageDisabledError,
@@ -279,6 +280,10 @@ class PagedCache:
                 f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
                 f"{len(seq.tokens)} positions; extend it first."
             )
+        storage.write_rows(layer, self._runs(seq, start, rows), keys, values)
+
+    def _runs(self, seq: Sequence, start: int, rows: int) -> list[tuple[int, int, int, int]]:
+        """(block, first row, rows, offset) per touched block; raises if one is not writable."""
         runs, position, size = [], start, self.size
         while position < start + rows:  # one contiguous run per touched block
             block = int(seq.table[position // size])
@@ -291,7 +296,46 @@ class PagedCache:
             count = min(size - position % size, start + rows - position)
             runs.append((block, position % size, count, position - start))
             position += count
-        storage.write_rows(layer, runs, keys, values)
+        return runs
+
+    def write_kv_batch(self, seq_ids, layer: int, starts, keys, values) -> None:
+        storage = self._storage("write_kv_batch")
+        seqs = [self._seq(seq_id) for seq_id in seq_ids]
+        if not seqs or len(set(map(id, seqs))) != len(seqs) or len(starts) != len(seqs):
+            raise InvalidArgumentError(
+                f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
+                f"sequences and {len(starts)} starts."
+            )
+        for name, array in (("keys", keys), ("values", values)):
+            if not isinstance(array, mx.array) or array.ndim != 4 or array.shape[0] != len(seqs):
+                raise KVShapeError(
+                    f"write_kv_batch {name} must be [{len(seqs)}, n, kv_heads, head_dim], got "
+                    f"{getattr(array, 'shape', type(array).__name__)}."
+                )
+        cfg = self.config
+        layer = validate.layer(layer, cfg.num_layers)
+        blocks, offsets, rows = [], [], 0
+        for b, (seq, start) in enumerate(zip(seqs, starts)):  # checks in the spec's order
+            start = validate.count(start, "start")
+            if b == 0:  # every sequence gets rows of the same shape and dtype
+                rows = validate.kv_rows(
+                    keys[0], values[0], storage.dtype, cfg.num_kv_heads, cfg.head_dim
+                )
+            if start + rows > len(seq.tokens):
+                raise InvalidPositionError(
+                    f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
+                    f"{len(seq.tokens)} positions; extend it first."
+                )
+            for block, row, count, _ in self._runs(seq, start, rows):
+                blocks += [block] * count
+                offsets += range(row, row + count)
+        storage.scatter_rows(
+            layer,
+            blocks,
+            offsets,
+            keys.reshape(-1, *keys.shape[2:]),
+            values.reshape(-1, *values.shape[2:]),
+        )
 
     def commit(self, seq_id: int) -> int:
         seq = self._seq(seq_id)

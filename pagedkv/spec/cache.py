@@ -46,6 +46,7 @@ from pagedkv.errors import (
     ConfigError,
     InvalidArgumentError,
     InvalidPositionError,
+    KVShapeError,
     NotWritableError,
     OutOfBlocksError,
     StorageDisabledError,
@@ -285,7 +286,13 @@ class PagedCache:
         NotWritableError.
         """
         storage = self._require_storage("write_kv")
-        seq = self._sequence(seq_id)
+        layer, blocks, rows = self._check_write(self._sequence(seq_id), layer, start, keys, values)
+        storage.write_rows(layer, blocks, rows, keys, values)
+
+    def _check_write(
+        self, seq: Sequence, layer: int, start: int, keys: np.ndarray, values: np.ndarray
+    ) -> tuple[int, np.ndarray, np.ndarray]:
+        """Validates one sequence's write; returns (layer, block of each row, row in its block)."""
         cfg = self.config
         layer = checks.as_layer(layer, cfg.num_layers)
         start = checks.as_count(start, "start")
@@ -306,7 +313,40 @@ class PagedCache:
                     f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
                     "stored. Write only positions that add_sequence/extend reserved afresh."
                 )
-        storage.write_rows(layer, blocks, positions % cfg.block_size, keys, values)
+        return layer, blocks, positions % cfg.block_size
+
+    def write_kv_batch(
+        self,
+        seq_ids: SequenceOf[int],
+        layer: int,
+        starts: SequenceOf[int],
+        keys: np.ndarray,
+        values: np.ndarray,
+    ) -> None:
+        """`write_kv` for several distinct sequences at once, n rows each: keys[b] and values[b]
+        (`[B, n, kv_heads, head_dim]`) go to positions [starts[b], starts[b] + n) of seq_ids[b].
+        All or nothing: every sequence's rows are checked as `write_kv` checks them before any is
+        written. Raises what `write_kv` raises, and InvalidArgumentError (no sequences, a sequence
+        twice, or not one start per sequence), KVShapeError (not `[B, n, kv_heads, head_dim]`)."""
+        storage = self._require_storage("write_kv_batch")
+        seqs = [self._sequence(seq_id) for seq_id in seq_ids]
+        if not seqs or len({s.id for s in seqs}) != len(seqs) or len(starts) != len(seqs):
+            raise InvalidArgumentError(
+                f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
+                f"sequences and {len(starts)} starts."
+            )
+        for name, array in (("keys", keys), ("values", values)):
+            if not isinstance(array, np.ndarray) or array.ndim != 4 or len(array) != len(seqs):
+                raise KVShapeError(
+                    f"write_kv_batch {name} must be [{len(seqs)}, n, kv_heads, head_dim], got "
+                    f"{getattr(array, 'shape', type(array).__name__)}."
+                )
+        plans = [
+            self._check_write(seq, layer, start, keys[b], values[b])
+            for b, (seq, start) in enumerate(zip(seqs, starts))
+        ]
+        for b, (layer_index, blocks, rows) in enumerate(plans):
+            storage.write_rows(layer_index, blocks, rows, keys[b], values[b])
 
     def commit(self, seq_id: int) -> int:
         """Publishes the sequence's full blocks into the prefix index (rule 2). Walks its full

@@ -227,6 +227,35 @@ class CacheMachine(RuleBasedStateMachine):
             self.model[seq] = self.model[seq] + tokens
             assert self.write_true_rows(seq, start, len(self.model[seq]))[0] == "ok"
 
+    @precondition(lambda self: any(self.model.values()))
+    @rule(data=st.data())
+    def rewrite_batch(self, data):
+        """write_kv_batch of each sequence's own last rows (true values): allowed or not, alike."""
+        live = sorted(s for s, tokens in self.model.items() if tokens)
+        batch = data.draw(
+            st.lists(st.sampled_from(live), min_size=1, max_size=4, unique=True), label="batch"
+        )
+        rows = data.draw(st.integers(1, min(len(self.model[s]) for s in batch)), label="rows")
+        layer = data.draw(st.integers(0, self.config.num_layers - 1), label="layer")
+        starts = [len(self.model[s]) - rows for s in batch]
+        keys, values = [], []
+        for seq, start in zip(batch, starts):
+            k, v = prefix_kv(tuple(self.model[seq]), layer, self.config)
+            keys.append(k[start:])
+            values.append(v[start:])
+        dtype = self.config.dtype
+
+        def native(impl):
+            return (
+                batch,
+                layer,
+                starts,
+                impl.to_native(np.stack(keys), dtype),
+                impl.to_native(np.stack(values), dtype),
+            )
+
+        self.apply("write_kv_batch", native_args=native)
+
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def decode_step(self, data):

@@ -34,6 +34,18 @@ def good_rows(impl, n=1):
     return kv(impl, n, H, D, 0.0)
 
 
+def batch_rows(impl, batch):
+    """[batch, 1, H, D] rows, native to the implementation."""
+    rows = good_rows(impl)
+    if impl == "spec":
+        import numpy as np
+
+        return np.stack([rows] * batch)
+    import mlx.core as mx
+
+    return mx.stack([rows] * batch)
+
+
 CASES = {
     # add_sequence
     "add: no tokens": (lambda c, i, a, b: c.add_sequence([]), E.InvalidTokensError),
@@ -99,6 +111,27 @@ CASES = {
     "write: shared block": (
         lambda c, i, a, b: c.write_kv(a, 0, 8, *[good_rows(i)] * 2),
         E.NotWritableError,
+    ),
+    # write_kv_batch
+    "batch write: twice": (
+        lambda c, i, a, b: c.write_kv_batch([a, a], 0, [8, 8], *[batch_rows(i, 2)] * 2),
+        E.InvalidArgumentError,
+    ),
+    "batch write: starts": (
+        lambda c, i, a, b: c.write_kv_batch([a, b], 0, [8], *[batch_rows(i, 2)] * 2),
+        E.InvalidArgumentError,
+    ),
+    "batch write: not 4-d": (
+        lambda c, i, a, b: c.write_kv_batch([a, b], 0, [8, 8], *[good_rows(i)] * 2),
+        E.KVShapeError,
+    ),
+    "batch write: one shared": (
+        lambda c, i, a, b: c.write_kv_batch([a, b], 0, [8, 8], *[batch_rows(i, 2)] * 2),
+        E.NotWritableError,
+    ),
+    "batch write: past the end": (
+        lambda c, i, a, b: c.write_kv_batch([a, b], 0, [9, 8], *[batch_rows(i, 2)] * 2),
+        E.InvalidPositionError,
     ),
     # commit, fork, free
     "commit: unknown": (lambda c, i, a, b: c.commit(-1), E.UnknownSequenceError),
