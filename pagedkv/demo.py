@@ -93,37 +93,16 @@ def metadata_scenario(requests: int) -> int:
     return 0
 
 
-def tiny_llama(seed: int = 0):
-    """A small random-weight Llama built from mlx-lm's own model class (nothing downloaded)."""
-    import mlx.core as mx
-    from mlx_lm.models import llama
-
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=256,
-        num_hidden_layers=4,
-        intermediate_size=512,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=1024,
-        tie_word_embeddings=False,
-    )
-    mx.random.seed(seed)
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
-
-
 def model_scenario(requests: int, new_tokens: int = 24) -> int:
     """Part 2: concurrent requests through an mlx-lm model on the paged cache vs mlx-lm's own."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
+    from pagedkv.benchmarks.throughput import SMALL, build_model
     from pagedkv.mlx_lm import PagedKVStore
 
     started = time.perf_counter()
-    model = tiny_llama()
+    model = build_model(SMALL, "float32")  # random weights, from mlx-lm's own Llama class
     system = SYSTEM_PROMPT[:256]
     prompts = [
         [t % 1024 for t in system] + [(97 * r + j) % 1024 for j in range(16)]

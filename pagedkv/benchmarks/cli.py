@@ -76,27 +76,33 @@ def run_gather(full: bool, repeats: int):
     return header, rows
 
 
-def run_memory(full: bool, repeats: int):
+def shared_prefix_cells(full: bool, prefill_group: bool):
+    """(MemoryCell, label) per (prefix, requests) of the sweep, with a progress line each."""
     from pagedkv.benchmarks.memory import FULL, QUICK, shared_prefix_cell
     from pagedkv.mlx_backend import PagedCache
 
     sweep = FULL if full else QUICK
     cells = [(n, p) for p in sweep["prefixes"] for n in sweep["requests"]]
-    started, rows = time.perf_counter(), []
+    total, started = len(cells) + int(prefill_group), time.perf_counter()
     for i, (n, p) in enumerate(cells, 1):
         cell = shared_prefix_cell(PagedCache, n, p)
-        rows.append(
-            [
-                n,
-                p,
-                cell.paged_bytes / 2**20,
-                cell.dense_bytes / 2**20,
-                cell.saved_pct,
-                cell.prompt_tokens,
-                cell.prefill_avoided,
-            ]
-        )
-        progress(i, len(cells), f"{n} requests, prefix {p}", started)
+        progress(i, total, f"{n} requests, prefix {p}", started)
+        yield cell
+
+
+def run_memory(full: bool, repeats: int):
+    rows = [
+        [
+            c.requests,
+            c.prefix,
+            c.paged_bytes / 2**20,
+            c.dense_bytes / 2**20,
+            c.saved_pct,
+            c.prompt_tokens,
+            c.prefill_avoided,
+        ]
+        for c in shared_prefix_cells(full, prefill_group=False)
+    ]
     header = [
         "requests",
         "prefix",
@@ -110,29 +116,24 @@ def run_memory(full: bool, repeats: int):
 
 
 def run_prefill(full: bool, repeats: int):
-    from pagedkv.benchmarks.memory import FULL, QUICK, multi_turn_chat, shared_prefix_cell
+    from pagedkv.benchmarks.memory import multi_turn_chat
     from pagedkv.mlx_backend import PagedCache
 
-    sweep = FULL if full else QUICK
-    started, rows = time.perf_counter(), []
-    cells = [(n, p) for p in sweep["prefixes"] for n in sweep["requests"]]
-    for i, (n, p) in enumerate(cells, 1):
-        cell = shared_prefix_cell(PagedCache, n, p)
-        rows.append(
-            [
-                f"shared prefix {p}",
-                n,
-                cell.prompt_tokens,
-                cell.prefill_avoided,
-                100 * cell.prefill_avoided / cell.prompt_tokens,
-            ]
-        )
-        progress(i, len(cells) + 1, f"{n} requests, prefix {p}", started)
+    rows = [
+        [
+            f"shared prefix {c.prefix}",
+            c.requests,
+            c.prompt_tokens,
+            c.prefill_avoided,
+            100 * c.prefill_avoided / c.prompt_tokens,
+        ]
+        for c in shared_prefix_cells(full, prefill_group=True)
+    ]
     chat = multi_turn_chat(PagedCache, turns=16 if full else 8)
     rows.append(
         [f"chat, {chat.turns} turns", 1, chat.prompt_tokens, chat.prefill_avoided, chat.avoided_pct]
     )
-    progress(len(cells) + 1, len(cells) + 1, "multi-turn chat", started)
+    print(f"  multi-turn chat: {chat.turns} turns", file=sys.stderr)
     return ["workload", "requests", "prompt_tokens", "prefill_avoided", "avoided%"], rows
 
 

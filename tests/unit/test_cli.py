@@ -17,3 +17,18 @@ def test_demo_runs_and_matches(capsys):
 def test_demo_rejects_bad_request_count(capsys):
     assert main(["demo", "--requests", "0"]) == 2
     assert "--requests must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAVE_MLX, reason="the bench command needs MLX")
+def test_bench_writes_table_csv_and_png(tmp_path, capsys):
+    assert main(["bench", "prefill", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "prefill_avoided" in out and "CSV:" in out
+    csv_text = (tmp_path / "prefill.csv").read_text()
+    assert csv_text.startswith("device,mlx,workload") and "chat, 8 turns" in csv_text
+    assert (tmp_path / "prefill.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_bad_repeats(capsys):
+    assert main(["bench", "gather", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
