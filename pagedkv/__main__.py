@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(args)
     if args.command == "bench":
-        args.repeats = args.repeats or (20 if args.full else 5)
+        if args.repeats is None:
+            args.repeats = 20 if args.full else 5
         if args.repeats < 1:
             print("pagedkv bench: --repeats must be >= 1", file=sys.stderr)
             return 2
