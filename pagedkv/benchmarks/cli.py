@@ -230,7 +230,8 @@ def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
         ax.plot([r[2] for r in rows], [r[5] for r in rows], marker="o", label="mlx-lm KVCache")
         ax.plot([r[2] for r in rows], [r[6] for r in rows], marker="o", label="pagedkv")
         ax.set(xlabel="batch", ylabel="decode tokens/s", title=f"Decode throughput ({rows[0][0]})")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
