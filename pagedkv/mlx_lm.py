@@ -140,11 +140,13 @@ class Session:
         return known + [UNKNOWN_TOKEN] * (stop - start - len(known))
 
     def _sync_length(self) -> None:
-        """Trims the stored sequence to the furthest layer once every layer has trimmed."""
+        """Trims the stored sequence to the furthest layer once every layer has trimmed. Prompt
+        tokens past the new end are forgotten: whatever is fed there next is not known to be them."""
         furthest = max(self.offsets)
         length = self.store.cache.sequence_length(self.seq)
         if furthest < length:
             self.store.cache.trim(self.seq, length - furthest)
+        del self.prompt[furthest:]
 
     def close(self) -> None:
         """Frees the sequence; its committed prompt blocks stay cached for later requests."""
