@@ -9,6 +9,14 @@ import os
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # before anything imports MLX
 
+# PAGEDKV_TEST_DEVICE=cpu|gpu pins MLX's default device for the whole run. CI sets cpu on GitHub's
+# macOS runners, whose GPU is a paravirtual device that Metal compute cannot rely on.
+_device = os.environ.get("PAGEDKV_TEST_DEVICE")
+if _device:
+    import mlx.core as mx
+
+    mx.set_default_device({"cpu": mx.cpu, "gpu": mx.gpu}[_device])
+
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from pagedkv.mlx_lm import PagedKVStore
+from pagedkv.mlx_lm import UNKNOWN_TOKEN, PagedKVStore
 from tests.parity.models import ARCHITECTURES, greedy, prompt_tokens, tiny_model, tiny_tokenizer
 
 TOKENS = 32
@@ -115,6 +115,8 @@ def test_trim_then_regenerate_equals_never_having_generated(model):
     ]
     assert again == first == dense_tokens(model, prompt, 12)
     assert store.cache.stats().cow_copies >= 1
+    # Re-fed positions past the trim are not known to hold the prompt: never labelled as it.
+    assert store.cache.tokens(session.seq)[15:18] == (UNKNOWN_TOKEN,) * 3
     assert paged_tokens(warm, model, 4)  # the other request still reads intact blocks
     store.cache.check_invariants()
 
