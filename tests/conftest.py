@@ -7,6 +7,8 @@ for full float32 unless the caller chose otherwise. No effect on Metal or the CP
 
 import os
 
+from hypothesis import HealthCheck, settings
+
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # before anything imports MLX
 
 # PAGEDKV_TEST_DEVICE=cpu|gpu pins MLX's default device for the whole run. CI sets cpu on GitHub's
@@ -17,7 +19,6 @@ if _device:
 
     mx.set_default_device({"cpu": mx.cpu, "gpu": mx.gpu}[_device])
 
-from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=30, stateful_step_count=30, **_common)
