@@ -16,19 +16,19 @@ demo: $(STAMP)
 	$(PY) -m pagedkv demo
 
 test: $(STAMP)
-	$(PY) -m ruff check pagedkv tests bench
-	$(PY) -m ruff format --check pagedkv tests bench
+	$(PY) -m ruff check pagedkv tests bench conftest.py
+	$(PY) -m ruff format --check pagedkv tests bench conftest.py
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest --benchmark-disable
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
-	$(PY) -m ruff check pagedkv tests bench
+	$(PY) -m ruff check pagedkv tests bench conftest.py
 
 format: $(STAMP)
-	$(PY) -m ruff format pagedkv tests bench
-	$(PY) -m ruff check --fix pagedkv tests bench
+	$(PY) -m ruff format pagedkv tests bench conftest.py
+	$(PY) -m ruff check --fix pagedkv tests bench conftest.py
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group
