@@ -196,6 +196,54 @@ CASES |= {
 }
 
 
+def int_queries(impl, batch):
+    """Integer queries: not a float array."""
+    data = np.ones((batch, 4, D), np.int32)
+    if impl == "spec":
+        return data
+    import mlx.core as mx
+
+    return mx.array(data)
+
+
+CASES |= {
+    "attention decode: integer queries": (
+        lambda c, i, a, b: c.attention_decode(0, [a], int_queries(i, 1)),
+        E.KVDtypeError,
+    ),
+    "prefill: unknown": (
+        lambda c, i, a, b: c.attention_prefill(99, 0, queries(i, 2)),
+        E.UnknownSequenceError,
+    ),
+    "prefill: layer": (
+        lambda c, i, a, b: c.attention_prefill(a, 7, queries(i, 2)),
+        E.InvalidArgumentError,
+    ),
+    "prefill: integer queries": (
+        lambda c, i, a, b: c.attention_prefill(a, 0, int_queries(i, 2)),
+        E.KVDtypeError,
+    ),
+    "batch write: dtype": (
+        lambda c, i, a, b: c.write_kv_batch([a, b], 0, [8, 8], *[half_rows(i, 2)] * 2),
+        E.KVDtypeError,
+    ),
+    "can_extend: negative": (lambda c, i, a, b: c.can_extend(a, -1), E.InvalidArgumentError),
+    "sequence_length: unknown": (lambda c, i, a, b: c.sequence_length(99), E.UnknownSequenceError),
+    "tokens: unknown": (lambda c, i, a, b: c.tokens(99), E.UnknownSequenceError),
+    "block_table: unknown": (lambda c, i, a, b: c.block_table(99), E.UnknownSequenceError),
+}
+
+
+def half_rows(impl, batch):
+    """[batch, 1, H, D] rows in float16, the wrong dtype for this float32 cache."""
+    rows = kv(impl, 1, H, D, 0.0, "float16")
+    if impl == "spec":
+        return np.stack([rows] * batch)
+    import mlx.core as mx
+
+    return mx.stack([rows] * batch)
+
+
 def observe(cache, seqs):
     gathered = [
         to_numpy(x).tobytes() for s in seqs for layer in (0, 1) for x in cache.gather(s, layer)
