@@ -160,3 +160,20 @@ def test_metadata_only_mode_simulates_without_storage(impl):
     assert hit == 300 and cache.stats().prefill_tokens_avoided == 300
     with pytest.raises(StorageDisabledError):
         cache.gather(later, 0)
+
+
+def test_eviction_ties_go_to_the_lowest_block_id(impl):
+    """Two cached leaves touched in the same tick: rule 6 evicts the lower block id first. Ties
+    need one operation to release two indexed leaves, as decode_step does when it copies two
+    trimmed, indexed tails; the state machines rarely reach it, so it is pinned here."""
+    cache = cache_class(impl)(Config(num_blocks=6, block_size=2, store_kv=False))
+    a, _ = cache.add_sequence([1, 2, 3, 4])  # blocks 0, 1
+    b, _ = cache.add_sequence([5, 6, 7, 8])  # blocks 2, 3
+    for seq in (a, b):
+        cache.commit(seq)
+        cache.trim(seq, 1)  # the tail is now an indexed block with a free row
+    cache.decode_step([b, a], [9, 9])  # copies 3 then 1: both released at the same tick
+    ticks = {e.block: e.last_used for e in cache.snapshot().index}
+    assert ticks[1] == ticks[3] and cache.block_table(a) == (0, 5)
+    assert cache.evict(1) == [1]
+    assert cache.evict(1) == [3]
