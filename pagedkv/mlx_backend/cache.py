@@ -95,13 +95,16 @@ class PagedCache:
     # ---- internals -----------------------------------------------------------------------------
 
     def _seq(self, seq_id: object) -> Sequence:
+        # Handles are ints (Python or NumPy); 1.0 or True must not find sequence 1.
         try:
-            return self.sequences[seq_id]  # type: ignore[index]
-        except (KeyError, TypeError):
-            raise UnknownSequenceError(
-                f"sequence {seq_id!r} is unknown or was freed ({len(self.sequences)} live); use a "
-                "handle returned by add_sequence or fork."
-            ) from None
+            if type(seq_id) is int or isinstance(seq_id, np.integer):
+                return self.sequences[seq_id]  # type: ignore[index]
+        except KeyError:
+            pass
+        raise UnknownSequenceError(
+            f"sequence {seq_id!r} is unknown or was freed ({len(self.sequences)} live); use a "
+            "handle returned by add_sequence or fork."
+        )
 
     def _writable(self, block: int) -> bool:
         return self.pool.refcounts[block] == 1 and block not in self.index.by_block
@@ -219,9 +222,9 @@ class PagedCache:
         seq.tokens += tokens
 
     def decode_step(self, seq_ids, tokens) -> None:
-        try:  # one dict lookup per sequence; _seq explains a miss
-            seqs = [self.sequences[seq_id] for seq_id in seq_ids]
-        except (KeyError, TypeError):
+        sequences = self.sequences  # the hot path: plain int handles, one dict lookup each
+        seqs = [sequences.get(s) if type(s) is int else None for s in seq_ids]
+        if None in seqs:
             seqs = [self._seq(seq_id) for seq_id in seq_ids]
         tokens = validate.token_list(tokens, "decode_step")
         if len(set(map(id, seqs))) != len(seqs) or len(tokens) != len(seqs) or not seqs:

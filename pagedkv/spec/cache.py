@@ -101,7 +101,8 @@ class PagedCache:
     # ---- small helpers -------------------------------------------------------------------------
 
     def _sequence(self, seq_id: object) -> Sequence:
-        seq = self.sequences.get(seq_id) if isinstance(seq_id, int) else None  # type: ignore[arg-type]
+        is_handle = isinstance(seq_id, (int, np.integer)) and not isinstance(seq_id, bool)
+        seq = self.sequences.get(int(seq_id)) if is_handle else None  # type: ignore[arg-type]
         if seq is None:
             raise UnknownSequenceError(
                 f"sequence {seq_id!r} is unknown or was freed; live sequences: "

@@ -136,6 +136,12 @@ CASES = {
     # commit, fork, free
     "commit: unknown": (lambda c, i, a, b: c.commit(-1), E.UnknownSequenceError),
     "commit: not an int": (lambda c, i, a, b: c.commit("0"), E.UnknownSequenceError),
+    "commit: float handle": (lambda c, i, a, b: c.commit(float(b)), E.UnknownSequenceError),
+    "commit: bool handle": (lambda c, i, a, b: c.commit(True), E.UnknownSequenceError),
+    "decode: float handle": (
+        lambda c, i, a, b: c.decode_step([float(b)], [1]),
+        E.UnknownSequenceError,
+    ),
     "fork: unknown": (lambda c, i, a, b: c.fork(99), E.UnknownSequenceError),
     "free: unknown": (lambda c, i, a, b: c.free(99), E.UnknownSequenceError),
     "free: freed": (lambda c, i, a, b: c.free(2), E.UnknownSequenceError),
@@ -307,3 +313,11 @@ def test_decode_step_out_of_blocks_changes_nothing(impl):
     assert cache.snapshot() == before
     cache.decode_step([b, c], [7, 8])  # both fit in their tails
     assert cache.sequence_length(b) == 4 and cache.sequence_length(c) == 2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_numpy_integer_handles_are_accepted(impl):
+    cache, a, b = populated(impl)
+    assert cache.sequence_length(np.int64(b)) == 9
+    cache.decode_step([np.int32(b)], [4])
+    assert cache.sequence_length(b) == 10
