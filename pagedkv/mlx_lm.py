@@ -90,7 +90,8 @@ class PagedKVStore:
         return self._tables
 
     def batch(self, sessions: Sequence[Session]) -> list[PagedLayerCache]:
-        """Per-layer caches over several sessions, for batched decoding (ragged lengths)."""
+        """Per-layer caches over several sessions, for batched decoding (ragged lengths): each
+        model call feeds one token per session. Prefill through each session's own caches."""
         if not sessions or len({id(s) for s in sessions}) != len(sessions):
             raise InvalidArgumentError("batch needs one or more distinct open sessions.")
         for session in sessions:
@@ -178,6 +179,11 @@ class PagedLayerCache:
             raise KVShapeError(
                 f"update_and_fetch got keys {tuple(keys.shape)}; this cache expects "
                 f"[{len(self.sessions)}, {cfg.num_kv_heads}, L, {cfg.head_dim}]."
+            )
+        if batch > 1 and count > 1:  # extending several sequences by several tokens is not atomic
+            raise InvalidArgumentError(
+                f"a batched cache takes one token per sequence per call (decode), got {count}; "
+                "prefill each request through its own session.caches first."
             )
         dtype = cache.storage.dtype
         keys = keys.transpose(0, 2, 1, 3).astype(dtype)  # [B, L, kv_heads, head_dim]

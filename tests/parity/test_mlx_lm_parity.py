@@ -143,3 +143,25 @@ def test_stream_generate_runs_unchanged_with_the_paged_cache(model):
     ]
     assert paged == dense and len(paged) >= 1
     assert session.caches[0].nbytes > 0 and not session.caches[0].empty()
+
+
+def test_adapter_errors_change_nothing(model):
+    from pagedkv.errors import InvalidArgumentError, KVShapeError, OutOfBlocksError
+
+    store = PagedKVStore.for_model(model, num_blocks=6, block_size=4)
+    first, second = store.open(prompt_tokens(5, seed=11)), store.open(prompt_tokens(6, seed=12))
+    for session in (first, second):
+        model(mx.array(session.remaining_prompt)[None], cache=session.caches)
+    batch = store.batch([first, second])
+    before = store.cache.snapshot()
+    with pytest.raises(InvalidArgumentError):  # several tokens per sequence in a batched call
+        model(mx.array([[1, 2], [3, 4]]), cache=batch)
+    with pytest.raises(KVShapeError):  # a batch of 3 against a cache of 2 sessions
+        batch[0].update_and_fetch(mx.zeros((3, 2, 1, 16)), mx.zeros((3, 2, 1, 16)))
+    assert store.cache.snapshot() == before
+    with pytest.raises(OutOfBlocksError):  # 6 blocks hold 24 positions; this prompt needs 7
+        store.open(prompt_tokens(25, seed=13))
+    assert store.cache.snapshot() == before
+    first.close()
+    with pytest.raises(InvalidArgumentError):  # a closed session cannot be batched
+        store.batch([first, second])
