@@ -233,11 +233,16 @@ class PagedCache:
                 f"sequences and {len(tokens)} tokens."
             )
         size, refcounts, indexed = self.size, self.pool.refcounts, self.index.by_block
-        needed, cows = 0, []
+        needed, cows, dropped = 0, [], None
         for seq in seqs:  # inline _plan: this loop is the per-token hot path of a server
             if len(seq.tokens) % size:
                 tail = seq.table.item(seq.num_blocks - 1)
                 cow = refcounts[tail] != 1 or tail in indexed
+                if cow:  # a copy earlier in this batch may have left this tail exclusive
+                    dropped = dropped if dropped is not None else {}
+                    cow = refcounts[tail] - dropped.get(tail, 0) != 1 or tail in indexed
+                    if cow:
+                        dropped[tail] = dropped.get(tail, 0) + 1
             else:
                 cow = None  # a fresh block past the tail
             needed += cow is not False

@@ -233,8 +233,10 @@ class PagedCache:
 
     def decode_step(self, seq_ids: SequenceOf[int], tokens: SequenceOf[int]) -> None:
         """Extends each sequence of a batch by its one token, as a single operation: one clock
-        tick, all or nothing. The batch needs the sum of what each extend would need; sequences
-        are then extended in the order given (copy-on-write and allocation as in `extend`).
+        tick, all or nothing. Sequences are extended in the order given, exactly as a loop of
+        `extend` would (copy-on-write and allocation included: a fork whose shared tail its parent
+        copied earlier in the batch has an exclusive tail and is not copied again). The batch
+        fails unless the blocks all of it needs are available when it starts.
 
         Raises InvalidArgumentError (no sequences, a sequence twice, or not one token per
         sequence), UnknownSequenceError, InvalidTokensError, OutOfBlocksError.
@@ -246,7 +248,17 @@ class PagedCache:
                 f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
                 f"sequences ({len({seq.id for seq in seqs})} distinct) and {len(tokens)} tokens."
             )
-        plans = [self._extend_plan(seq, 1) for seq in seqs]
+        # Plan in batch order, as a loop of extends would see it: copying one sequence's shared
+        # tail drops a reference, which can leave a later sequence's tail exclusive (no copy).
+        dropped: dict[int, int] = {}
+        plans = []
+        for seq in seqs:
+            cow, grow = self._extend_plan(seq, 1)
+            if cow and self.pool.refcounts[seq.table[-1]] - dropped.get(seq.table[-1], 0) == 1:
+                cow = seq.table[-1] in self.index.node_of_block  # exclusive now, unless indexed
+            if cow:
+                dropped[seq.table[-1]] = dropped.get(seq.table[-1], 0) + 1
+            plans.append((cow, grow))
         needed = sum(int(cow) + grow for cow, grow in plans)
         self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
         now = self._tick()

@@ -218,11 +218,9 @@ class CacheMachine(RuleBasedStateMachine):
         before = self.caches[0].snapshot()
         status, _ = self.apply("extend", seq, tokens)
         if status == "ok":
-            old, new = oracle.table_of(before, seq), oracle.table_of(self.caches[0].snapshot(), seq)
-            copied = [new[len(old) - 1]] if old and new[len(old) - 1] != old[-1] else []
-            fresh = copied + list(new[len(old) :])
-            size = self.config.block_size
-            assert fresh == oracle.expected_allocation(before, len(fresh), set(), size)
+            after = self.caches[0].snapshot()
+            got, want = oracle.expected_extension(before, after, [seq], self.config.block_size)
+            assert got == want, "allocation order (rules 5, 6)"
             start = len(self.model[seq])
             self.model[seq] = self.model[seq] + tokens
             assert self.write_true_rows(seq, start, len(self.model[seq]))[0] == "ok"
@@ -270,14 +268,13 @@ class CacheMachine(RuleBasedStateMachine):
         before = self.caches[0].snapshot()
         status, _ = self.apply("decode_step", batch, tokens)
         if status == "ok":
-            fresh = []
             after = self.caches[0].snapshot()
-            for seq in batch:
+            got, want = oracle.expected_extension(before, after, batch, self.config.block_size)
+            assert got == want, "allocation order (rules 5, 6)"
+            for seq in batch:  # a tail is copied only if it is not exclusive at its turn
                 old, new = oracle.table_of(before, seq), oracle.table_of(after, seq)
-                copied = [new[len(old) - 1]] if old and new[len(old) - 1] != old[-1] else []
-                fresh += copied + list(new[len(old) :])
-            size = self.config.block_size
-            assert fresh == oracle.expected_allocation(before, len(fresh), set(), size)
+                if old and len(old) == len(new) and new[-1] != old[-1]:
+                    assert oracle.tail_was_shared(before, after, seq, batch), "needless copy"
             for seq, token in zip(batch, tokens):
                 self.model[seq] = self.model[seq] + [token]
                 end = len(self.model[seq])

@@ -177,3 +177,19 @@ def test_eviction_ties_go_to_the_lowest_block_id(impl):
     assert ticks[1] == ticks[3] and cache.block_table(a) == (0, 5)
     assert cache.evict(1) == [1]
     assert cache.evict(1) == [3]
+
+
+def test_decode_step_copies_a_shared_tail_once_like_a_loop_of_extends(impl):
+    """A parent and its fork share a partial tail. In one decode_step the parent's copy leaves the
+    fork's tail exclusive, so the fork writes in place, exactly as two extends would."""
+    batched = cache_class(impl)(Config(num_blocks=8, block_size=4, store_kv=False))
+    looped = cache_class(impl)(Config(num_blocks=8, block_size=4, store_kv=False))
+    for cache in (batched, looped):
+        parent, _ = cache.add_sequence([1, 2, 3, 4, 5, 6])
+        cache.fork(parent)
+    batched.decode_step([0, 1], [7, 8])
+    looped.extend(0, [7])
+    looped.extend(1, [8])
+    assert batched.stats().cow_copies == looped.stats().cow_copies == 1
+    assert batched.block_table(0) == looped.block_table(0) == (0, 2)
+    assert batched.block_table(1) == looped.block_table(1) == (0, 1)
