@@ -77,7 +77,7 @@ def run_gather(full: bool, repeats: int):
 
 
 def shared_prefix_cells(full: bool, prefill_group: bool):
-    """(MemoryCell, label) per (prefix, requests) of the sweep, with a progress line each."""
+    """A MemoryCell per (prefix, requests) of the sweep, with a progress line each."""
     from pagedkv.benchmarks.memory import FULL, QUICK, shared_prefix_cell
     from pagedkv.mlx_backend import PagedCache
 
