@@ -24,12 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import mlx.core as mx
-import numpy as np
+from mlx.utils import tree_flatten
 
 from pagedkv.config import Config
 from pagedkv.errors import InvalidArgumentError, KVShapeError
 from pagedkv.mlx_backend import PagedCache
-from pagedkv.mlx_backend.attention import gather_batch
+from pagedkv.mlx_backend.attention import gather_batch, pad_tables
 
 UNKNOWN_TOKEN = 2**31 - 1  # stands for generated tokens the cache never sees; never committed
 _DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
@@ -58,7 +58,7 @@ class PagedKVStore:
         """A store shaped for `model`; dtype defaults to the model's embedding dtype."""
         layers, kv_heads, head_dim = model_kv_shape(model)
         if dtype is None:
-            weights = [v for _, v in _leaves(model.parameters())]
+            weights = [v for _, v in tree_flatten(model.parameters())]
             dtype = _DTYPE_NAMES.get(weights[0].dtype, "float32") if weights else "float32"
         return cls(
             Config(
@@ -83,10 +83,7 @@ class PagedKVStore:
         key = (self.cache.clock, tuple(s.seq for s in sessions))
         if self._tables_key != key:
             tables = [self.cache.block_table_array(s.seq) for s in sessions]
-            padded = np.zeros((len(tables), max(len(t) for t in tables)), np.int32)
-            for row, table in enumerate(tables):
-                padded[row, : len(table)] = table
-            self._tables_key, self._tables = key, mx.array(padded)
+            self._tables_key, self._tables = key, pad_tables(tables)
         return self._tables
 
     def batch(self, sessions: Sequence[Session]) -> list[PagedLayerCache]:
@@ -99,17 +96,6 @@ class PagedKVStore:
         return [
             PagedLayerCache(self, layer, list(sessions)) for layer in range(self.config.num_layers)
         ]
-
-
-def _leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from _leaves(value, f"{prefix}{i}.")
-    elif isinstance(tree, mx.array):
-        yield prefix, tree
 
 
 class Session:

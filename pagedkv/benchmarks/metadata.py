@@ -7,6 +7,9 @@ copies on write. Pool writes: one token's K/V into every layer of a 64 MiB vs a 
 
 from __future__ import annotations
 
+import statistics
+import time
+
 from pagedkv.config import Config
 
 
@@ -86,9 +89,6 @@ def pool_write_workload(
 def pool_write_ratio(small_bytes: int, large_bytes: int, repeats: int = 100) -> dict[str, float]:
     """Median write-one-token time for both pools, measured alternately (A, B, A, B, ...) so that
     drift on a busy host hits both equally; returns both medians and large / small."""
-    import statistics
-    import time
-
     small, _ = pool_write_workload(small_bytes)
     large, _ = pool_write_workload(large_bytes)
     times: dict[str, list[float]] = {"small": [], "large": []}

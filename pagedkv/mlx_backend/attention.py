@@ -23,13 +23,12 @@ def gather_batch(pool: mx.array, tables: mx.array) -> mx.array:
     return taken.transpose(0, 2, 1, 3)
 
 
-def padded_tables(cache, seqs) -> tuple[mx.array, np.ndarray]:
-    """The batch's block tables padded with block 0 to one width, and each sequence's length."""
-    width = max(seq.num_blocks for seq in seqs)
-    tables = np.zeros((len(seqs), width), np.int32)
-    for row, seq in enumerate(seqs):
-        tables[row, : seq.num_blocks] = seq.table[: seq.num_blocks]
-    return mx.array(tables), np.array([len(seq.tokens) for seq in seqs], np.int32)
+def pad_tables(tables: list[np.ndarray]) -> mx.array:
+    """Block tables padded with block 0 (masked or sliced off by callers) to one width: `[B, T]`."""
+    padded = np.zeros((len(tables), max(len(t) for t in tables)), np.int32)
+    for row, table in enumerate(tables):
+        padded[row, : len(table)] = table
+    return mx.array(padded)
 
 
 def attention_decode(cache, layer: int, seq_ids, queries, scale: float | None = None) -> mx.array:
@@ -46,7 +45,8 @@ def attention_decode(cache, layer: int, seq_ids, queries, scale: float | None = 
     for seq in seqs:
         if not seq.tokens:
             raise InvalidPositionError(f"attention_decode over empty sequence {seq.id}.")
-    tables, lengths = padded_tables(cache, seqs)
+    tables = pad_tables([seq.table[: seq.num_blocks] for seq in seqs])
+    lengths = np.array([len(seq.tokens) for seq in seqs], np.int32)
     keys = gather_batch(storage.keys[layer], tables).astype(queries.dtype)
     values = gather_batch(storage.values[layer], tables).astype(queries.dtype)
     positions = mx.arange(keys.shape[2])

@@ -29,6 +29,10 @@ Decisions the brief leaves open, fixed here (the MLX backend follows them exactl
   indexed joins the free queue's tail. Freeing and trimming release the table tail first.
 - `clear_cache` drops every index node: cached blocks join the free queue in ascending block id
   (counted as evictions); indexed blocks still in use simply stop being matchable.
+- Sequence handles are ints (Python or NumPy) issued from 0 upwards; floats and bools name no
+  sequence, so `1.0` or `True` raise UnknownSequenceError.
+- `decode_step` and `write_kv_batch` act exactly as in-order loops of `extend` / `write_kv`, but
+  as one operation: one tick, and every check of the whole batch before its first change.
 - `commit` walks the sequence's full blocks from the root and publishes every missing node, also
   ones below an earlier commit whose index nodes were since evicted. A duplicate is counted once,
   the first time the block is committed.
