@@ -1,9 +1,13 @@
-"""Paged attention on MLX: gather blocks by table with `mx.take` (layout A), then
-`mx.fast.scaled_dot_product_attention`. GQA comes from SDPA itself (q_heads a multiple of kv_heads).
+"""Paged attention on MLX.
 
-Decode pads every block table of the batch to the longest one (padding points at block 0, whose
-rows are masked out) and masks keys past each sequence's length, so one SDPA call serves ragged
-lengths. Prefill attends the last L positions causally over the whole sequence.
+Decode (one query per sequence) runs the fused paged kernel (`kernels/`: reads K/V in place through
+the block tables, split-K, no gathered copy) where `kernels.dispatch` allows it, else the portable
+path: gather blocks by table with `mx.take` (layout A), mask keys outside each row's visible range,
+then `mx.fast.scaled_dot_product_attention`. Tables are padded to the longest with block 0, whose
+rows neither path reads as keys. GQA: q_heads is a multiple of kv_heads.
+
+Prefill attends the last L positions causally over the whole sequence by gather -> SDPA: it is
+compute-bound, so the gathered copy costs little next to the attention itself.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import numpy as np
 
 from pagedkv.errors import InvalidPositionError
 from pagedkv.mlx_backend import validate
+from pagedkv.mlx_backend.kernels import decode, dispatch
+from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 
 
 def gather_batch(pool: mx.array, tables: mx.array) -> mx.array:
@@ -31,7 +37,51 @@ def pad_tables(tables: list[np.ndarray]) -> mx.array:
     return mx.array(padded)
 
 
-def attention_decode(cache, layer: int, seq_ids, queries, scale: float | None = None) -> mx.array:
+def decode_batch(tables: list[np.ndarray], lengths: list[int], window: int | None) -> DecodeBatch:
+    """The per-step kernel inputs for rows with these block tables and lengths (built once per
+    step and shared by every layer): padded tables, (first visible, length) bounds, longest row."""
+    firsts = [max(0, n - window) if window else 0 for n in lengths]
+    bounds = np.array([firsts, lengths], np.int32).T  # [B, 2]
+    longest = max(n - f for n, f in zip(lengths, firsts))
+    return DecodeBatch(pad_tables(tables), mx.array(bounds), longest)
+
+
+def gather_decode(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None):
+    """The portable path and the kernel's oracle: gather every table's blocks, mask keys outside
+    each row's [first, length), one SDPA call. `[B, q_heads, D]` -> `[B, q_heads, D]`."""
+    keys = gather_batch(k_pool, batch.tables).astype(queries.dtype)  # [B, kv_heads, T*S, D]
+    values = gather_batch(v_pool, batch.tables).astype(queries.dtype)
+    positions = mx.arange(keys.shape[2])[None, :]
+    mask = (positions >= batch.bounds[:, :1]) & (positions < batch.bounds[:, 1:])  # [B, T*S]
+    out = mx.fast.scaled_dot_product_attention(
+        queries[:, :, None, :], keys, values, scale=scale, mask=mask[:, None, None, :], sinks=sinks
+    )
+    return out[:, :, 0, :]
+
+
+def decode_attention(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None):
+    """Decode attention by the path `PAGEDKV_ATTENTION` and the device choose (kernels.dispatch):
+    the fused paged kernel where it is known good, else gather -> SDPA."""
+    shape = decode.Shape(
+        queries.dtype, k_pool.dtype, queries.shape[2], k_pool.shape[1], k_pool.shape[2],
+        queries.shape[1] // k_pool.shape[2], sinks is not None,
+    )  # fmt: skip
+
+    def kernel():
+        return decode.paged_decode(queries, k_pool, v_pool, batch, scale, sinks)
+
+    def gather():
+        return gather_decode(queries, k_pool, v_pool, batch, scale, sinks)
+
+    def check():
+        return dispatch.self_check(kernel, gather, dispatch.CHECK_TOLERANCE[queries.dtype])
+
+    return kernel() if dispatch.DISPATCHER.use_kernel(shape, check) else gather()
+
+
+def attention_decode(
+    cache, layer: int, seq_ids, queries, scale=None, window=None, sinks=None
+) -> mx.array:
     """One query per sequence, ragged lengths: `[B, q_heads, D]` -> `[B, q_heads, D]`
     (queries' dtype). Same contract as the spec's attention_decode."""
     storage = cache._storage("attention_decode")
@@ -40,21 +90,19 @@ def attention_decode(cache, layer: int, seq_ids, queries, scale: float | None = 
     seqs = [cache._seq(s) for s in seq_ids]
     queries = validate.queries(queries, cfg.num_kv_heads, cfg.head_dim, len(seqs))
     scale = validate.scale(scale, cfg.head_dim)
+    window = validate.window(window)
+    sinks = validate.sinks(sinks, queries.shape[1])
     if not seqs:
         return mx.zeros_like(queries)
     for seq in seqs:
         if not seq.tokens:
             raise InvalidPositionError(f"attention_decode over empty sequence {seq.id}.")
-    tables = pad_tables([seq.table[: seq.num_blocks] for seq in seqs])
-    lengths = np.array([len(seq.tokens) for seq in seqs], np.int32)
-    keys = gather_batch(storage.keys[layer], tables).astype(queries.dtype)
-    values = gather_batch(storage.values[layer], tables).astype(queries.dtype)
-    positions = mx.arange(keys.shape[2])
-    mask = positions[None, :] < mx.array(lengths)[:, None]  # [B, T*S]
-    out = mx.fast.scaled_dot_product_attention(
-        queries[:, :, None, :], keys, values, scale=scale, mask=mask[:, None, None, :]
+    batch = decode_batch(
+        [seq.table[: seq.num_blocks] for seq in seqs], [len(seq.tokens) for seq in seqs], window
     )
-    return out[:, :, 0, :]
+    return decode_attention(
+        queries, storage.keys[layer], storage.values[layer], batch, scale, sinks
+    )
 
 
 def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | None = None):

@@ -105,3 +105,28 @@ def scale(value: object, dim: int) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidArgumentError(f"scale must be a finite float or None, got {value!r}.")
     return float(value)
+
+
+def window(value: object) -> int | None:
+    if value is None:
+        return None
+    if not is_int(value) or value < 1:
+        raise InvalidArgumentError(f"window must be None or an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def sinks(array: object, q_heads: int) -> mx.array | None:
+    if array is None:
+        return None
+    ok = (
+        isinstance(array, mx.array)
+        and mx.issubdtype(array.dtype, mx.floating)
+        and tuple(array.shape) == (q_heads,)
+        and bool(mx.all(mx.isfinite(array)).item())
+    )
+    if not ok:
+        raise InvalidArgumentError(
+            f"sinks must be None or a finite float array of shape ({q_heads},) (one logit per "
+            f"query head), got {getattr(array, 'shape', type(array).__name__)}."
+        )
+    return array

@@ -494,13 +494,21 @@ class PagedCache:
         return to_float32(keys, self.config.dtype), to_float32(values, self.config.dtype)
 
     def attention_decode(
-        self, layer: int, seq_ids: SequenceOf[int], queries: np.ndarray, scale: float | None = None
+        self,
+        layer: int,
+        seq_ids: SequenceOf[int],
+        queries: np.ndarray,
+        scale: float | None = None,
+        window: int | None = None,
+        sinks: np.ndarray | None = None,
     ) -> np.ndarray:
         """One query per sequence, batched over sequences of ragged lengths: query b (at the last
-        position of seq_ids[b]) attends over all of that sequence's keys.
+        position of seq_ids[b]) attends over that sequence's keys — the last `window` of them for
+        a sliding-window layer — with optional per-head `sinks` logits (see `reference_attention`;
+        `split_k.split_k_decode` computes the same by splits, as the MLX kernels do).
         queries: `[B, q_heads, head_dim]`. Returns `[B, q_heads, head_dim]` float32.
-        Raises StorageDisabledError, UnknownSequenceError, InvalidArgumentError, KVDtypeError,
-        KVShapeError, InvalidPositionError (an empty sequence)."""
+        Raises StorageDisabledError, UnknownSequenceError, InvalidArgumentError (layer, scale,
+        window, sinks), KVDtypeError, KVShapeError, InvalidPositionError (an empty sequence)."""
         self._require_storage("attention_decode")
         layer = checks.as_layer(layer, self.config.num_layers)
         seqs = [self._sequence(s) for s in seq_ids]
@@ -508,13 +516,17 @@ class PagedCache:
             queries, self.config.num_kv_heads, self.config.head_dim, len(seqs)
         )
         scale = checks.as_scale(scale, self.config.head_dim)
+        window = checks.as_window(window)
+        sinks = checks.check_sinks(sinks, queries.shape[1])
         outputs = []
         for b, seq in enumerate(seqs):
             if not seq.tokens:
                 raise InvalidPositionError(f"attention_decode over empty sequence {seq.id}.")
             keys, values = self._gather_float32(seq, layer)
             last = np.array([len(seq.tokens) - 1])
-            outputs.append(reference_attention(queries[b : b + 1], keys, values, last, scale)[0])
+            outputs.append(
+                reference_attention(queries[b : b + 1], keys, values, last, scale, window, sinks)[0]
+            )
         return np.stack(outputs) if outputs else np.zeros_like(queries)
 
     def attention_prefill(

@@ -115,3 +115,29 @@ def as_scale(scale: object, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
         raise InvalidArgumentError(f"scale must be a finite float or None, got {scale!r}.")
     return float(scale)
+
+
+def as_window(window: object) -> int | None:
+    """A sliding window: None (every key visible) or an int >= 1 (the last `window` keys)."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise InvalidArgumentError(f"window must be None or an int >= 1, got {window!r}.")
+    return int(window)
+
+
+def check_sinks(sinks: object, q_heads: int) -> np.ndarray | None:
+    """Attention sinks: None, or one finite float logit per query head `[q_heads]` (as float32)."""
+    if sinks is None:
+        return None
+    if (
+        not isinstance(sinks, np.ndarray)
+        or not np.issubdtype(sinks.dtype, np.floating)
+        or sinks.shape != (q_heads,)
+        or not np.isfinite(sinks).all()
+    ):
+        raise InvalidArgumentError(
+            f"sinks must be None or a finite float array of shape ({q_heads},) (one logit per "
+            f"query head), got {getattr(sinks, 'shape', type(sinks).__name__)}."
+        )
+    return sinks.astype(np.float32)

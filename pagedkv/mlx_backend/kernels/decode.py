@@ -1,0 +1,216 @@
+"""Launching the paged decode kernel: its shape choices, its kernel objects, and the call.
+
+The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the sources are
+`paged_decode.cu` / `paged_decode.metal`. This module decides, per call:
+
+- lanes per key row `L` (a power of two: 16-byte loads across the row), lane groups per
+  threadblock `NSG = 128 / L`, keys in flight per lane group `U`;
+- the query tile `QT`: how many of a kv head's G query heads one threadblock serves from each
+  K/V load (G itself when the registers and the merge buffer allow);
+- the split count: one split (one pass that writes the output) until rows are long, then
+  splits of about SPLIT_KEYS keys whose partials a second kernel merges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import mlx.core as mx
+
+from pagedkv.mlx_backend.kernels import source
+
+THREADS = 128  # per threadblock / threadgroup: 4 warps or simdgroups
+SPLIT_KEYS = 4096  # keys per split once a row is split (see split_count)
+MAX_BLOCKS = 2048  # never more threadblocks than this from splitting (~16 per SM on an H100)
+MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
+MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
+POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """What every layer of one decode step reads besides its pools: built once per step."""
+
+    tables: mx.array  # [B, T] int32 block tables; entries past a row's length are never read
+    bounds: mx.array  # [B, 2] int32: (first visible position, length) per row
+    longest: int  # the most visible keys of any row (host int: picks the split count)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything that selects a compiled variant."""
+
+    query_dtype: mx.Dtype
+    pool_dtype: mx.Dtype
+    head_dim: int
+    block_size: int
+    kv_heads: int
+    group: int  # query heads per kv head
+    has_sinks: bool
+
+    @property
+    def lanes(self) -> int:
+        chunks = self.head_dim * self.pool_dtype.size // 16
+        lanes = 1
+        while lanes < min(chunks, 32):
+            lanes *= 2
+        return lanes
+
+    @property
+    def lane_groups(self) -> int:
+        return THREADS // self.lanes
+
+    @property
+    def unroll(self) -> int:
+        chunks_per_lane = -(-self.head_dim * self.pool_dtype.size // 16 // self.lanes)
+        return 4 if chunks_per_lane == 1 else 2
+
+    @property
+    def query_tile(self) -> int:
+        per_query = self.lane_groups * (self.head_dim + 2) * 4
+        fits = [
+            t for t in range(1, 9) if self.group % t == 0 and t * per_query <= MERGE_BUFFER_BYTES
+        ]
+        return max(fits)
+
+    def name(self, part: str) -> str:
+        """A unique kernel name per variant (MLX caches compiled kernels by name)."""
+        q, p = str(self.query_dtype).split(".")[-1], str(self.pool_dtype).split(".")[-1]
+        sinks = "_sinks" if self.has_sinks else ""
+        return (
+            f"pagedkv_decode_{part}_q{q}_p{p}_d{self.head_dim}_bs{self.block_size}"
+            f"_kv{self.kv_heads}_g{self.group}{sinks}"
+        )
+
+
+def supported(head_dim: int, pool_dtype: mx.Dtype, query_dtype: mx.Dtype) -> str | None:
+    """None if the kernel covers this case, else the reason it does not."""
+    if pool_dtype not in POOL_KIND or query_dtype not in POOL_KIND:
+        return f"dtype {pool_dtype}/{query_dtype} (the kernel reads float32, float16, bfloat16)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (the kernel is built for {HEAD_DIMS})"
+    return None
+
+
+def backend() -> str | None:
+    """'cuda' or 'metal' when the default device is a GPU with a kernel backend, else None."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+@cache
+def _kernel(backend_name: str, name: str, part: str):
+    """One kernel object per variant name, built once (compiled by MLX at first call)."""
+    parts = source.sections(backend_name)
+    if part == "reduce":
+        inputs, outputs, body = ["o_acc", "o_ml", "sinks"], ["out"], parts["reduce"]
+    else:
+        inputs = ["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks"]
+        split = part == "split"
+        outputs = ["o_acc", "o_ml"] if split else ["out"]
+        body = source.pass1_body(backend_name, split)
+    make = mx.fast.cuda_kernel if backend_name == "cuda" else mx.fast.metal_kernel
+    return make(
+        name=name, input_names=inputs, output_names=outputs, source=body, header=parts["header"]
+    )
+
+
+@cache
+def _scalar(value: float) -> mx.array:
+    return mx.array([value], dtype=mx.float32)
+
+
+def split_count(shape: Shape, batch: int, longest: int) -> int:
+    """Splits per row. A second pass costs a launch (~25 us of host and GPU time on the H100), so
+    one pass is kept until a row holds more than SPLIT_KEYS keys; then each split gets about
+    SPLIT_KEYS keys — measured best at every batch size on the H100 (docs/adr/0002) — and at
+    most enough splits to give every SM a few threadblocks."""
+    if longest <= SPLIT_KEYS:
+        return 1
+    blocks_per_row = batch * shape.kv_heads * (shape.group // shape.query_tile)
+    most = max(2, -(-MAX_BLOCKS // blocks_per_row))
+    return max(1, min(-(-longest // SPLIT_KEYS), most, MAX_SPLITS))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Launch data for one shape, computed once: kernel objects, templates, grid rows."""
+
+    shape: Shape
+    template: list
+    reduce_template: list
+    heads_grid: int  # threadblocks per row along y: kv heads x query tiles
+
+    @staticmethod
+    @cache
+    def of(shape: Shape, backend_name: str) -> Plan:
+        template = [
+            ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
+            ("KVH", shape.kv_heads), ("G", shape.group), ("QT", shape.query_tile),
+            ("L", shape.lanes), ("U", shape.unroll), ("KIND", POOL_KIND[shape.pool_dtype]),
+            ("HAS_SINKS", shape.has_sinks),
+        ]  # fmt: skip
+        reduce_template = [
+            ("TQ", shape.query_dtype), ("D", shape.head_dim), ("KVH", shape.kv_heads),
+            ("G", shape.group), ("HAS_SINKS", shape.has_sinks), ("MAX_SPLITS", MAX_SPLITS),
+        ]  # fmt: skip
+        for part in ("final", "split", "reduce"):  # build the kernel objects once
+            _kernel(backend_name, shape.name(part), part)
+        return Plan(
+            shape, template, reduce_template, shape.kv_heads * (shape.group // shape.query_tile)
+        )
+
+
+def paged_decode(
+    queries: mx.array,  # [B, q_heads, head_dim]
+    k_pool: mx.array,  # [blocks, block_size, kv_heads, head_dim]
+    v_pool: mx.array,
+    batch: DecodeBatch,
+    scale: float,
+    sinks: mx.array | None = None,  # [q_heads] logits that take softmax mass but carry no value
+    num_splits: int | None = None,
+    backend_name: str | None = None,
+) -> mx.array:  # [B, q_heads, head_dim], queries' dtype
+    """Decode attention of one query per row over its paged K/V, with no gathered copy.
+    Inputs are trusted (the callers validate them); see `pagedkv.spec.split_k` for the math."""
+    backend_name = backend_name or backend()
+    rows, q_heads, head_dim = queries.shape
+    _, block_size, kv_heads, _ = k_pool.shape
+    shape = Shape(
+        queries.dtype, k_pool.dtype, head_dim, block_size, kv_heads, q_heads // kv_heads,
+        sinks is not None,
+    )  # fmt: skip
+    plan = Plan.of(shape, backend_name)
+    splits = num_splits or split_count(shape, rows, batch.longest)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
+    sinks = _scalar(0.0) if sinks is None else sinks.astype(mx.float32)
+    part = "split" if splits > 1 else "final"
+    inputs = [queries, k_pool, v_pool, batch.tables, batch.bounds, _scalar(float(scale)), sinks]
+    launch = dict(
+        inputs=inputs, template=plan.template, grid=(splits * THREADS, plan.heads_grid, rows),
+        threadgroup=(THREADS, 1, 1),
+    )  # fmt: skip
+    if splits == 1:
+        (out,) = _kernel(backend_name, shape.name(part), part)(
+            **launch, output_shapes=[queries.shape], output_dtypes=[queries.dtype]
+        )
+        return out
+    o_acc, o_ml = _kernel(backend_name, shape.name(part), part)(
+        **launch,
+        output_shapes=[(rows * q_heads, splits, head_dim), (rows * q_heads, splits, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    (out,) = _kernel(backend_name, shape.name("reduce"), "reduce")(
+        inputs=[o_acc, o_ml, sinks], template=plan.reduce_template,
+        grid=(rows * q_heads * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[queries.shape], output_dtypes=[queries.dtype],
+    )  # fmt: skip
+    return out

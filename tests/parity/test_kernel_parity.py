@@ -1,0 +1,159 @@
+"""The paged decode kernel (CUDA or Metal) against the gather oracle and the spec's split-K reference.
+
+Runs only where MLX's default device is a GPU with a kernel backend (MLX's CUDA build on NVIDIA, or
+Metal on Apple silicon); on the CPU (CI) every test here skips with that reason — the CPU suite tests
+the split-K reference (`tests/unit/test_split_k.py`) and the dispatch logic instead.
+
+Each case writes random K/V into a pool whose blocks are handed out in a shuffled order (fragmented
+tables), with ragged lengths that include 1 and lengths that are not a multiple of the block size.
+Errors are max |kernel - reference| over the outputs, the reference computed in float32 from the
+stored (rounded) K/V. Set PAGEDKV_KERNEL_LOG=path to append each case's error to a log.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from pagedkv.mlx_backend.kernels import decode as kernel
+from pagedkv.spec.split_k import split_k_decode
+
+pytestmark = pytest.mark.skipif(
+    kernel.backend() is None,
+    reason="needs MLX on a GPU with a kernel backend (CUDA build or Metal); the default device is "
+    f"{mx.default_device()} — the CPU suite covers the split-K reference and dispatch instead",
+)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# Against the float32 reference of the stored K/V; the output is rounded to the query dtype once.
+TOLERANCE = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+def log(line: str) -> None:
+    path = os.environ.get("PAGEDKV_KERNEL_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def case(dtype, head_dim, block_size, group, lengths, kv_heads=2, window=None, sinks=False, seed=0):
+    """Random paged K/V and queries; returns the kernel inputs and float32 NumPy copies."""
+    rng = np.random.default_rng(seed)
+    blocks_per_row = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(blocks_per_row) + 7
+    order = rng.permutation(num_blocks)  # fragmented: each row's blocks are scattered
+    tables = np.zeros((len(lengths), max(blocks_per_row)), np.int32)
+    taken = 0
+    for row, count in enumerate(blocks_per_row):
+        tables[row, :count] = order[taken : taken + count]
+        taken += count
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(DTYPES[dtype])
+    v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(DTYPES[dtype])
+    queries = mx.array(rng.standard_normal((len(lengths), kv_heads * group, head_dim)).astype(np.float32))
+    queries = queries.astype(DTYPES[dtype])
+    firsts = [max(0, n - window) if window else 0 for n in lengths]
+    bounds = np.array([firsts, lengths], np.int32).T.copy()
+    sink_logits = mx.array(rng.standard_normal(kv_heads * group).astype(np.float32)) if sinks else None
+    batch = kernel.DecodeBatch(
+        mx.array(tables), mx.array(bounds), max(n - f for n, f in zip(lengths, firsts))
+    )
+    as_np = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
+    numpy = (as_np(queries), as_np(k_pool), as_np(v_pool), tables, bounds)
+    sinks_np = None if sink_logits is None else as_np(sink_logits)
+    return (queries, k_pool, v_pool, batch, sink_logits), numpy, sinks_np
+
+
+def gather_oracle(queries, k_pool, v_pool, tables, bounds, scale, sinks):
+    """Today's portable path: gather the blocks, mask, MLX SDPA (float32)."""
+    rows, width = tables.shape
+    block_size = k_pool.shape[1]
+    k = mx.take(k_pool, mx.array(tables.reshape(-1)), axis=0).astype(mx.float32)
+    v = mx.take(v_pool, mx.array(tables.reshape(-1)), axis=0).astype(mx.float32)
+    k = k.reshape(rows, width * block_size, *k_pool.shape[2:]).transpose(0, 2, 1, 3)
+    v = v.reshape(rows, width * block_size, *v_pool.shape[2:]).transpose(0, 2, 1, 3)
+    positions = mx.arange(width * block_size)[None, :]
+    visible = (positions >= mx.array(bounds[:, :1])) & (positions < mx.array(bounds[:, 1:]))
+    out = mx.fast.scaled_dot_product_attention(
+        queries.astype(mx.float32)[:, :, None, :], k, v, scale=scale,
+        mask=visible[:, None, None, :], sinks=None if sinks is None else sinks.astype(mx.float32),
+    )  # fmt: skip
+    return np.array(out[:, :, 0, :])
+
+
+def check(dtype, head_dim, block_size, group, lengths, splits=None, **kwargs):
+    (queries, k_pool, v_pool, batch, sinks), numpy, sinks_np = case(
+        dtype, head_dim, block_size, group, lengths, **kwargs
+    )
+    scale = head_dim**-0.5 * 1.3  # not the default: the scale must reach the kernel
+    out = kernel.paged_decode(queries, k_pool, v_pool, batch, scale, sinks, num_splits=splits)
+    assert out.dtype == queries.dtype and out.shape == queries.shape
+    got = np.array(out.astype(mx.float32))
+    used = splits or kernel.split_count(
+        kernel.Shape(queries.dtype, k_pool.dtype, head_dim, block_size, k_pool.shape[2], group, sinks is not None),
+        len(lengths), batch.longest,
+    )  # fmt: skip
+    spec = split_k_decode(*numpy, scale, used, sinks_np)
+    oracle = gather_oracle(queries, k_pool, v_pool, numpy[3], numpy[4], scale, sinks)
+    err_spec = float(np.abs(got - spec).max())
+    err_oracle = float(np.abs(got - oracle).max())
+    log(
+        f"{dtype} d{head_dim} bs{block_size} g{group} lengths={lengths} splits={used} "
+        f"{kwargs} err_spec={err_spec:.2e} err_gather={err_oracle:.2e}"
+    )
+    assert err_spec <= TOLERANCE[dtype], (err_spec, used)
+    assert err_oracle <= TOLERANCE[dtype], (err_oracle, used)
+
+
+RAGGED = [1, 37, 200, 64, 129]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("head_dim", kernel.HEAD_DIMS)
+def test_dtypes_and_head_dims(dtype, head_dim):
+    check(dtype, head_dim, 16, 4, RAGGED)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_block_sizes_and_gqa(block_size, group):
+    check("float16", 128, block_size, group, RAGGED)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8, 64])
+def test_single_pass_and_split_counts(splits):
+    check("float32", 128, 16, 4, [1, 5, 300, 1000], splits=splits)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_window_starts(dtype):
+    check(dtype, 128, 16, 4, [1, 10, 100, 700, 1500], window=48)
+    check(dtype, 64, 32, 2, [3, 33, 1000], window=1, splits=4)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_sinks(dtype):
+    check(dtype, 64, 16, 8, RAGGED, sinks=True, kv_heads=1)
+    check(dtype, 64, 16, 8, RAGGED, sinks=True, kv_heads=1, splits=1)
+    check(dtype, 128, 16, 4, [5, 900], sinks=True, window=128, splits=5)
+
+
+def test_long_context_and_large_batch():
+    check("bfloat16", 128, 16, 4, [4096] * 3 + [2000, 1, 4095], kv_heads=8)
+    check("float16", 128, 32, 4, [1024 + i for i in range(32)], kv_heads=8)
+
+
+def test_mixed_query_and_pool_dtypes():
+    """Queries in float32 over a float16 pool (a float32 model on a half-precision store)."""
+    (queries, k_pool, v_pool, batch, _), numpy, _ = case("float16", 128, 16, 4, RAGGED)
+    queries32 = queries.astype(mx.float32)
+    out = kernel.paged_decode(queries32, k_pool, v_pool, batch, 0.1)
+    assert out.dtype == mx.float32
+    used = kernel.split_count(
+        kernel.Shape(mx.float32, mx.float16, 128, 16, 2, 4, False), len(RAGGED), batch.longest
+    )
+    spec = split_k_decode(np.array(queries32), *numpy[1:], 0.1, used)
+    assert float(np.abs(np.array(out) - spec).max()) <= TOLERANCE["float32"] * 10
