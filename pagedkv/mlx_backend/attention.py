@@ -53,6 +53,8 @@ def gather_decode(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sin
     values = gather_batch(v_pool, batch.tables).astype(queries.dtype)
     positions = mx.arange(keys.shape[2])[None, :]
     mask = (positions >= batch.bounds[:, :1]) & (positions < batch.bounds[:, 1:])  # [B, T*S]
+    if sinks is not None:  # SDPA wants sinks in a type that promotes to the output's
+        sinks = sinks.astype(queries.dtype)
     out = mx.fast.scaled_dot_product_attention(
         queries[:, :, None, :], keys, values, scale=scale, mask=mask[:, None, None, :], sinks=sinks
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import deque
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -10,7 +12,9 @@ from mlx.utils import tree_flatten
 from pagedkv.config import Config
 from pagedkv.errors import InvalidArgumentError
 from pagedkv.mlx_backend import PagedCache
-from pagedkv.mlx_backend.attention import pad_tables
+from pagedkv.mlx_backend.attention import decode_batch, pad_tables
+from pagedkv.mlx_backend.kernels.decode import DecodeBatch
+from pagedkv.mlx_lm import routing
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 from pagedkv.mlx_lm.session import Session
 
@@ -34,15 +38,30 @@ class PagedKVStore:
         self.config = config
         self._tables_key: tuple | None = None
         self._tables: mx.array | None = None
+        self._batch_key: tuple | None = None
+        self._batch: DecodeBatch | None = None
+        self._masks: deque[tuple[mx.array, int | None]] = deque(maxlen=8)  # made by make_mask
+        self._routed_modules: list[str] = []
+        self._unroute = None
+        self.routed_calls = 0  # decode attention calls answered in place (see routing)
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int = 16, dtype: str | None = None):
-        """A store shaped for `model`; dtype defaults to the model's embedding dtype."""
+    def for_model(
+        cls,
+        model,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: str | None = None,
+        route_attention: bool = True,
+    ):
+        """A store shaped for `model`; dtype defaults to the model's embedding dtype. With
+        `route_attention` (default) the model's decode attention runs in place on the paged pools
+        (see `pagedkv.mlx_lm.routing`) until `close()` or the store is dropped."""
         layers, kv_heads, head_dim = model_kv_shape(model)
         if dtype is None:
             weights = [v for _, v in tree_flatten(model.parameters())]
             dtype = _DTYPE_NAMES.get(weights[0].dtype, "float32") if weights else "float32"
-        return cls(
+        store = cls(
             Config(
                 num_blocks=num_blocks,
                 block_size=block_size,
@@ -52,6 +71,9 @@ class PagedKVStore:
                 dtype=dtype,
             )
         )
+        if route_attention:
+            store.route(model)
+        return store
 
     def open(self, prompt_tokens: Sequence[int], namespace: str = "") -> Session:
         """Starts a request. The longest cached prefix of full blocks is shared; feed
@@ -67,6 +89,45 @@ class PagedKVStore:
             tables = [self.cache.block_table_array(s.seq) for s in sessions]
             self._tables_key, self._tables = key, pad_tables(tables)
         return self._tables
+
+    def route(self, model) -> None:
+        """Routes `model`'s decode attention to the paged kernel (reversed by `close`)."""
+        if self._unroute is None:
+            self._routed_modules = routing.route(model)
+            self._unroute = weakref.finalize(self, routing.unroute, self._routed_modules)
+
+    @property
+    def routes_attention(self) -> bool:
+        """Whether this store's caches answer the model's decode attention in place."""
+        return self._unroute is not None
+
+    def close(self) -> None:
+        """Gives the model its own attention helper back (sessions stay usable, via gather)."""
+        if self._unroute is not None:
+            self._unroute()
+            self._unroute = None
+
+    def decode_batch(self, sessions: Sequence[Session], layer: int, window: int | None):
+        """Kernel inputs for one decode step (tables, bounds, longest), shared by every layer."""
+        lengths = tuple(s.offsets[layer] for s in sessions)
+        key = (self.cache.clock, tuple(s.seq for s in sessions), lengths, window)
+        if self._batch_key != key:
+            tables = [self.cache.block_table_array(s.seq) for s in sessions]
+            self._batch_key, self._batch = key, decode_batch(tables, list(lengths), window)
+        return self._batch
+
+    def remember_mask(self, mask: mx.array, window: int | None) -> None:
+        """Records a mask that make_mask returned, so routed attention knows what it means."""
+        self._masks.append((mask, window))
+
+    def mask_window(self, mask) -> tuple[bool, int | None]:
+        """(known, window) of a mask passed to attention: None means every key is visible."""
+        if mask is None:
+            return True, None
+        for made, window in self._masks:
+            if made is mask:
+                return True, window
+        return False, None
 
     def batch(self, sessions: Sequence[Session]) -> list[PagedLayerCache]:
         """Per-layer caches over several sessions, for batched decoding (ragged lengths): each

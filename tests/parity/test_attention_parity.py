@@ -68,3 +68,46 @@ def test_prefill_after_a_cached_prefix_matches_reference(dtype, cached):
     reference = spec.attention_prefill(seqs[0], 0, queries)
     got = paged.attention_prefill(seqs[0], 0, mx.array(queries).astype(getattr(mx, dtype)))
     assert np.abs(np.array(got.astype(mx.float32)) - reference).max() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", sorted(TOLERANCE))
+@pytest.mark.parametrize("window", [None, 1, 5, 20])
+def test_decode_window_sinks_and_scale_match_reference(dtype, window):
+    """Sliding windows, attention sinks and a non-default scale reach both sides alike, and each
+    changes the output (so a side that ignored one would fail)."""
+    lengths = [1, 7, 33, 16]
+    spec, paged, seqs = build(dtype, lengths, seed=3)
+    rng = np.random.default_rng(4)
+    queries = rng.standard_normal((4, H * GROUP, D)).astype(np.float32)
+    sinks = rng.standard_normal(H * GROUP).astype(np.float32)
+    q_native = mx.array(queries).astype(getattr(mx, dtype))
+    reference = spec.attention_decode(0, seqs, queries, 0.7, window, sinks)
+    got = paged.attention_decode(0, seqs, q_native, 0.7, window, mx.array(sinks))
+    assert np.abs(np.array(got.astype(mx.float32)) - reference).max() <= TOLERANCE[dtype]
+    plain = spec.attention_decode(0, seqs, queries)
+    assert np.abs(plain - reference).max() > 10 * TOLERANCE[dtype]  # the arguments matter
+    assert np.abs(spec.attention_decode(0, seqs, queries, 0.7) - plain).max() > 1e-3
+    unsunk = spec.attention_decode(0, seqs, queries, 0.7, window)
+    assert np.abs(unsunk - reference).max() > 1e-3
+    if window and window < 33:
+        full = spec.attention_decode(0, seqs, queries, 0.7, None, sinks)
+        assert np.abs(full[2] - reference[2]).max() > 1e-3  # row 2 (33 keys) sees fewer keys
+
+
+@pytest.mark.parametrize("make_bad", [
+    lambda q: dict(window=0), lambda q: dict(window=2.0), lambda q: dict(window=True),
+    lambda q: dict(sinks="no"), lambda q: dict(sinks=np.zeros(3, np.float32)),
+    lambda q: dict(sinks=np.full(q, np.nan, np.float32)),
+])  # fmt: skip
+def test_bad_window_or_sinks_raise_the_same_error_on_both_sides(make_bad):
+    from pagedkv.errors import InvalidArgumentError
+
+    spec, paged, seqs = build("float32", [5, 9])
+    queries = np.zeros((2, H * GROUP, D), np.float32)
+    bad = make_bad(H * GROUP)
+    with pytest.raises(InvalidArgumentError):
+        spec.attention_decode(0, seqs, queries, **bad)
+    if isinstance(bad.get("sinks"), np.ndarray):
+        bad["sinks"] = mx.array(bad["sinks"])
+    with pytest.raises(InvalidArgumentError):
+        paged.attention_decode(0, seqs, mx.array(queries), **bad)

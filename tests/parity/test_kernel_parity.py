@@ -53,11 +53,15 @@ def case(dtype, head_dim, block_size, group, lengths, kv_heads=2, window=None, s
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(DTYPES[dtype])
     v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(DTYPES[dtype])
-    queries = mx.array(rng.standard_normal((len(lengths), kv_heads * group, head_dim)).astype(np.float32))
+    queries = mx.array(
+        rng.standard_normal((len(lengths), kv_heads * group, head_dim)).astype(np.float32)
+    )
     queries = queries.astype(DTYPES[dtype])
     firsts = [max(0, n - window) if window else 0 for n in lengths]
     bounds = np.array([firsts, lengths], np.int32).T.copy()
-    sink_logits = mx.array(rng.standard_normal(kv_heads * group).astype(np.float32)) if sinks else None
+    sink_logits = (
+        mx.array(rng.standard_normal(kv_heads * group).astype(np.float32)) if sinks else None
+    )
     batch = kernel.DecodeBatch(
         mx.array(tables), mx.array(bounds), max(n - f for n, f in zip(lengths, firsts))
     )

@@ -26,7 +26,8 @@ MAX_BLOCKS = 2048  # never more threadblocks than this from splitting (~16 per S
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-HEAD_DIMS = (64, 80, 96, 128, 256)
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the GPU parity suite runs
+MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,11 @@ def supported(head_dim: int, pool_dtype: mx.Dtype, query_dtype: mx.Dtype) -> str
     """None if the kernel covers this case, else the reason it does not."""
     if pool_dtype not in POOL_KIND or query_dtype not in POOL_KIND:
         return f"dtype {pool_dtype}/{query_dtype} (the kernel reads float32, float16, bfloat16)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} (the kernel is built for {HEAD_DIMS})"
+    if head_dim * pool_dtype.size % 16 or head_dim > MAX_HEAD_DIM:
+        return (
+            f"head_dim {head_dim} with a {pool_dtype} pool (the kernel reads 16-byte pieces of "
+            f"a K/V row: head_dim * itemsize a multiple of 16, head_dim <= {MAX_HEAD_DIM})"
+        )
     return None
 
 

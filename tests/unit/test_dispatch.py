@@ -1,0 +1,132 @@
+"""Which decode-attention path runs (`pagedkv.mlx_backend.kernels.dispatch`), tested on any device:
+the PAGEDKV_ATTENTION switch, the self-check that guards the Metal kernel (correctness and speed),
+and that its verdict is taken once per shape. Fake kernels stand in for the real ones."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from pagedkv import Config  # noqa: E402
+from pagedkv.errors import ConfigError  # noqa: E402
+from pagedkv.mlx_backend import PagedCache  # noqa: E402
+from pagedkv.mlx_backend.kernels import decode, dispatch  # noqa: E402
+
+SHAPE = decode.Shape(mx.float16, mx.float16, 128, 16, 8, 4, False)
+GOOD = dispatch.Verdict(True, "fine")
+
+
+def ones():
+    return mx.ones((2, 3))
+
+
+def slow_ones():
+    time.sleep(0.002)
+    return mx.ones((2, 3))
+
+
+@pytest.mark.parametrize("value, expected", [(None, "auto"), ("", "auto"), ("GATHER", "gather"), (" kernel ", "kernel")])  # fmt: skip
+def test_mode_reads_the_environment(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(dispatch.ENV, raising=False)
+    else:
+        monkeypatch.setenv(dispatch.ENV, value)
+    assert dispatch.mode() == expected
+
+
+def test_an_unknown_mode_is_refused(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV, "fast")
+    with pytest.raises(ConfigError, match="PAGEDKV_ATTENTION"):
+        dispatch.mode()
+
+
+def test_self_check_accepts_only_a_kernel_that_matches_and_is_faster():
+    assert dispatch.self_check(ones, slow_ones, 1e-3, repeats=3).use_kernel
+    wrong = dispatch.self_check(lambda: ones() * 2, slow_ones, 1e-3, repeats=3)
+    assert not wrong.use_kernel and "differs" in wrong.reason
+    slower = dispatch.self_check(slow_ones, ones, 1e-3, repeats=3)
+    assert not slower.use_kernel and "slower" in slower.reason
+    nan = dispatch.self_check(lambda: ones() * float("nan"), slow_ones, 1e-3, repeats=3)
+    assert not nan.use_kernel
+
+    def broken():
+        raise RuntimeError("compile error")
+
+    failed = dispatch.self_check(broken, ones, 1e-3)
+    assert not failed.use_kernel and "compile error" in failed.reason
+
+
+def test_gather_mode_never_uses_the_kernel():
+    d = dispatch.Dispatcher()
+    for backend in (None, "cuda", "metal"):
+        assert not d.use_kernel(SHAPE, lambda: GOOD, backend, chosen="gather")
+
+
+def test_kernel_mode_uses_it_or_says_why_not():
+    d = dispatch.Dispatcher()
+    assert d.use_kernel(SHAPE, lambda: pytest.fail("no self-check when forced"), "metal", "kernel")
+    with pytest.raises(ConfigError, match="no paged attention kernel"):
+        d.use_kernel(SHAPE, lambda: GOOD, None, chosen="kernel")
+    odd = decode.Shape(mx.float16, mx.float16, 20, 16, 8, 4, False)  # 40 bytes per row
+    with pytest.raises(ConfigError, match="head_dim 20"):
+        d.use_kernel(odd, lambda: GOOD, "cuda", chosen="kernel")
+
+
+def test_auto_on_cuda_uses_the_verified_kernel_without_a_check():
+    d = dispatch.Dispatcher()
+    assert d.use_kernel(SHAPE, lambda: pytest.fail("CUDA is verified offline"), "cuda", "auto")
+    assert not d.use_kernel(SHAPE, lambda: GOOD, None, "auto")  # the CPU: gather
+    unsupported = decode.Shape(mx.float16, mx.float16, 300, 16, 8, 4, False)
+    assert not d.use_kernel(unsupported, lambda: GOOD, "cuda", "auto")
+
+
+def test_auto_on_metal_checks_once_per_shape_and_warns_once_on_failure():
+    d = dispatch.Dispatcher()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        return dispatch.Verdict(False, "the kernel differs from gather by 0.5")
+
+    with pytest.warns(RuntimeWarning, match="differs from gather"):
+        assert not d.use_kernel(SHAPE, failing, "metal", "auto")
+    assert not d.use_kernel(SHAPE, failing, "metal", "auto")  # remembered: no second check
+    assert len(calls) == 1
+    other = decode.Shape(mx.float16, mx.float16, 64, 16, 8, 4, False)
+    assert d.use_kernel(other, lambda: GOOD, "metal", "auto")
+    assert d.use_kernel(other, failing, "metal", "auto")  # the passed verdict is kept
+    assert len(calls) == 1
+
+
+def test_forcing_the_kernel_without_one_fails_before_any_change(monkeypatch):
+    if decode.backend() is not None:
+        pytest.skip("this device has a kernel backend; the refusal is for devices without one")
+    cache = PagedCache(Config(num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16))
+    seq, _ = cache.add_sequence([1, 2, 3])
+    before = cache.snapshot()
+    monkeypatch.setenv(dispatch.ENV, "kernel")
+    with pytest.raises(ConfigError, match="no paged attention kernel"):
+        cache.attention_decode(0, [seq], mx.zeros((1, 4, 16)))
+    assert cache.snapshot() == before
+    monkeypatch.setenv(dispatch.ENV, "gather")
+    assert cache.attention_decode(0, [seq], mx.zeros((1, 4, 16))).shape == (1, 4, 16)
+
+
+def test_decode_batch_bounds_follow_the_window():
+    from pagedkv.mlx_backend.attention import decode_batch
+
+    tables = [np.array([3, 1], np.int32), np.array([0], np.int32)]
+    batch = decode_batch(tables, [7, 2], window=4)
+    assert batch.bounds.tolist() == [[3, 7], [0, 2]]
+    assert batch.tables.tolist() == [[3, 1], [0, 0]]
+    assert batch.longest == 4
+    assert decode_batch(tables, [7, 2], None).longest == 7
+
+
+@pytest.mark.parametrize("longest, batch, expected", [(100, 1, 1), (4096, 64, 1), (4097, 1, 2), (32768, 4, 8), (32768, 256, 2)])  # fmt: skip
+def test_split_count_keeps_one_pass_until_rows_are_long(longest, batch, expected):
+    assert decode.split_count(SHAPE, batch, longest) == expected
