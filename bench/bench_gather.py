@@ -1,41 +1,57 @@
-"""Page-gather decode microbench (no model). PAGEDKV_BENCH_FULL=1 runs the whole sweep.
+"""Paged decode attention microbench (no model): contiguous SDPA, gather -> SDPA, the fused
+kernel. PAGEDKV_BENCH_FULL=1 runs the whole sweep. Each round issues CALLS calls, then one eval and
+synchronize (small cells would otherwise measure MLX's per-call floor); divide by extra_info's
+calls_per_round for the time per call.
 
-pytest bench/bench_gather.py --benchmark-only --benchmark-group-by=group,param:context
+pytest bench/bench_gather.py --benchmark-only --benchmark-group-by=group
 """
 
 import os
 
 import pytest
 
-pytest.importorskip("mlx.core", reason="the gather benchmarks need MLX (pagedkv[mlx])")
-from pagedkv.benchmarks.gather import FULL, QUICK, gather_paths  # noqa: E402
+mx = pytest.importorskip("mlx.core", reason="the attention benchmarks need MLX (pagedkv[mlx])")
+from pagedkv.benchmarks.gather import FULL, HEAD_DIM, QUICK, cell_arrays  # noqa: E402
+from pagedkv.mlx_backend.attention import gather_decode  # noqa: E402
+from pagedkv.mlx_backend.kernels import decode  # noqa: E402
 
 SWEEP = FULL if os.environ.get("PAGEDKV_BENCH_FULL") else QUICK
-PATHS = [
-    "contiguous",
-    "gather_sdpa_a",
-    "gather_sdpa_b",
-    "gather_only_a",
-    "gather_only_b",
-    "append_a",
-    "append_b",
-]
+CALLS = 20
 
 
-@pytest.mark.parametrize("path", PATHS)
+def paths(context: int, batch: int, block: int):
+    query, k_pool, v_pool, dense_k, dense_v, batch_inputs = cell_arrays(context, batch, block)
+    scale = HEAD_DIM**-0.5
+    q = query[:, :, None, :]
+    return {
+        "contiguous": lambda: mx.fast.scaled_dot_product_attention(
+            q, dense_k, dense_v, scale=scale
+        ),
+        "gather_sdpa": lambda: gather_decode(query, k_pool, v_pool, batch_inputs, scale),
+        "kernel": lambda: decode.paged_decode(query, k_pool, v_pool, batch_inputs, scale),
+    }
+
+
+@pytest.mark.parametrize("path", ["contiguous", "gather_sdpa", "kernel"])
 @pytest.mark.parametrize("block", SWEEP["blocks"])
 @pytest.mark.parametrize("batch", SWEEP["batches"])
 @pytest.mark.parametrize("context", SWEEP["contexts"])
-def bench_page_gather(record_device, context, batch, block, path):
+def bench_paged_decode_attention(record_device, context, batch, block, path):
+    if path == "kernel" and decode.backend() is None:
+        pytest.skip(f"no paged attention kernel on {mx.default_device()} (CUDA or Metal GPUs only)")
     if record_device.disabled:  # smoke run: one small cell is enough to prove every path works
         context, batch = 64, 1
-    record_device.group = f"page gather ctx={context} batch={batch} block={block}"
-    padded, paths = gather_paths(context, batch, block)
-    record_device.extra_info.update(
-        padded=padded, fragmentation_pct=100 * (padded - context) / padded
-    )
+    record_device.group = f"decode attention ctx={context} batch={batch} block={block}"
+    fn = paths(context, batch, block)[path]
+    calls = 1 if record_device.disabled else CALLS
+
+    def round_of_calls():
+        mx.eval([fn() for _ in range(calls)])
+        mx.synchronize()
+
+    record_device.extra_info.update(calls_per_round=calls)
     record_device.pedantic(
-        paths[path],
-        rounds=1 if record_device.disabled else 20,
-        warmup_rounds=0 if record_device.disabled else 2,
+        round_of_calls,
+        rounds=1 if record_device.disabled else 10,
+        warmup_rounds=0 if record_device.disabled else 1,
     )

@@ -31,30 +31,39 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def run_gather(full: bool, repeats: int):
-    from pagedkv.benchmarks.gather import FULL, QUICK, measure_cell
+    from pagedkv.benchmarks.gather import (
+        FULL,
+        QUICK,
+        measure_cell,
+        read_bandwidth_tb_s,
+        vector_sdpa_us,
+    )
 
     sweep = FULL if full else QUICK
     cells = [
         (c, b, k) for c in sweep["contexts"] for b in sweep["batches"] for k in sweep["blocks"]
     ]
     started, rows = time.perf_counter(), []
+    read = read_bandwidth_tb_s()
+    print(f"  read bandwidth (sum over 2 GiB): {read:.2f} TB/s", file=sys.stderr)
+    vector = vector_sdpa_us(cells)
+    progress(0, len(cells), "contiguous SDPA without cuDNN (child process)", started)
     for i, (ctx, batch, block) in enumerate(cells, 1):
-        cell = measure_cell(ctx, batch, block, repeats)
+        cell = measure_cell(ctx, batch, block, read, vector[(ctx, batch, block)])
         rows.append(
             [
                 ctx,
                 batch,
                 block,
-                cell.fragmentation_pct,
                 cell.contiguous_us,
-                cell.gather_sdpa_a_us,
-                cell.gather_sdpa_b_us,
-                cell.overhead_a_pct,
-                cell.overhead_b_pct,
-                cell.gather_only_a_us,
-                cell.gather_only_b_us,
-                cell.append_a_us,
-                cell.append_b_us,
+                cell.contiguous_vector_us,
+                cell.gather_sdpa_us,
+                cell.kernel_us,
+                round(cell.kernel_vs_contiguous, 3),
+                round(cell.kernel_vs_vector, 3),
+                round(cell.gather_vs_contiguous, 3),
+                round(cell.kernel_tb_s, 3),
+                round(100 * cell.kernel_tb_s / read, 1),
             ]
         )
         progress(i, len(cells), f"ctx {ctx} batch {batch} block {block}", started)
@@ -62,16 +71,15 @@ def run_gather(full: bool, repeats: int):
         "ctx",
         "batch",
         "block",
-        "frag%",
         "contig_us",
-        "gatherA_sdpa_us",
-        "gatherB_sdpa_us",
-        "overheadA%",
-        "overheadB%",
-        "gatherA_only_us",
-        "gatherB_only_us",
-        "appendA_us",
-        "appendB_us",
+        "contig_vector_us",
+        "gather_sdpa_us",
+        "kernel_us",
+        "kernel/contig",
+        "kernel/vector",
+        "gather/contig",
+        "kernel_TB/s",
+        "kernel_%read_bw",
     ]
     return header, rows
 
@@ -147,32 +155,39 @@ def run_throughput(full: bool, repeats: int, model_name: str = "auto"):
     shape, dtype = (LLAMA3_8B, "bfloat16") if model_name == "llama3-8b" else (SMALL, "float32")
     model = build_model(shape, dtype)
     prefix, steps = (2048, 64) if full else (256, 16)
+    cells = [(batch, False) for batch in (1, 4, 8)] + ([(8, True)] if full else [])
     started, rows = time.perf_counter(), []
-    for i, batch in enumerate((1, 4, 8), 1):
-        cell = decode_throughput(model, model_name, batch, prefix, steps)
+    for i, (batch, ragged) in enumerate(cells, 1):
+        cell = decode_throughput(model, model_name, batch, prefix, steps, ragged)
         rows.append(
             [
                 model_name,
                 dtype,
                 batch,
+                "ragged" if ragged else "equal",
                 prefix,
                 steps,
                 cell.dense_tok_s,
                 cell.paged_tok_s,
+                cell.paged_gather_tok_s,
                 round(cell.ratio, 3),
+                round(cell.paged_gather_tok_s / cell.dense_tok_s, 3),
                 cell.same_tokens,
             ]
         )
-        progress(i, 3, f"{model_name} batch {batch}", started)
+        progress(i, len(cells), f"{model_name} batch {batch}{' ragged' if ragged else ''}", started)
     header = [
         "model",
         "dtype",
         "batch",
+        "lengths",
         "prefix",
         "steps",
         "dense_tok_s",
         "paged_tok_s",
+        "paged_gather_tok_s",
         "paged/dense",
+        "gather/dense",
         "same_tokens",
     ]
     return header, rows
@@ -189,17 +204,18 @@ def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
     if group == "gather":
         for batch in sorted({r[col["batch"]] for r in rows}):
             for block in sorted({r[col["block"]] for r in rows}):
-                pts = [
-                    (r[0], r[col["overheadA%"]])
-                    for r in rows
-                    if r[col["batch"]] == batch and r[col["block"]] == block
-                ]
-                ax.plot(*zip(*pts), marker="o", label=f"batch {batch}, block {block}")
+                cells = [r for r in rows if r[col["batch"]] == batch and r[col["block"]] == block]
+                for name, style in (("kernel/contig", "-"), ("gather/contig", ":")):
+                    pts = [(r[col["ctx"]], r[col[name]]) for r in cells]
+                    label = f"{name.split('/')[0]}, batch {batch}, block {block}"
+                    ax.plot(*zip(*pts), marker="o", ls=style, label=label)
+        ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(
             xscale="log",
+            yscale="log",
             xlabel="context (tokens)",
-            ylabel="gather-then-SDPA overhead (%)",
-            title="Layout A gather-then-SDPA vs contiguous SDPA",
+            ylabel="time / contiguous SDPA",
+            title="Paged decode attention vs contiguous SDPA",
         )
     elif group == "memory":
         for prefix in sorted({r[1] for r in rows}):
@@ -227,8 +243,14 @@ def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
         ax.barh([f"{r[0]} x{r[1]}" for r in rows], [r[4] for r in rows])
         ax.set(xlabel="prefill tokens avoided (%)", title="Prefill avoided by prefix sharing")
     else:
-        ax.plot([r[2] for r in rows], [r[5] for r in rows], marker="o", label="mlx-lm KVCache")
-        ax.plot([r[2] for r in rows], [r[6] for r in rows], marker="o", label="pagedkv")
+        labels = [f"{r[col['batch']]} {r[col['lengths']]}" for r in rows]
+        for offset, (name, label) in enumerate(
+            (("dense_tok_s", "mlx-lm caches"), ("paged_tok_s", "pagedkv (routed)"),
+             ("paged_gather_tok_s", "pagedkv (gather)"))
+        ):  # fmt: skip
+            xs = [i + 0.27 * (offset - 1) for i in range(len(rows))]
+            ax.bar(xs, [r[col[name]] for r in rows], width=0.27, label=label)
+        ax.set_xticks(range(len(rows)), labels)
         ax.set(xlabel="batch", ylabel="decode tokens/s", title=f"Decode throughput ({rows[0][0]})")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

@@ -1,9 +1,12 @@
-"""Model-level decode throughput: unmodified mlx-lm model code on the paged cache vs mlx-lm's KVCache.
+"""Model-level decode throughput: unmodified mlx-lm model code on the paged cache vs mlx-lm's caches.
 
-B requests share a prefix and have private suffixes of equal length, so the dense side can run as
-one plain `KVCache` batch. Both sides prefill, run 3 untimed warm-up decode steps, then greedy-decode
-`steps` tokens; only those are timed, each step evaluated and the device synchronized. The paged side prefills each request on its own (the
-shared prefix is computed once and then matched) and decodes through `store.batch`.
+Equal cells: B requests share a prefix and have private suffixes of equal length, so the dense side
+is one plain `KVCache` batch. Ragged cells: private prompts whose lengths differ up to 2x, so the
+dense side is mlx-lm's left-padded, masked `BatchKVCache` (what its BatchGenerator uses). The paged
+side prefills each request on its own (a shared prefix is computed once, then matched) and decodes
+through `store.batch`, with attention routed (the fused kernel on a GPU) and, for comparison, on
+gather -> SDPA. Every side decodes greedily as mlx-lm's generate_step does (the next step's graph
+is built while the device runs the current one): 3 untimed warm-up steps, then `steps` timed.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ LLAMA3_8B = dict(
 class ThroughputCell:
     model: str
     batch: int
-    prefix: int
+    prefix: int  # shared prefix length; ragged: the longest private prompt
+    ragged: bool  # private prompts of prefix/2 .. prefix tokens (the dense side needs a mask)
     steps: int
     dense_tok_s: float
-    paged_tok_s: float
+    paged_tok_s: float  # routed attention: the fused kernel where the device has one
+    paged_gather_tok_s: float  # the same store with route_attention=False: gather -> SDPA
     same_tokens: bool
 
     @property
@@ -62,44 +67,73 @@ def build_model(shape: dict, dtype: str):
     return model
 
 
-def decode_throughput(
-    model, name: str, batch: int, prefix: int, steps: int, block_size: int = 16
-) -> ThroughputCell:
+def pipelined_decode(call, first, steps: int, warmup: int = 3):
+    """Greedy decoding as mlx-lm's generate_step runs it: step n+1's graph is built (host work)
+    while step n runs on the device. `warmup` untimed steps first (kernel compiles), then `steps`
+    timed ones. Returns (steps per second, tokens [B, warmup + steps])."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
+
+    def step(tokens):
+        return mx.argmax(call(tokens[:, None])[:, -1], axis=-1)
+
+    out, tokens = [], first
+    for _ in range(warmup):
+        tokens = step(tokens)
+        mx.eval(tokens)
+        out.append(tokens)
+    mx.synchronize()
+    start = time.perf_counter()
+    pending = step(tokens)
+    mx.async_eval(pending)
+    for _ in range(steps - 1):
+        following = step(pending)
+        mx.async_eval(following)
+        out.append(pending)
+        pending = following
+    mx.eval(pending)
+    out.append(pending)
+    mx.synchronize()
+    elapsed = time.perf_counter() - start
+    return steps / elapsed, mx.stack(out, axis=1).tolist()
+
+
+def prompts_for(vocab: int, batch: int, prefix: int, ragged: bool) -> list[list[int]]:
+    """Shared prefix + 16 private tokens each; ragged: private prompts of prefix/2 .. prefix."""
+    if ragged:
+        sizes = [prefix // 2 + (prefix // 2) * b // max(1, batch - 1) for b in range(batch)]
+        return [[(53 * b + 11 * j + 5) % vocab for j in range(n)] for b, n in enumerate(sizes)]
+    shared = [(31 * i + 7) % vocab for i in range(prefix)]
+    return [shared + [(97 * b + j) % vocab for j in range(16)] for b in range(batch)]
+
+
+def dense_run(model, prompts, steps):
+    """mlx-lm's own caches: KVCache for equal lengths, BatchKVCache (left-padded, masked) else."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+
+    longest = max(len(p) for p in prompts)
+    padding = [longest - len(p) for p in prompts]
+    if any(padding):
+        cache = [BatchKVCache(padding) for _ in model.layers]
+        tokens = mx.array([[0] * pad + p for pad, p in zip(padding, prompts)])
+    else:
+        cache, tokens = make_prompt_cache(model), mx.array(prompts)
+    logits = model(tokens, cache=cache)
+    return pipelined_decode(
+        lambda t: model(t, cache=cache), mx.argmax(logits[:, -1], axis=-1), steps
+    )
+
+
+def paged_run(model, prompts, steps, block_size: int, route: bool):
+    """The paged store: each request prefilled alone (shared prefixes matched), one batch."""
+    import mlx.core as mx
 
     from pagedkv.mlx_lm import PagedKVStore
 
-    vocab = model.args.vocab_size
-    shared = [(31 * i + 7) % vocab for i in range(prefix)]
-    prompts = [shared + [(97 * b + j) % vocab for j in range(16)] for b in range(batch)]
-
-    def decode(call, first, warmup: int = 3):
-        """Untimed warm-up steps (kernel set-up), then `steps` timed greedy steps."""
-        tokens, out = first, []
-        for _ in range(warmup):
-            tokens = mx.argmax(call(tokens[:, None])[:, -1], axis=-1)
-            mx.eval(tokens)
-            out.append(tokens)
-        mx.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            tokens = mx.argmax(call(tokens[:, None])[:, -1], axis=-1)
-            mx.eval(tokens)
-            out.append(tokens)
-        mx.synchronize()
-        elapsed = time.perf_counter() - start
-        return batch * steps / elapsed, mx.stack(out, axis=1).tolist()
-
-    dense_cache = make_prompt_cache(model)
-    logits = model(mx.array(prompts), cache=dense_cache)
-    dense_rate, dense_tokens = decode(
-        lambda t: model(t, cache=dense_cache), mx.argmax(logits[:, -1], axis=-1)
+    blocks = sum(-(-(len(p) + steps + 4) // block_size) for p in prompts) + 8
+    store = PagedKVStore.for_model(
+        model, num_blocks=blocks, block_size=block_size, route_attention=route
     )
-    dense_cache = None  # release the dense K/V before the paged run
-
-    per_request = -(-(prefix + 16 + steps + 4) // block_size)
-    store = PagedKVStore.for_model(model, num_blocks=batch * per_request + 8, block_size=block_size)
     sessions, firsts = [], []
     for prompt in prompts:
         session = store.open(prompt)
@@ -107,9 +141,31 @@ def decode_throughput(
         firsts.append(mx.argmax(logits[0, -1]))
         sessions.append(session)
     caches = store.batch(sessions)
-    paged_rate, paged_tokens = decode(lambda t: model(t, cache=caches), mx.stack(firsts))
+    rate, tokens = pipelined_decode(lambda t: model(t, cache=caches), mx.stack(firsts), steps)
     for session in sessions:
         session.close()
+    store.close()
+    return rate, tokens
+
+
+def decode_throughput(
+    model,
+    name: str,
+    batch: int,
+    prefix: int,
+    steps: int,
+    ragged: bool = False,
+    block_size: int = 16,
+) -> ThroughputCell:
+    """One cell: dense, paged with routed attention (the kernel on a GPU), paged on gather."""
+    import mlx.core as mx
+
+    prompts = prompts_for(model.args.vocab_size, batch, prefix, ragged)
+    dense_rate, dense_tokens = dense_run(model, prompts, steps)
+    mx.clear_cache()
+    paged_rate, paged_tokens = paged_run(model, prompts, steps, block_size, route=True)
+    gather_rate, _ = paged_run(model, prompts, steps, block_size, route=False)
     return ThroughputCell(
-        name, batch, prefix, steps, dense_rate, paged_rate, dense_tokens == paged_tokens
-    )
+        name, batch, prefix, ragged, steps, batch * dense_rate, batch * paged_rate,
+        batch * gather_rate, dense_tokens == paged_tokens,
+    )  # fmt: skip
