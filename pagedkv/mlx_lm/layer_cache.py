@@ -46,8 +46,10 @@ class PagedLayerCache:
             )
         self._fetched = None  # drop the lazy gather of the last step before the pools are written
         dtype = cache.storage.dtype
-        keys = keys.transpose(0, 2, 1, 3).astype(dtype)  # [B, L, kv_heads, head_dim]
-        values = values.transpose(0, 2, 1, 3).astype(dtype)
+        keys = keys.transpose(0, 2, 1, 3)  # [B, L, kv_heads, head_dim]
+        values = values.transpose(0, 2, 1, 3)
+        if keys.dtype != dtype or values.dtype != dtype:  # an astype is an op even when a no-op
+            keys, values = keys.astype(dtype), values.astype(dtype)
         self._reserve(count)
         starts = [session.offsets[self.layer] for session in self.sessions]
         if len(self.sessions) == 1:

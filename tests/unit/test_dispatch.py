@@ -127,6 +127,6 @@ def test_decode_batch_bounds_follow_the_window():
     assert decode_batch(tables, [7, 2], None).longest == 7
 
 
-@pytest.mark.parametrize("longest, batch, expected", [(100, 1, 1), (4096, 64, 1), (4097, 1, 2), (32768, 4, 8), (32768, 256, 2)])  # fmt: skip
+@pytest.mark.parametrize("longest, batch, expected", [(100, 1, 1), (4096, 64, 1), (4097, 1, 3), (32768, 4, 16), (32768, 256, 2)])  # fmt: skip
 def test_split_count_keeps_one_pass_until_rows_are_long(longest, batch, expected):
     assert decode.split_count(SHAPE, batch, longest) == expected

@@ -8,7 +8,7 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
 - the query tile `QT`: how many of a kv head's G query heads one threadblock serves from each
   K/V load (G itself when the registers and the merge buffer allow);
 - the split count: one split (one pass that writes the output) until rows are long, then
-  splits of about SPLIT_KEYS keys whose partials a second kernel merges.
+  splits of about SPLIT_KEYS keys whose partials a second kernel merges (`split_count`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import mlx.core as mx
 from pagedkv.mlx_backend.kernels import source
 
 THREADS = 128  # per threadblock / threadgroup: 4 warps or simdgroups
-SPLIT_KEYS = 4096  # keys per split once a row is split (see split_count)
+SPLIT_KEYS = 2048  # keys per split once a row is split (see split_count)
 MAX_BLOCKS = 2048  # never more threadblocks than this from splitting (~16 per SM on an H100)
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
@@ -132,11 +132,10 @@ def _scalar(value: float) -> mx.array:
 
 
 def split_count(shape: Shape, batch: int, longest: int) -> int:
-    """Splits per row. A second pass costs a launch (~25 us of host and GPU time on the H100), so
-    one pass is kept until a row holds more than SPLIT_KEYS keys; then each split gets about
-    SPLIT_KEYS keys — measured best at every batch size on the H100 (docs/adr/0002) — and at
-    most enough splits to give every SM a few threadblocks."""
-    if longest <= SPLIT_KEYS:
+    """Splits per row. A second pass costs a launch, so rows of up to 2 * SPLIT_KEYS keys run in
+    one pass; longer rows get splits of about SPLIT_KEYS keys (measured best across batch sizes
+    on the H100, docs/adr/0002-paged-decode-kernel.md), never more threadblocks than MAX_BLOCKS."""
+    if longest <= 2 * SPLIT_KEYS:
         return 1
     blocks_per_row = batch * shape.kv_heads * (shape.group // shape.query_tile)
     most = max(2, -(-MAX_BLOCKS // blocks_per_row))
@@ -145,12 +144,15 @@ def split_count(shape: Shape, batch: int, longest: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """Launch data for one shape, computed once: kernel objects, templates, grid rows."""
+    """Launch data for one shape on one backend, computed once: the kernel objects and templates."""
 
     shape: Shape
     template: list
     reduce_template: list
     heads_grid: int  # threadblocks per row along y: kv heads x query tiles
+    final: object  # kernel objects (built once; MLX compiles each template at first call)
+    split: object
+    reduce: object
 
     @staticmethod
     @cache
@@ -165,11 +167,35 @@ class Plan:
             ("TQ", shape.query_dtype), ("D", shape.head_dim), ("KVH", shape.kv_heads),
             ("G", shape.group), ("HAS_SINKS", shape.has_sinks), ("MAX_SPLITS", MAX_SPLITS),
         ]  # fmt: skip
-        for part in ("final", "split", "reduce"):  # build the kernel objects once
-            _kernel(backend_name, shape.name(part), part)
-        return Plan(
-            shape, template, reduce_template, shape.kv_heads * (shape.group // shape.query_tile)
-        )
+        kernels = [_kernel(backend_name, shape.name(p), p) for p in ("final", "split", "reduce")]
+        heads_grid = shape.kv_heads * (shape.group // shape.query_tile)
+        return Plan(shape, template, reduce_template, heads_grid, *kernels)
+
+
+_PLANS: dict[tuple, Plan] = {}  # (dtypes, sizes, sinks, backend) -> Plan: the per-call lookup
+
+
+def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name: str) -> Plan:
+    _, q_heads, head_dim = queries.shape
+    _, block_size, kv_heads, _ = k_pool.shape
+    key = (
+        queries.dtype,
+        k_pool.dtype,
+        head_dim,
+        block_size,
+        kv_heads,
+        q_heads,
+        has_sinks,
+        backend_name,
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape = Shape(
+            queries.dtype, k_pool.dtype, head_dim, block_size, kv_heads, q_heads // kv_heads,
+            has_sinks,
+        )  # fmt: skip
+        plan = _PLANS[key] = Plan.of(shape, backend_name)
+    return plan
 
 
 def paged_decode(
@@ -184,35 +210,26 @@ def paged_decode(
 ) -> mx.array:  # [B, q_heads, head_dim], queries' dtype
     """Decode attention of one query per row over its paged K/V, with no gathered copy.
     Inputs are trusted (the callers validate them); see `pagedkv.spec.split_k` for the math."""
-    backend_name = backend_name or backend()
+    plan = plan_for(queries, k_pool, sinks is not None, backend_name or backend())
     rows, q_heads, head_dim = queries.shape
-    _, block_size, kv_heads, _ = k_pool.shape
-    shape = Shape(
-        queries.dtype, k_pool.dtype, head_dim, block_size, kv_heads, q_heads // kv_heads,
-        sinks is not None,
-    )  # fmt: skip
-    plan = Plan.of(shape, backend_name)
-    splits = num_splits or split_count(shape, rows, batch.longest)
+    splits = num_splits or split_count(plan.shape, rows, batch.longest)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
     sinks = _scalar(0.0) if sinks is None else sinks.astype(mx.float32)
-    part = "split" if splits > 1 else "final"
     inputs = [queries, k_pool, v_pool, batch.tables, batch.bounds, _scalar(float(scale)), sinks]
-    launch = dict(
-        inputs=inputs, template=plan.template, grid=(splits * THREADS, plan.heads_grid, rows),
-        threadgroup=(THREADS, 1, 1),
-    )  # fmt: skip
+    grid = (splits * THREADS, plan.heads_grid, rows)
     if splits == 1:
-        (out,) = _kernel(backend_name, shape.name(part), part)(
-            **launch, output_shapes=[queries.shape], output_dtypes=[queries.dtype]
-        )
+        (out,) = plan.final(
+            inputs=inputs, template=plan.template, grid=grid, threadgroup=(THREADS, 1, 1),
+            output_shapes=[queries.shape], output_dtypes=[queries.dtype],
+        )  # fmt: skip
         return out
-    o_acc, o_ml = _kernel(backend_name, shape.name(part), part)(
-        **launch,
+    o_acc, o_ml = plan.split(
+        inputs=inputs, template=plan.template, grid=grid, threadgroup=(THREADS, 1, 1),
         output_shapes=[(rows * q_heads, splits, head_dim), (rows * q_heads, splits, 2)],
         output_dtypes=[mx.float32, mx.float32],
-    )
-    (out,) = _kernel(backend_name, shape.name("reduce"), "reduce")(
+    )  # fmt: skip
+    (out,) = plan.reduce(
         inputs=[o_acc, o_ml, sinks], template=plan.reduce_template,
         grid=(rows * q_heads * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[queries.shape], output_dtypes=[queries.dtype],
