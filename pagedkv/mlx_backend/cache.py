@@ -78,6 +78,8 @@ class PagedCache:
         self.storage = KVStorage(config) if config.store_kv else None
         self.sequences: dict[int, Sequence] = {}
         self.clock = 0
+        self._plans: dict[tuple, object] = {}  # write slots of the current tick (see _planned_runs)
+        self._plans_clock = 0
         self.next_sequence_id = 0
         self.counts = dict.fromkeys(
             (
@@ -288,7 +290,21 @@ class PagedCache:
                 f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
                 f"{len(seq.tokens)} positions; extend it first."
             )
-        storage.write_rows(layer, self._runs(seq, start, rows), keys, values)
+        storage.write_rows(layer, self._planned_runs(seq, start, rows), keys, values)
+
+    def _planned_runs(
+        self, seq: Sequence, start: int, rows: int
+    ) -> list[tuple[int, int, int, int]]:
+        """`_runs`, remembered until the clock ticks: every layer of a step writes the same rows,
+        and tables or writability change only through metadata operations, which tick."""
+        key = (self.clock, seq.id, start, rows)
+        runs = self._plans.get(key)
+        if runs is None:
+            if self._plans_clock != self.clock:
+                self._plans.clear()
+                self._plans_clock = self.clock
+            runs = self._plans[key] = self._runs(seq, start, rows)
+        return runs
 
     def _runs(self, seq: Sequence, start: int, rows: int) -> list[tuple[int, int, int, int]]:
         """(block, first row, rows, offset) per touched block; raises if one is not writable."""
@@ -322,7 +338,7 @@ class PagedCache:
                 )
         cfg = self.config
         layer = validate.layer(layer, cfg.num_layers)
-        blocks, offsets, rows = [], [], 0
+        checked, rows = [], 0
         for b, (seq, start) in enumerate(zip(seqs, starts)):  # checks in the spec's order
             start = validate.count(start, "start")
             if b == 0:  # every sequence gets rows of the same shape and dtype
@@ -334,16 +350,32 @@ class PagedCache:
                     f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
                     f"{len(seq.tokens)} positions; extend it first."
                 )
-            for block, row, count, _ in self._runs(seq, start, rows):
-                blocks += [block] * count
-                offsets += range(row, row + count)
+            checked.append(start)
+        # Every layer of a step writes the same slots; remembered until the clock ticks.
+        key = (self.clock, "batch", tuple(seq.id for seq in seqs), tuple(checked), rows)
+        slots = self._plans.get(key)
+        if slots is None:
+            slots = self._batch_slots(seqs, checked, rows)
+            if self._plans_clock != self.clock:
+                self._plans.clear()
+                self._plans_clock = self.clock
+            self._plans[key] = slots
         storage.scatter_rows(
             layer,
-            blocks,
-            offsets,
+            *slots,
             keys.reshape(-1, *keys.shape[2:]),
             values.reshape(-1, *values.shape[2:]),
         )
+
+    def _batch_slots(self, seqs: list[Sequence], starts: list[int], rows: int):
+        """(block index, row index) `[n]` int32 of every row a checked batch write touches;
+        raises NotWritableError for a block the sequence does not own exclusively."""
+        blocks, offsets = [], []
+        for seq, start in zip(seqs, starts):
+            for block, row, count, _ in self._runs(seq, start, rows):
+                blocks += [block] * count
+                offsets += range(row, row + count)
+        return mx.array(blocks, dtype=mx.int32), mx.array(offsets, dtype=mx.int32)
 
     def commit(self, seq_id: int) -> int:
         seq = self._seq(seq_id)

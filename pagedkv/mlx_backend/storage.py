@@ -35,11 +35,15 @@ class KVStorage:
             pool_v[block, row : row + rows] = values[offset : offset + rows]
 
     def scatter_rows(
-        self, layer: int, blocks: list[int], rows: list[int], keys: mx.array, values: mx.array
+        self,
+        layer: int,
+        block_index: mx.array,
+        row_index: mx.array,
+        keys: mx.array,
+        values: mx.array,
     ) -> None:
-        """keys[i] / values[i] (`[n, heads, dim]`) to (blocks[i], rows[i]): one scatter per pool."""
-        block_index = mx.array(blocks, dtype=mx.int32)
-        row_index = mx.array(rows, dtype=mx.int32)
+        """keys[i] / values[i] (`[n, heads, dim]`) to (blocks[i], rows[i]): one scatter per pool.
+        block_index, row_index: `[n]` int32."""
         self.keys[layer][block_index, row_index] = keys
         self.values[layer][block_index, row_index] = values
 

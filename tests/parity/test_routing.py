@@ -132,20 +132,28 @@ def test_calls_the_cache_did_not_make_fall_back_to_mlx_lm():
 
 
 def test_routing_is_scoped_and_reversible():
+    import gc
+
+    gc.collect()  # stores other tests dropped give their routing back
     model = tiny_model("qwen3")
     module = importlib.import_module("mlx_lm.models.qwen3")
+    name = module.__name__
     original = base.scaled_dot_product_attention
+    users = routing._USERS.get(name, 0)  # stores other tests still hold
+    llama_users = routing._USERS.get("mlx_lm.models.llama", 0)
     first = PagedKVStore.for_model(model, num_blocks=16, block_size=4)
     second = PagedKVStore.for_model(model, num_blocks=16, block_size=4)
     assert module.scaled_dot_product_attention is routing.paged_sdpa
-    assert importlib.import_module("mlx_lm.models.llama").scaled_dot_product_attention is original
+    assert routing._USERS[name] == users + 2
+    assert routing._USERS.get("mlx_lm.models.llama", 0) == llama_users  # other models untouched
     first.close()
+    first.close()  # closing twice undoes once
     assert module.scaled_dot_product_attention is routing.paged_sdpa  # second still routes
     second.close()
-    assert module.scaled_dot_product_attention is original
+    assert routing._USERS.get(name, 0) == users
     third = PagedKVStore.for_model(model, num_blocks=16, block_size=4)
     del third  # dropping the store undoes its routing too
-    import gc
-
     gc.collect()
-    assert module.scaled_dot_product_attention is original
+    assert routing._USERS.get(name, 0) == users
+    if users == 0:
+        assert module.scaled_dot_product_attention is original
