@@ -21,6 +21,7 @@ positions past the prompt are reserved under `UNKNOWN_TOKEN` and never published
 
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 from pagedkv.mlx_lm.session import UNKNOWN_TOKEN, Session
-from pagedkv.mlx_lm.store import PagedKVStore, model_kv_shape
+from pagedkv.mlx_lm.store import PagedKVStore
+from pagedkv.mlx_lm.window import WindowLayerCache
 
-__all__ = ["UNKNOWN_TOKEN", "PagedKVStore", "PagedLayerCache", "Session", "model_kv_shape"]
+__all__ = ["UNKNOWN_TOKEN", "PagedKVStore", "PagedLayerCache", "Session", "WindowLayerCache"]

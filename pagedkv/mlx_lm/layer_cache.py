@@ -6,12 +6,15 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from pagedkv.errors import InvalidArgumentError, KVShapeError
-from pagedkv.mlx_backend.attention import decode_attention, gather_batch
+from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError
+from pagedkv.mlx_backend.attention import gather_batch
 
 if TYPE_CHECKING:
     from pagedkv.mlx_lm.session import Session
     from pagedkv.mlx_lm.store import PagedKVStore
+
+
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 
 
 class PagedLayerCache:
@@ -21,7 +24,6 @@ class PagedLayerCache:
         self.store = store
         self.layer = layer
         self.sessions = sessions
-        self._fetched: tuple[mx.array, mx.array] | None = None  # the last decode fetch, lazy
 
     # -- what the model reads --------------------------------------------------------------------
 
@@ -32,24 +34,9 @@ class PagedLayerCache:
         return mx.array([s.offsets[self.layer] for s in self.sessions], dtype=mx.int32)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        batch, heads, count, dim = keys.shape
-        cfg, cache = self.store.config, self.store.cache
-        if batch != len(self.sessions) or heads != cfg.num_kv_heads or dim != cfg.head_dim:
-            raise KVShapeError(
-                f"update_and_fetch got keys {tuple(keys.shape)}; this cache expects "
-                f"[{len(self.sessions)}, {cfg.num_kv_heads}, L, {cfg.head_dim}]."
-            )
-        if batch > 1 and count > 1:  # extending several sequences by several tokens is not atomic
-            raise InvalidArgumentError(
-                f"a batched cache takes one token per sequence per call (decode), got {count}; "
-                "prefill each request through its own session.caches first."
-            )
-        self._fetched = None  # drop the lazy gather of the last step before the pools are written
-        dtype = cache.storage.dtype
-        keys = keys.transpose(0, 2, 1, 3)  # [B, L, kv_heads, head_dim]
-        values = values.transpose(0, 2, 1, 3)
-        if keys.dtype != dtype or values.dtype != dtype:  # an astype is an op even when a no-op
-            keys, values = keys.astype(dtype), values.astype(dtype)
+        count = self._validate(keys, values)
+        cache = self.store.cache
+        keys, values = self._pool_rows(keys), self._pool_rows(values)  # [B, L, kv_heads, dim]
         self._reserve(count)
         starts = [session.offsets[self.layer] for session in self.sessions]
         if len(self.sessions) == 1:
@@ -58,65 +45,70 @@ class PagedLayerCache:
             cache.write_kv_batch([s.seq for s in self.sessions], self.layer, starts, keys, values)
         for session, start in zip(self.sessions, starts):
             session.offsets[self.layer] = start + count
-        if self.layer == cfg.num_layers - 1:
+        if self.store.prefix_sharing:
             for session in self.sessions:  # the whole prompt is in every layer: publish it
-                if not session.committed and session.offsets[self.layer] >= len(session.prompt):
+                if not session.committed and min(session.offsets) >= len(session.prompt):
                     cache.commit(session.seq)
                     session.committed = True
-        fetched = self._fetch()
-        if count == 1:  # decode: routed attention may answer in place, leaving these unevaluated
-            self._fetched = fetched
-        return fetched
+        return self._fetch()
 
-    def routed_attention(self, queries, keys, values, scale, mask, sinks) -> mx.array | None:
-        """Decode attention straight from the pools (the fused kernel where dispatch allows), for
-        `routing.paged_sdpa`. Answers only the exact call it can: the keys and values this cache
-        just returned, one query per session, a float scale, a mask this cache made (or none),
-        sinks of one logit per query head. Otherwise returns None and the model attends over the
-        fetched history as before."""
-        fetched, self._fetched = self._fetched, None
-        if not self.store.routes_attention:
-            return None
-        if fetched is None or keys is not fetched[0] or values is not fetched[1]:
-            return None
+    def _validate(self, keys, values) -> int:
+        """Every check before the first change; returns the number of new positions."""
+        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.layer]
+        batch = len(self.sessions)
+        for session in self.sessions:
+            session._require_open()
+        for name, array, heads, dim in (
+            ("keys", keys, k_heads, k_dim),
+            ("values", values, v_heads, v_dim),
+        ):
+            if not isinstance(array, mx.array):
+                raise KVShapeError(
+                    f"update_and_fetch {name} must be an mx.array, got {type(array).__name__}."
+                )
+            if array.ndim != 4 or (array.shape[0], array.shape[1], array.shape[3]) != (
+                batch,
+                heads,
+                dim,
+            ):
+                raise KVShapeError(
+                    f"update_and_fetch got {name} {tuple(array.shape)}; layer {self.layer} of "
+                    f"this cache expects [{batch}, {heads}, L, {dim}]."
+                )
+            if array.dtype not in _FLOATS:
+                raise KVDtypeError(
+                    f"update_and_fetch {name} are {array.dtype}; pass float16, bfloat16 or float32."
+                )
+        count = keys.shape[2]
+        if values.shape[2] != count or count < 1:
+            raise KVShapeError(
+                f"update_and_fetch got {count} key positions and {values.shape[2]} value "
+                "positions; pass the same number (at least one)."
+            )
+        if batch > 1 and count > 1:  # extending several sequences by several tokens is not atomic
+            raise InvalidArgumentError(
+                f"a batched cache takes one token per sequence per call (decode), got {count}; "
+                "prefill each request through its own session.caches first."
+            )
+        return count
+
+    def _pool_rows(self, array: mx.array) -> mx.array:
+        """`[B, heads, L, dim]` -> `[B, L, kv_heads, head_dim]` in the pool's dtype, zero-padded
+        when this layer's K or V is smaller than the pool's rows (per-layer shapes, MLA)."""
         cfg = self.store.config
-        if (
-            queries.ndim != 4
-            or queries.shape[0] != len(self.sessions)
-            or queries.shape[2] != 1
-            or queries.shape[3] != cfg.head_dim
-            or queries.shape[1] % cfg.num_kv_heads
-            or not mx.issubdtype(queries.dtype, mx.floating)
-            or isinstance(scale, bool)
-            or not isinstance(scale, (int, float))
-        ):
-            return None
-        if sinks is not None and (
-            not isinstance(sinks, mx.array) or tuple(sinks.shape) != (queries.shape[1],)
-        ):
-            return None
-        known, window = self.store.mask_window(mask)
-        if not known:
-            return None
-        storage = self.store.cache.storage
-        batch = self.store.decode_batch(self.sessions, self.layer, window)
-        out = decode_attention(
-            queries[:, :, 0, :],
-            storage.keys[self.layer],
-            storage.values[self.layer],
-            batch,
-            float(scale),
-            sinks,
-        )
-        self.store.routed_calls += 1
-        return out[:, :, None, :]
+        array = array.transpose(0, 2, 1, 3).astype(self.store.cache.storage.dtype)
+        heads, dim = array.shape[2], array.shape[3]
+        if (heads, dim) != (cfg.num_kv_heads, cfg.head_dim):
+            array = mx.pad(
+                array, [(0, 0), (0, 0), (0, cfg.num_kv_heads - heads), (0, cfg.head_dim - dim)]
+            )
+        return array
 
     def _reserve(self, count: int) -> None:
         """The first layer to reach new positions reserves them for every layer."""
         cache = self.store.cache
         growing = []
         for session in self.sessions:
-            session._require_open()
             end = session.offsets[self.layer] + count
             if end > cache.sequence_length(session.seq):
                 growing.append((session, cache.sequence_length(session.seq), end))
@@ -133,9 +125,14 @@ class PagedLayerCache:
         cache, layer = self.store.cache, self.layer
         length = max(s.offsets[layer] for s in self.sessions)
         tables = self.store.padded_tables(self.sessions)
-        keys = gather_batch(cache.storage.keys[layer], tables)[:, :, :length]
-        values = gather_batch(cache.storage.values[layer], tables)[:, :, :length]
+        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[layer]
+        keys = gather_batch(cache.storage.keys[layer], tables)[:, :k_heads, :length, :k_dim]
+        values = gather_batch(cache.storage.values[layer], tables)[:, :v_heads, :length, :v_dim]
         return keys, values
+
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        """The whole K/V history, as mlx-lm's KVCache returns it (afm7 reads it for reuse layers)."""
+        return self._fetch()
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         offsets = [s.offsets[self.layer] for s in self.sessions]
@@ -150,10 +147,7 @@ class PagedLayerCache:
         mask = keys[None, None, :] <= queries[:, :, None]  # [B, N, total]
         if window_size is not None:
             mask = mask & (keys[None, None, :] > queries[:, :, None] - window_size)
-        mask = mask[:, None] if len(offsets) > 1 else mask[0]
-        if N == 1:
-            self.store.remember_mask(mask, window_size)
-        return mask
+        return mask[:, None] if len(offsets) > 1 else mask[0]
 
     # -- the rest of mlx-lm's protocol -----------------------------------------------------------
 
@@ -161,8 +155,19 @@ class PagedLayerCache:
         return True
 
     def trim(self, n: int) -> int:
-        """Drops the last n positions of this layer (all sessions); returns how many."""
-        trimmed = min(n, min(s.offsets[self.layer] for s in self.sessions))
+        """Drops the last n positions of this layer (all sessions); returns n.
+
+        Raises InvalidArgumentError unless n is an int in [0, offset] of every session and every
+        session is open; nothing changes then."""
+        for session in self.sessions:
+            session._require_open()
+        offset = min(s.offsets[self.layer] for s in self.sessions)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= offset:
+            raise InvalidArgumentError(
+                f"trim({n!r}) on layer {self.layer}: pass an int in [0, {offset}] (the positions "
+                "this cache holds)."
+            )
+        trimmed = n
         for session in self.sessions:
             session.offsets[self.layer] -= trimmed
             session._sync_length()
@@ -194,4 +199,4 @@ class PagedLayerCache:
         """Bytes of this layer's K/V blocks held by the sessions (each shared block once)."""
         cfg, cache = self.store.config, self.store.cache
         blocks = {int(b) for s in self.sessions for b in cache.block_table_array(s.seq)}
-        return len(blocks) * cfg.bytes_per_block // cfg.num_layers
+        return len(blocks) * (cfg.bytes_per_block // cfg.num_layers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pagedkv.errors import InvalidArgumentError
-from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 
 if TYPE_CHECKING:
     from pagedkv.mlx_lm.store import PagedKVStore
@@ -24,9 +23,9 @@ class Session:
         self.offsets = [cached] * store.config.num_layers
         self.committed = False
         self.closed = False
-        self.caches = [
-            PagedLayerCache(store, layer, [self]) for layer in range(store.config.num_layers)
-        ]
+        # One object per entry of the model's make_cache(): paged layers, None for layers that
+        # read another layer's K/V, and mlx-lm's own objects for recurrent state.
+        self.caches = store.caches_for([self])
 
     @property
     def remaining_prompt(self) -> list[int]:

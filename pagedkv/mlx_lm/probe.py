@@ -1,0 +1,48 @@
+"""Can this model decode a ragged batch exactly on paged caches? Asked once, by trying it.
+
+Batched caches right-pad shorter sequences and report per-sequence offsets; a model that takes
+positions from `cache.offset` decodes every row as if it were alone. A model that derives positions
+from the key length instead (afm7's K/V-reuse layers use `keys.shape[2] - L`) would silently rotate
+a shorter row's queries to the wrong place. No argument name tells the two apart, so the store
+decodes two requests of different lengths alone and batched on a scratch pool and compares.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from pagedkv.config import Config
+
+PROMPTS = ([1, 2, 3], [4, 5, 6, 7, 8, 9])
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def ragged_batch_is_exact(store, model) -> bool:
+    """True when one batched decode step matches each request decoded alone (store's layout)."""
+    cfg = store.config
+    scratch_config = Config(
+        num_blocks=4 * len(PROMPTS) * (len(PROMPTS[-1]) // cfg.block_size + 2),
+        block_size=cfg.block_size,
+        num_layers=cfg.num_layers,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        dtype=cfg.dtype,
+    )
+    scratch = type(store)(scratch_config, store.entries, store.layer_shapes, store._make_cache)
+    scratch.prefix_sharing = False  # no prefix hits: both passes prefill everything
+    alone, batched = [], []
+    for prompt in PROMPTS:
+        session = scratch.open(prompt)
+        model(mx.array([prompt]), cache=session.caches)
+        alone.append(model(mx.array([[10]]), cache=session.caches)[0, -1])
+        session.close()
+    sessions = [scratch.open(p) for p in PROMPTS]
+    for session, prompt in zip(sessions, PROMPTS):
+        model(mx.array([prompt]), cache=session.caches)
+    out = model(mx.array([[10]] * len(PROMPTS)), cache=scratch.caches_for(sessions))
+    batched = [out[row, -1] for row in range(len(PROMPTS))]
+    error = max(
+        mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+        for a, b in zip(alone, batched)
+    )
+    return error <= TOLERANCE[cfg.dtype]
