@@ -37,6 +37,12 @@ class _RecordingCache(KVCache):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple] = []
+        self.windows: list[int] = []  # window_size of every make_mask call
+
+    def make_mask(self, *args, window_size=None, **kwargs):
+        if window_size is not None:
+            self.windows.append(window_size)
+        return super().make_mask(*args, window_size=window_size, **kwargs)
 
     def update_and_fetch(self, keys, values):
         self.calls.append((tuple(keys.shape), tuple(values.shape), keys.dtype, values.dtype))
@@ -79,6 +85,13 @@ def discover_shapes(model, entries: list, kinds: list[LayerKind]) -> list[LayerS
             f"a one-token forward pass with plain K/V caches failed ({type(error).__name__}: "
             f"{error}); pagedkv cannot learn this model's K/V shapes."
         ) from error
+    for i, (probe, k) in enumerate(zip(probes, kinds)):
+        if k.window is not None and any(w > k.window for w in probe.windows):
+            raise UnsupportedModelError(
+                f"cache entry {i} keeps a window of {k.window} positions but the model masks "
+                f"with a window of {max(probe.windows)}; mlx-lm's own output then depends on how "
+                "the prompt is chunked, so no paged cache can match it. Use mlx-lm's own cache."
+            )
     return [
         _shape_of(i, probe.calls) if k.paged else None
         for i, (probe, k) in enumerate(zip(probes, kinds))

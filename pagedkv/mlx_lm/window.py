@@ -2,8 +2,8 @@
 
 A `RotatingKVCache` keeps the last W positions, so attention in that layer sees at most W keys
 (the query's own included) whatever mask the model asks for. `WindowLayerCache` keeps the layer's
-whole history in the pool and masks keys at or before `query - W`: the same keys, so the same
-output. The pool does not yet free blocks that fall before the window: a window layer holds its
+whole history in the pool and masks exactly the keys the rotating buffer would have dropped: the
+same keys, so the same output. The pool does not yet free blocks that fall before the window: a window layer holds its
 whole history (memory grows with the sequence, unlike `RotatingKVCache`).
 """
 
@@ -13,14 +13,21 @@ from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 
 
 class WindowLayerCache(PagedLayerCache):
-    """mlx-lm's cache protocol for a sliding-window layer (window `W` positions, query included)."""
+    """mlx-lm's cache protocol for a `RotatingKVCache(max_size=W)` layer, over the pool.
+
+    Each query sees the keys mlx-lm's rotating buffer would show it: the last W positions, its
+    own included, narrowed further by a smaller `window_size` from the model. (A model asking for
+    a window wider than W gets chunking-dependent output from mlx-lm itself; the store refuses it,
+    shapes.py.)
+    """
 
     def __init__(self, store, layer: int, sessions, window: int) -> None:
         super().__init__(store, layer, sessions)
         self.window = window
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        window = self.window if window_size is None else min(window_size, self.window)
-        if max(s.offsets[self.layer] for s in self.sessions) + N <= window:
-            return super().make_mask(N, return_array)  # no key is outside any query's window
-        return super().make_mask(N, return_array, window_size=window)
+        offsets = [s.offsets[self.layer] for s in self.sessions]
+        look_back = min(self.window, window_size or self.window)
+        if max(offsets) + N <= look_back:  # every query sees its whole history, as in a full layer
+            return super().make_mask(N, return_array)
+        return super().make_mask(N, return_array, window_size=look_back)

@@ -182,8 +182,20 @@ OVERRIDES = {
     "gear": dict(layer_types=SW),
     "gemma3": dict(sliding_window_pattern=2),
     "gemma3_text": dict(sliding_window_pattern=2),
-    "gemma4": dict(sliding_window_pattern=2, num_hidden_layers=4, num_kv_shared_layers=2),
-    "gemma4_text": dict(sliding_window_pattern=2, num_hidden_layers=4, num_kv_shared_layers=2),
+    "gemma4": dict(
+        sliding_window_pattern=2,
+        num_hidden_layers=4,
+        num_kv_shared_layers=2,
+        vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=8,
+    ),
+    "gemma4_text": dict(
+        sliding_window_pattern=2,
+        num_hidden_layers=4,
+        num_kv_shared_layers=2,
+        vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=8,
+    ),
     "glm4_moe": dict(rope_scaling=None),
     "glm_moe_dsa": dict(rope_parameters=dict(rope_theta=10000.0, rope_type="default")),
     "granitemoehybrid": dict(
