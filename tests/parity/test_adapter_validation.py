@@ -1,0 +1,141 @@
+"""Every adapter operation checks everything before changing anything (issue 10, item 4).
+
+Bad keys/values, bad trims, closed sessions, sessions of another store, numpy inputs: each raises
+an error from pagedkv/errors.py and leaves the store's snapshot and every session's offsets as they
+were. And the pool dtype follows the model's activation dtype, quantized models included.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from pagedkv.errors import (
+    InvalidArgumentError,
+    InvalidTokensError,
+    KVDtypeError,
+    KVShapeError,
+    PagedKVError,
+    UnsupportedModelError,
+)
+from pagedkv.mlx_lm import PagedKVStore
+from tests.parity.models import prompt_tokens, tiny_model
+from tests.parity.zoo import build
+
+
+@pytest.fixture
+def setup():
+    model = tiny_model("qwen3")  # 2 kv heads of 16
+    store = PagedKVStore.for_model(model, num_blocks=16, block_size=4)
+    first, second = store.open(prompt_tokens(6, seed=1)), store.open(prompt_tokens(5, seed=2))
+    for session in (first, second):
+        model(mx.array(session.remaining_prompt)[None], cache=session.caches)
+    return model, store, first, second
+
+
+def unchanged(store, sessions, call, error=PagedKVError):
+    before = (store.cache.snapshot(), [list(s.offsets) for s in sessions])
+    with pytest.raises(error):
+        call()
+    assert (store.cache.snapshot(), [list(s.offsets) for s in sessions]) == before
+
+
+KV = mx.zeros((1, 2, 1, 16))
+BAD_KV = [
+    ("numpy keys", np.zeros((1, 2, 1, 16), np.float32), KV, KVShapeError),
+    ("numpy values", KV, np.zeros((1, 2, 1, 16), np.float32), KVShapeError),
+    ("3-d keys", mx.zeros((2, 1, 16)), KV, KVShapeError),
+    ("wrong heads", mx.zeros((1, 3, 1, 16)), KV, KVShapeError),
+    ("wrong head size", mx.zeros((1, 2, 1, 8)), KV, KVShapeError),
+    ("wrong batch", mx.zeros((2, 2, 1, 16)), mx.zeros((2, 2, 1, 16)), KVShapeError),
+    ("values of another length", mx.zeros((1, 2, 2, 16)), KV, KVShapeError),
+    ("no positions", mx.zeros((1, 2, 0, 16)), mx.zeros((1, 2, 0, 16)), KVShapeError),
+    ("int keys", mx.zeros((1, 2, 1, 16), mx.int32), KV, KVDtypeError),
+    ("not an array", [[0.0]], KV, KVShapeError),
+]
+
+
+@pytest.mark.parametrize("name,keys,values,error", BAD_KV, ids=[b[0] for b in BAD_KV])
+def test_update_and_fetch_rejects_bad_keys_and_values(setup, name, keys, values, error):
+    _, store, first, second = setup
+    for layer in (0, 1):  # the first layer reserves positions: a failure there must not
+        unchanged(
+            store,
+            [first, second],
+            lambda layer=layer: first.caches[layer].update_and_fetch(keys, values),
+            error,
+        )
+
+
+@pytest.mark.parametrize("n", [-1, 7, 2.0, True, None, "1", np.int64(1) + 0.5])
+def test_trim_takes_an_int_between_0_and_the_offset(setup, n):
+    _, store, first, second = setup
+    unchanged(store, [first, second], lambda: first.caches[0].trim(n), InvalidArgumentError)
+
+
+def test_trim_within_range_changes_only_that_layer(setup):
+    _, store, first, _ = setup
+    assert first.caches[0].trim(6) == 6 and first.offsets == [0, 6]
+    assert first.caches[1].trim(0) == 0
+
+
+def test_closed_sessions_are_refused_everywhere(setup):
+    _, store, first, second = setup
+    batch = store.batch([first, second])
+    first.close()
+    calls = [
+        lambda: first.caches[0].update_and_fetch(KV, KV),
+        lambda: first.caches[0].trim(1),
+        lambda: batch[0].update_and_fetch(mx.zeros((2, 2, 1, 16)), mx.zeros((2, 2, 1, 16))),
+        lambda: store.batch([first, second]),
+    ]
+    for call in calls:
+        unchanged(store, [second], call, InvalidArgumentError)
+
+
+def test_batch_refuses_foreign_duplicate_and_malformed_sessions(setup):
+    model, store, first, second = setup
+    other = PagedKVStore.for_model(model, num_blocks=8, block_size=4)
+    stranger = other.open([1, 2, 3])
+    for sessions in ([first, stranger], [first, first], [], [first, "second"], [first, 3]):
+        unchanged(
+            store,
+            [first, second],
+            lambda sessions=sessions: store.batch(sessions),
+            InvalidArgumentError,
+        )
+
+
+def test_open_rejects_bad_tokens_without_change(setup):
+    _, store, first, second = setup
+    for tokens in ([], [1.5], ["a"], [-1], np.array([[1, 2]])):
+        unchanged(
+            store, [first, second], lambda tokens=tokens: store.open(tokens), InvalidTokensError
+        )
+
+
+def test_pool_dtype_is_the_activation_dtype_even_when_quantized():
+    model = tiny_model("llama", dtype=mx.float16)
+    assert PagedKVStore.for_model(model, num_blocks=4).config.dtype == "float16"
+    nn.quantize(model, group_size=32, bits=4)  # uint32 packed weights, float16 scales
+    assert PagedKVStore.for_model(model, num_blocks=4).config.dtype == "float16"
+    model = tiny_model("llama", dtype=mx.bfloat16)
+    nn.quantize(model, group_size=32, bits=4)
+    assert PagedKVStore.for_model(model, num_blocks=4).config.dtype == "bfloat16"
+
+
+def test_per_layer_shapes_come_from_the_model_not_argument_names():
+    gpt2 = PagedKVStore.for_model(build("gpt2"), num_blocks=4)  # n_head, n_embd
+    assert gpt2.layer_shapes == [(4, 16, 4, 16)] * 2
+    openelm = PagedKVStore.for_model(build("openelm"), num_blocks=4)  # kv heads per layer
+    assert openelm.layer_shapes == [(1, 16, 1, 16), (2, 16, 2, 16)]
+    mla = PagedKVStore.for_model(build("deepseek_v3"), num_blocks=4)  # K and V of different sizes
+    k_heads, k_dim, v_heads, v_dim = mla.layer_shapes[0]
+    assert k_dim != v_dim
+
+
+def test_refusals_name_the_entry_and_the_feature():
+    with pytest.raises(UnsupportedModelError, match="entry 0 uses chunked attention"):
+        PagedKVStore.for_model(build("llama4"), num_blocks=4)
+    with pytest.raises(UnsupportedModelError, match="CacheList"):
+        PagedKVStore.for_model(build("falcon_h1"), num_blocks=4)
