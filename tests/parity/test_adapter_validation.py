@@ -139,3 +139,29 @@ def test_refusals_name_the_entry_and_the_feature():
         PagedKVStore.for_model(build("llama4"), num_blocks=4)
     with pytest.raises(UnsupportedModelError, match="CacheList"):
         PagedKVStore.for_model(build("falcon_h1"), num_blocks=4)
+
+
+def test_an_entry_the_model_never_updates_holds_nothing_up():
+    model = build("nemotron-nas")  # layer 2's attention is a linear layer: its KVCache stays empty
+    store = PagedKVStore.for_model(model, num_blocks=16, block_size=4)
+    assert [e.kind for e in store.entries] == ["full", "unused"]
+    assert store.config.num_layers == 1  # the pool is sized for the layer that stores K/V
+    session = store.open(prompt_tokens(9, seed=3))
+    model(mx.array(session.remaining_prompt)[None], cache=session.caches)
+    assert session.committed  # the unused entry does not hold the commit
+    assert store.open(prompt_tokens(9, seed=3)).cached_tokens == 8
+
+
+def test_none_entries_stay_none_and_store_nothing():
+    """A make_cache() entry of None (a layer that reads another layer's K/V) gets None."""
+    from mlx_lm.models.cache import KVCache
+
+    model = tiny_model("llama")
+    model.make_cache = lambda: [KVCache(), None]  # llama runs layer 1 without a cache
+    store = PagedKVStore.for_model(model, num_blocks=16, block_size=4)
+    assert [e.kind for e in store.entries] == ["full", "shared"] and store.config.num_layers == 1
+    session = store.open(prompt_tokens(7, seed=4))
+    assert session.caches[1] is None
+    dense = model(mx.array([prompt_tokens(7, seed=4)]), cache=model.make_cache())
+    paged = model(mx.array([session.remaining_prompt]), cache=session.caches)
+    assert mx.abs(dense - paged).max().item() <= 1e-4

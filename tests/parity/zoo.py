@@ -254,7 +254,10 @@ OVERRIDES = {
         block_configs=[
             dict(attention=dict(n_heads_in_group=2), ffn=dict(ffn_mult=1.0)),
             dict(attention=dict(no_op=True), ffn=dict(ffn_mult=1.0)),
-        ]
+            # gets a KVCache from make_cache() that it never updates
+            dict(attention=dict(replace_with_linear=True), ffn=dict(ffn_mult=1.0)),
+        ],
+        num_hidden_layers=3,
     ),
     "nemotron_h": dict(hybrid_override_pattern=["M", "*"], num_hidden_layers=2),
     "olmo3": dict(layer_types=SW),
