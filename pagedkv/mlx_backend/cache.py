@@ -31,7 +31,17 @@ from pagedkv.mlx_backend.storage import KVStorage
 
 
 class Sequence:
-    __slots__ = ("id", "namespace", "tokens", "table", "num_blocks", "committed", "path", "epoch")
+    __slots__ = (
+        "id",
+        "namespace",
+        "tokens",
+        "table",
+        "num_blocks",
+        "committed",
+        "path",
+        "epoch",
+        "holes",
+    )
 
     def __init__(
         self,
@@ -43,6 +53,7 @@ class Sequence:
         committed: int,
         path: list[Node],
         epoch: int,
+        holes: int = 0,
     ) -> None:
         self.id = seq_id
         self.namespace = namespace
@@ -52,6 +63,7 @@ class Sequence:
         self.committed = committed
         self.path = path  # index nodes of the committed blocks, valid while epoch matches
         self.epoch = epoch
+        self.holes = holes  # leading table entries released by the window (-1), rule 10
 
     def append_block(self, block: int) -> None:
         if self.num_blocks == len(self.table):
@@ -63,6 +75,10 @@ class Sequence:
 
     def blocks(self) -> list[int]:
         return self.table[: self.num_blocks].tolist()
+
+    def held(self) -> list[int]:
+        """The table without its holes."""
+        return self.table[self.holes : self.num_blocks].tolist()
 
 
 class PagedCache:
@@ -143,6 +159,14 @@ class PagedCache:
         elif refcounts[block] == 0:
             self.pool.free_queue.append(block)
 
+    def _slide(self, seq: Sequence, now: int) -> None:
+        """Rule 10: drops the blocks wholly before the next query's window, front to back."""
+        dead = (len(seq.tokens) - self.config.window + 1) // self.size
+        while seq.holes < dead:
+            self._drop(seq.table.item(seq.holes), now)
+            seq.table[seq.holes] = -1
+            seq.holes += 1
+
     # ---- reserve -------------------------------------------------------------------------------
 
     def _match(self, tokens: list[int], namespace: str) -> list[Node]:
@@ -215,6 +239,8 @@ class PagedCache:
         if cow or grow:
             self._ensure(cow + grow, set(), f"extend(sequence {seq.id}, {len(tokens)})")
         self.clock += 1
+        if self.config.window is not None:
+            self._slide(seq, self.clock)
         if cow:
             self._copy_tail(seq, self.clock)
         for _ in range(grow):
@@ -233,8 +259,13 @@ class PagedCache:
                 f"sequences and {len(tokens)} tokens."
             )
         size, refcounts, indexed = self.size, self.pool.refcounts, self.index.by_block
-        needed, cows, dropped = 0, [], None
+        needed, cows, dropped, window = 0, [], None, self.config.window
         for seq in seqs:  # inline _plan: this loop is the per-token hot path of a server
+            if window is not None:  # blocks this step's window releases drop references too
+                for i in range(seq.holes, (len(seq.tokens) - window + 1) // size):
+                    dropped = dropped if dropped is not None else {}
+                    block = seq.table.item(i)
+                    dropped[block] = dropped.get(block, 0) + 1
             if len(seq.tokens) % size:
                 tail = seq.table.item(seq.num_blocks - 1)
                 cow = refcounts[tail] != 1 or tail in indexed
@@ -251,6 +282,8 @@ class PagedCache:
             self._ensure(needed, set(), f"decode_step({len(seqs)} sequences)")
         self.clock += 1
         for seq, token, cow in zip(seqs, tokens, cows):
+            if window is not None:
+                self._slide(seq, self.clock)
             if cow:
                 self._copy_tail(seq, self.clock)
             elif cow is None:
@@ -295,6 +328,11 @@ class PagedCache:
         runs, position, size = [], start, self.size
         while position < start + rows:  # one contiguous run per touched block
             block = int(seq.table[position // size])
+            if block < 0:
+                raise NotWritableError(
+                    f"write_kv at position {position} of sequence {seq.id}: the sliding window "
+                    "released it (rule 10); released positions are never written."
+                )
             if not self._writable(block):
                 raise NotWritableError(
                     f"write_kv into block {block} of sequence {seq.id}, which is shared "
@@ -352,20 +390,20 @@ class PagedCache:
         full = len(seq.tokens) // size
         if seq.epoch != index.epoch:  # a node was removed since: re-walk from the root
             seq.path, seq.epoch = [], index.epoch
-            start = 0
-        else:
-            start = seq.committed
+        # The path holds the walked nodes from the root: resume after them. It can be shorter
+        # than `committed` when an earlier walk stopped at a block the window released.
         published, path, tokens = 0, seq.path, seq.tokens
-        del path[start:]
         parent = path[-1] if path else None
-        for i in range(start, full):
+        for i in range(len(path), full):
             key = tuple(tokens[i * size : (i + 1) * size])
             node = index.child(seq.namespace, parent, key)
             block = int(seq.table[i])
             if node is None:
+                if block < 0:  # rule 10: a released block is never published
+                    break
                 node = index.insert(seq.namespace, parent, key, block, now)
                 published += 1
-            elif node.block != block and i >= seq.committed:
+            elif node.block != block and block >= 0 and i >= seq.committed:
                 self.counts["duplicates"] += 1
             path.append(node)
             parent = node
@@ -378,7 +416,7 @@ class PagedCache:
         parent = self._seq(seq_id)
         self.clock += 1
         refcounts = self.pool.refcounts
-        for block in parent.blocks():
+        for block in parent.held():
             refcounts[block] += 1
         child = Sequence(
             self.next_sequence_id,
@@ -389,6 +427,7 @@ class PagedCache:
             parent.committed,
             list(parent.path),
             parent.epoch,
+            parent.holes,
         )
         self.sequences[child.id] = child
         self.next_sequence_id += 1
@@ -403,8 +442,14 @@ class PagedCache:
                 f"trim({num_tokens}) of sequence {seq.id}, which holds {len(seq.tokens)} tokens; "
                 "trim at most its length."
             )
+        length, window = len(seq.tokens) - num_tokens, self.config.window
+        if seq.holes and length - window + 1 < seq.holes * self.size:
+            raise TrimError(
+                f"trim({num_tokens}) of sequence {seq.id}: its next query would need K/V the "
+                f"sliding window ({window}) released (rule 10); trim at most "
+                f"{len(seq.tokens) - seq.holes * self.size - window + 1}."
+            )
         self.clock += 1
-        length = len(seq.tokens) - num_tokens
         keep = -(-length // self.size)
         for block in seq.table[keep : seq.num_blocks][::-1].tolist():
             self._drop(block, self.clock)
@@ -416,7 +461,7 @@ class PagedCache:
     def free(self, seq_id: int) -> None:
         seq = self._seq(seq_id)
         self.clock += 1
-        for block in seq.table[: seq.num_blocks][::-1].tolist():
+        for block in seq.held()[::-1]:
             self._drop(block, self.clock)
         del self.sequences[seq.id]
 
@@ -457,7 +502,12 @@ class PagedCache:
         storage = self._storage("gather")
         seq = self._seq(seq_id)
         layer = validate.layer(layer, self.config.num_layers)
-        return storage.gather(layer, mx.array(seq.table[: seq.num_blocks]), len(seq.tokens))
+        blocks = np.maximum(seq.table[: seq.num_blocks], 0)  # holes read block 0, zeroed below
+        keys, values = storage.gather(layer, mx.array(blocks), len(seq.tokens))
+        if seq.holes:  # rule 10: released positions read as zeros
+            held = (mx.arange(len(seq.tokens)) >= seq.holes * self.size)[:, None, None]
+            keys, values = mx.where(held, keys, 0), mx.where(held, values, 0)
+        return keys, values
 
     # Attention and observation live in their own modules to keep this one short.
     attention_decode = attention.attention_decode
