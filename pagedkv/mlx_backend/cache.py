@@ -179,16 +179,27 @@ class PagedCache:
             parent = node
         return chain
 
-    def can_add_sequence(self, tokens, namespace: str = "") -> bool:
-        tokens = validate.token_list(tokens, "can_add_sequence")
-        chain = self._match(tokens, validate.namespace(namespace))
+    def _prompt(self, tokens, namespace, max_cached, asked: str):
+        tokens = validate.token_list(tokens, asked)
+        namespace = validate.namespace(namespace)
+        cap = None if max_cached is None else validate.count(max_cached, "max_cached")
+        chain = self._match(tokens, namespace)
+        if cap is not None:
+            del chain[cap // self.size :]
+        return tokens, namespace, chain
+
+    def prefix_match(self, tokens, namespace: str = "") -> int:
+        return len(self._prompt(tokens, namespace, None, "prefix_match")[2]) * self.size
+
+    def can_add_sequence(self, tokens, namespace: str = "", max_cached: int | None = None) -> bool:
+        tokens, _, chain = self._prompt(tokens, namespace, max_cached, "can_add_sequence")
         needed = -(-len(tokens) // self.size) - len(chain)
         return needed <= self.blocks_available({n.block for n in chain})
 
-    def add_sequence(self, tokens, namespace: str = "") -> tuple[int, int]:
-        tokens = validate.token_list(tokens, "add_sequence")
-        namespace = validate.namespace(namespace)
-        chain = self._match(tokens, namespace)
+    def add_sequence(
+        self, tokens, namespace: str = "", max_cached: int | None = None
+    ) -> tuple[int, int]:
+        tokens, namespace, chain = self._prompt(tokens, namespace, max_cached, "add_sequence")
         needed = -(-len(tokens) // self.size) - len(chain)
         pinned = {n.block for n in chain if self.pool.refcounts[n.block] == 0}
         self._ensure(needed, pinned, f"add_sequence({len(tokens)} tokens)")
@@ -258,6 +269,30 @@ class PagedCache:
                 f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
                 f"sequences and {len(tokens)} tokens."
             )
+        needed, cows = self._decode_plan(seqs)
+        if needed:
+            self._ensure(needed, set(), f"decode_step({len(seqs)} sequences)")
+        self.clock += 1
+        window = self.config.window
+        for seq, token, cow in zip(seqs, tokens, cows):
+            if window is not None:
+                self._slide(seq, self.clock)
+            if cow:
+                self._copy_tail(seq, self.clock)
+            elif cow is None:
+                seq.append_block(self._take_block())
+            seq.tokens.append(token)
+
+    def can_decode_step(self, seq_ids) -> bool:
+        seqs = [self._seq(seq_id) for seq_id in seq_ids]
+        if len(set(map(id, seqs))) != len(seqs) or not seqs:
+            raise InvalidArgumentError(
+                f"can_decode_step needs distinct sequences; got {len(seqs)} sequences."
+            )
+        return self._decode_plan(seqs)[0] <= self.blocks_available()
+
+    def _decode_plan(self, seqs: list[Sequence]) -> tuple[int, list]:
+        """(blocks needed, per sequence: True copy the tail / None a new block / False nothing)."""
         size, refcounts, indexed = self.size, self.pool.refcounts, self.index.by_block
         needed, cows, dropped, window = 0, [], None, self.config.window
         for seq in seqs:  # inline _plan: this loop is the per-token hot path of a server
@@ -278,17 +313,7 @@ class PagedCache:
                 cow = None  # a fresh block past the tail
             needed += cow is not False
             cows.append(cow)
-        if needed:
-            self._ensure(needed, set(), f"decode_step({len(seqs)} sequences)")
-        self.clock += 1
-        for seq, token, cow in zip(seqs, tokens, cows):
-            if window is not None:
-                self._slide(seq, self.clock)
-            if cow:
-                self._copy_tail(seq, self.clock)
-            elif cow is None:
-                seq.append_block(self._take_block())
-            seq.tokens.append(token)
+        return needed, cows
 
     def _copy_tail(self, seq: Sequence, now: int) -> None:
         old = int(seq.table[seq.num_blocks - 1])

@@ -189,24 +189,44 @@ class PagedCache:
 
     # ---- reserve: add_sequence and extend ------------------------------------------------------
 
-    def can_add_sequence(self, tokens: SequenceOf[int], namespace: str = "") -> bool:
-        """Whether add_sequence(tokens, namespace) would find enough blocks. Changes nothing."""
-        tokens = checks.as_tokens(tokens, "can_add_sequence")
-        chain = self.index.match(checks.as_namespace(namespace), self._prompt_keys(tokens))
+    def _chain(self, tokens, namespace, max_cached, asked: str):
+        """(tokens, namespace, the indexed chain add_sequence would share), inputs checked."""
+        tokens = checks.as_tokens(tokens, asked)
+        namespace = checks.as_namespace(namespace)
+        cap = None if max_cached is None else checks.as_count(max_cached, "max_cached")
+        chain = self.index.match(namespace, self._prompt_keys(tokens))
+        if cap is not None:
+            chain = chain[: cap // self.config.block_size]
+        return tokens, namespace, chain
+
+    def prefix_match(self, tokens: SequenceOf[int], namespace: str = "") -> int:
+        """How many prompt tokens add_sequence would serve from the prefix index (rule 3), a
+        multiple of block_size. Changes nothing. Raises InvalidTokensError, InvalidArgumentError."""
+        _, _, chain = self._chain(tokens, namespace, None, "prefix_match")
+        return len(chain) * self.config.block_size
+
+    def can_add_sequence(
+        self, tokens: SequenceOf[int], namespace: str = "", max_cached: int | None = None
+    ) -> bool:
+        """Whether add_sequence(tokens, namespace, max_cached) would find enough blocks. Changes
+        nothing."""
+        tokens, _, chain = self._chain(tokens, namespace, max_cached, "can_add_sequence")
         needed = blocks_for(len(tokens), self.config.block_size) - len(chain)
         return needed <= self.blocks_available({node.block for node in chain})
 
-    def add_sequence(self, tokens: SequenceOf[int], namespace: str = "") -> tuple[int, int]:
+    def add_sequence(
+        self, tokens: SequenceOf[int], namespace: str = "", max_cached: int | None = None
+    ) -> tuple[int, int]:
         """Starts a sequence for a prompt. Rule 3: the longest indexed chain of full blocks matching
-        the prompt (in `namespace`, capped to leave one token) is shared; blocks for the rest are
-        allocated (rule 5). The caller then writes K/V for positions [cached, len) and commits.
+        the prompt (in `namespace`, capped to leave one token, and to `max_cached` tokens when
+        given) is shared; blocks for the rest are allocated (rule 5). The caller then writes K/V
+        for positions [cached, len) and commits. (`max_cached` lets several caches that hold one
+        request's layers agree on one hit: each shares the shortest of their matches.)
 
         Returns (sequence id, cached tokens). Raises InvalidTokensError, InvalidArgumentError
-        (namespace not a str), OutOfBlocksError.
+        (namespace not a str, max_cached not an int >= 0), OutOfBlocksError.
         """
-        tokens = checks.as_tokens(tokens, "add_sequence")
-        namespace = checks.as_namespace(namespace)
-        chain = self.index.match(namespace, self._prompt_keys(tokens))
+        tokens, namespace, chain = self._chain(tokens, namespace, max_cached, "add_sequence")
         needed = blocks_for(len(tokens), self.config.block_size) - len(chain)
         self._require_blocks(
             needed, {n.block for n in chain}, f"add_sequence({len(tokens)} tokens)"
@@ -276,9 +296,35 @@ class PagedCache:
                 f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
                 f"sequences ({len({seq.id for seq in seqs})} distinct) and {len(tokens)} tokens."
             )
-        # Plan in batch order, as a loop of extends would see it: copying one sequence's shared
-        # tail, or releasing blocks before its window, drops references, which can leave a later
-        # sequence's tail exclusive (no copy).
+        plans = self._decode_plans(seqs)
+        needed = sum(int(cow) + grow for cow, grow in plans)
+        self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
+        now = self._tick()
+        for seq, token, (cow, grow) in zip(seqs, tokens, plans):
+            self._release_before_window(seq, now)
+            if cow:
+                self._copy_on_write_tail(seq, now)
+            seq.table.extend(self._allocate() for _ in range(grow))
+            seq.tokens.append(token)
+
+    def can_decode_step(self, seq_ids: SequenceOf[int]) -> bool:
+        """Whether decode_step(seq_ids, <one token each>) would find enough blocks. Changes
+        nothing. Raises UnknownSequenceError, InvalidArgumentError (none, or a sequence twice)."""
+        seqs = [self._sequence(seq_id) for seq_id in seq_ids]
+        if len({seq.id for seq in seqs}) != len(seqs) or not seqs:
+            raise InvalidArgumentError(
+                f"can_decode_step needs distinct sequences; got {len(seqs)} sequences "
+                f"({len({seq.id for seq in seqs})} distinct)."
+            )
+        needed = sum(int(cow) + grow for cow, grow in self._decode_plans(seqs))
+        return needed <= self.blocks_available()
+
+    def _decode_plans(self, seqs: list[Sequence]) -> list[tuple[bool, int]]:
+        """(copy the tail, blocks past it) per sequence of a decode step.
+
+        Plans in batch order, as a loop of extends would see it: copying one sequence's shared
+        tail, or releasing blocks before its window, drops references, which can leave a later
+        sequence's tail exclusive (no copy)."""
         dropped: dict[int, int] = {}
         plans = []
         for seq in seqs:
@@ -290,15 +336,7 @@ class PagedCache:
             if cow:
                 dropped[seq.table[-1]] = dropped.get(seq.table[-1], 0) + 1
             plans.append((cow, grow))
-        needed = sum(int(cow) + grow for cow, grow in plans)
-        self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
-        now = self._tick()
-        for seq, token, (cow, grow) in zip(seqs, tokens, plans):
-            self._release_before_window(seq, now)
-            if cow:
-                self._copy_on_write_tail(seq, now)
-            seq.table.extend(self._allocate() for _ in range(grow))
-            seq.tokens.append(token)
+        return plans
 
     def _copy_on_write_tail(self, seq: Sequence, now: int) -> None:
         old = seq.table[-1]

@@ -183,15 +183,21 @@ class CacheMachine(RuleBasedStateMachine):
         cut=st.integers(0, 14),
         suffix=tokens_strategy,
         namespace=st.sampled_from(["", "", "", "tenant-b"]),
+        cap=st.one_of(st.none(), st.none(), st.integers(0, 16)),
     )
-    def add_sequence(self, stem, cut, suffix, namespace):
+    def add_sequence(self, stem, cut, suffix, namespace, cap=None):
         prompt = list(STEMS[stem][:cut]) + suffix
         before = self.caches[0].snapshot()
-        status, result = self.apply("add_sequence", prompt, namespace)
+        status, match = self.apply("prefix_match", prompt, namespace)
+        assert status == "ok"
+        can = self.apply("can_add_sequence", prompt, namespace, cap)
+        status, result = self.apply("add_sequence", prompt, namespace, cap)
+        assert can == ("ok", status == "ok"), "can_add_sequence predicts add_sequence"
         if status == "ok":
             seq, cached = result
             size = self.config.block_size
             assert cached % size == 0 and cached < len(prompt), (cached, len(prompt))
+            assert cached == (match if cap is None else min(match, cap // size * size))
             table = oracle.table_of(self.caches[0].snapshot(), seq)
             shared = set(table[: cached // size])
             fresh = oracle.expected_allocation(before, len(table) - len(shared), shared, size)
@@ -268,7 +274,9 @@ class CacheMachine(RuleBasedStateMachine):
             st.lists(st.integers(0, 3), min_size=len(batch), max_size=len(batch)), label="tokens"
         )
         before = self.caches[0].snapshot()
+        can = self.apply("can_decode_step", batch)
         status, _ = self.apply("decode_step", batch, tokens)
+        assert can == ("ok", status == "ok"), "can_decode_step predicts decode_step"
         if status == "ok":
             after = self.caches[0].snapshot()
             got, want = oracle.expected_extension(before, after, batch, self.config.block_size)
