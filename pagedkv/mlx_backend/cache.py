@@ -468,11 +468,11 @@ class PagedCache:
                 "trim at most its length."
             )
         length, window = len(seq.tokens) - num_tokens, self.config.window
-        if seq.holes and length - window + 1 < seq.holes * self.size:
+        if seq.holes and length - window < seq.holes * self.size:
             raise TrimError(
-                f"trim({num_tokens}) of sequence {seq.id}: its next query would need K/V the "
+                f"trim({num_tokens}) of sequence {seq.id}: its last position would need K/V the "
                 f"sliding window ({window}) released (rule 10); trim at most "
-                f"{len(seq.tokens) - seq.holes * self.size - window + 1}."
+                f"{len(seq.tokens) - seq.holes * self.size - window}."
             )
         self.clock += 1
         keep = -(-length // self.size)

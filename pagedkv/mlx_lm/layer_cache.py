@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError
+from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError, OutOfBlocksError
 from pagedkv.mlx_backend.attention import gather_batch
 
 if TYPE_CHECKING:
@@ -20,41 +20,48 @@ _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 class PagedLayerCache:
     """mlx-lm's cache protocol for one layer of one or more sessions."""
 
-    def __init__(self, store: PagedKVStore, layer: int, sessions: list[Session]) -> None:
+    def __init__(
+        self, store: PagedKVStore, layer: int, sessions: list[Session], group: int = 0
+    ) -> None:
         self.store = store
-        self.layer = layer
+        self.layer = layer  # in the group's pool
         self.sessions = sessions
+        self.group = group  # which of the store's caches holds this layer (one per window size)
+        self.cache = store.groups[group]
+        self.slot = store.slot_of[(group, layer)]  # this layer's entry in session.offsets
 
     # -- what the model reads --------------------------------------------------------------------
 
     @property
     def offset(self):
         if len(self.sessions) == 1:
-            return self.sessions[0].offsets[self.layer]
-        return mx.array([s.offsets[self.layer] for s in self.sessions], dtype=mx.int32)
+            return self.sessions[0].offsets[self.slot]
+        return mx.array([s.offsets[self.slot] for s in self.sessions], dtype=mx.int32)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         count = self._validate(keys, values)
-        cache = self.store.cache
+        cache, group = self.cache, self.group
         keys, values = self._pool_rows(keys), self._pool_rows(values)  # [B, L, kv_heads, dim]
         self._reserve(count)
-        starts = [session.offsets[self.layer] for session in self.sessions]
+        starts = [session.offsets[self.slot] for session in self.sessions]
         if len(self.sessions) == 1:
-            cache.write_kv(self.sessions[0].seq, self.layer, starts[0], keys[0], values[0])
+            cache.write_kv(self.sessions[0].seqs[group], self.layer, starts[0], keys[0], values[0])
         else:  # one scatter per pool for the whole batch
-            cache.write_kv_batch([s.seq for s in self.sessions], self.layer, starts, keys, values)
+            seqs = [s.seqs[group] for s in self.sessions]
+            cache.write_kv_batch(seqs, self.layer, starts, keys, values)
         for session, start in zip(self.sessions, starts):
-            session.offsets[self.layer] = start + count
+            session.offsets[self.slot] = start + count
         if self.store.prefix_sharing:
             for session in self.sessions:  # the whole prompt is in every layer: publish it
                 if not session.committed and min(session.offsets) >= len(session.prompt):
-                    cache.commit(session.seq)
+                    for group_cache, seq in zip(self.store.groups, session.seqs):
+                        group_cache.commit(seq)
                     session.committed = True
         return self._fetch()
 
     def _validate(self, keys, values) -> int:
         """Every check before the first change; returns the number of new positions."""
-        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.layer]
+        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
         batch = len(self.sessions)
         for session in self.sessions:
             session._require_open()
@@ -95,8 +102,8 @@ class PagedLayerCache:
     def _pool_rows(self, array: mx.array) -> mx.array:
         """`[B, heads, L, dim]` -> `[B, L, kv_heads, head_dim]` in the pool's dtype, zero-padded
         when this layer's K or V is smaller than the pool's rows (per-layer shapes, MLA)."""
-        cfg = self.store.config
-        array = array.transpose(0, 2, 1, 3).astype(self.store.cache.storage.dtype)
+        cfg = self.cache.config
+        array = array.transpose(0, 2, 1, 3).astype(self.cache.storage.dtype)
         heads, dim = array.shape[2], array.shape[3]
         if (heads, dim) != (cfg.num_kv_heads, cfg.head_dim):
             array = mx.pad(
@@ -105,27 +112,39 @@ class PagedLayerCache:
         return array
 
     def _reserve(self, count: int) -> None:
-        """The first layer to reach new positions reserves them for every layer."""
-        cache = self.store.cache
+        """The first layer to reach new positions reserves them for every layer, in every group's
+        cache: each group is checked first, so a step that cannot get its blocks changes nothing."""
+        store = self.store
         growing = []
         for session in self.sessions:
-            end = session.offsets[self.layer] + count
-            if end > cache.sequence_length(session.seq):
-                growing.append((session, cache.sequence_length(session.seq), end))
+            end = session.offsets[self.slot] + count
+            length = store.cache.sequence_length(session.seqs[0])  # equal in every group
+            if end > length:
+                growing.append((session, length, end))
+        if not growing:
+            return
+        several = len(store.groups) > 1
         if count == 1 and len(growing) > 1:  # batched decode: one operation, all or nothing
-            cache.decode_step(
-                [s.seq for s, _, _ in growing],
-                [s._tokens_for(start, end)[0] for s, start, end in growing],
-            )
+            tokens = [s._tokens_for(start, end)[0] for s, start, end in growing]
+            per_group = [[s.seqs[g] for s, _, _ in growing] for g in range(len(store.groups))]
+            for cache, seqs in zip(store.groups, per_group):
+                if several and not cache.can_decode_step(seqs):
+                    _out_of_blocks(cache, f"a decode step of {len(seqs)} sessions")
+            for cache, seqs in zip(store.groups, per_group):
+                cache.decode_step(seqs, tokens)
             return
         for session, start, end in growing:
-            cache.extend(session.seq, session._tokens_for(start, end))
+            for cache, seq in zip(store.groups, session.seqs):
+                if several and not cache.can_extend(seq, end - start):
+                    _out_of_blocks(cache, f"extending a session by {end - start} positions")
+            for cache, seq in zip(store.groups, session.seqs):
+                cache.extend(seq, session._tokens_for(start, end))
 
     def _fetch(self) -> tuple[mx.array, mx.array]:
-        cache, layer = self.store.cache, self.layer
-        length = max(s.offsets[layer] for s in self.sessions)
-        tables = self.store.padded_tables(self.sessions)
-        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[layer]
+        cache, layer = self.cache, self.layer
+        length = max(s.offsets[self.slot] for s in self.sessions)
+        tables = self.store.padded_tables(self.sessions, self.group)
+        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
         keys = gather_batch(cache.storage.keys[layer], tables)[:, :k_heads, :length, :k_dim]
         values = gather_batch(cache.storage.values[layer], tables)[:, :v_heads, :length, :v_dim]
         return keys, values
@@ -135,7 +154,7 @@ class PagedLayerCache:
         return self._fetch()
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        offsets = [s.offsets[self.layer] for s in self.sessions]
+        offsets = [s.offsets[self.slot] for s in self.sessions]
         if len(set(offsets)) == 1 and window_size is None:  # like mlx-lm's own KVCache
             if N == 1:
                 return None
@@ -161,23 +180,26 @@ class PagedLayerCache:
         session is open; nothing changes then."""
         for session in self.sessions:
             session._require_open()
-        offset = min(s.offsets[self.layer] for s in self.sessions)
+        offset = min(s.offsets[self.slot] for s in self.sessions)
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= offset:
             raise InvalidArgumentError(
                 f"trim({n!r}) on layer {self.layer}: pass an int in [0, {offset}] (the positions "
                 "this cache holds)."
             )
-        trimmed = n
+        for session in self.sessions:  # a window may forbid the length this trim leads to
+            offsets = list(session.offsets)
+            offsets[self.slot] -= n
+            session._check_trim_to(max(offsets))
         for session in self.sessions:
-            session.offsets[self.layer] -= trimmed
+            session.offsets[self.slot] -= n
             session._sync_length()
-        return trimmed
+        return n
 
     def size(self) -> int:
-        return max(s.offsets[self.layer] for s in self.sessions)
+        return max(s.offsets[self.slot] for s in self.sessions)
 
     def empty(self) -> bool:
-        return all(s.offsets[self.layer] == 0 for s in self.sessions)
+        return all(s.offsets[self.slot] == 0 for s in self.sessions)
 
     @property
     def state(self):
@@ -192,11 +214,20 @@ class PagedLayerCache:
 
     @property
     def meta_state(self):
-        return tuple(str(s.offsets[self.layer]) for s in self.sessions)
+        return tuple(str(s.offsets[self.slot]) for s in self.sessions)
 
     @property
     def nbytes(self) -> int:
         """Bytes of this layer's K/V blocks held by the sessions (each shared block once)."""
-        cfg, cache = self.store.config, self.store.cache
-        blocks = {int(b) for s in self.sessions for b in cache.block_table_array(s.seq)}
+        cfg, cache = self.cache.config, self.cache
+        tables = [cache.block_table_array(s.seqs[self.group]) for s in self.sessions]
+        blocks = {int(b) for table in tables for b in table if b >= 0}
         return len(blocks) * (cfg.bytes_per_block // cfg.num_layers)
+
+
+def _out_of_blocks(cache, asked: str) -> None:
+    raise OutOfBlocksError(
+        f"{asked} needs more blocks than the {cache.config.num_blocks}-block pool of the "
+        f"{'window-' + str(cache.config.window) if cache.config.window else 'full-attention'} "
+        "layers has free or evictable; nothing changed. Close sessions or use more blocks."
+    )

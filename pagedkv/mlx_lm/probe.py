@@ -9,9 +9,9 @@ decodes two requests of different lengths alone and batched on a scratch pool an
 
 from __future__ import annotations
 
-import mlx.core as mx
+from dataclasses import replace
 
-from pagedkv.config import Config
+import mlx.core as mx
 
 PROMPTS = ([1, 2, 3], [4, 5, 6, 7, 8, 9])
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
@@ -20,15 +20,9 @@ TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 def ragged_batch_is_exact(store, model) -> bool:
     """True when one batched decode step matches each request decoded alone (store's layout)."""
     cfg = store.config
-    scratch_config = Config(
-        num_blocks=4 * len(PROMPTS) * (len(PROMPTS[-1]) // cfg.block_size + 2),
-        block_size=cfg.block_size,
-        num_layers=cfg.num_layers,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        dtype=cfg.dtype,
-    )
-    scratch = type(store)(scratch_config, store.entries, store.layer_shapes, store._make_cache)
+    blocks = 4 * len(PROMPTS) * (len(PROMPTS[-1]) // cfg.block_size + 2)
+    configs = [replace(cache.config, num_blocks=blocks) for cache in store.groups]
+    scratch = type(store)(configs, store.entries, store.layer_shapes, store._make_cache)
     scratch.prefix_sharing = False  # no prefix hits: both passes prefill everything
     try:
         return _compare(scratch, model) <= TOLERANCE[cfg.dtype]

@@ -1,14 +1,14 @@
-"""The store: one paged pool for every request of a model, laid out from the model's own caches."""
+"""The store: paged pools for every request of a model, laid out from the model's own caches."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
 from pagedkv.config import Config
-from pagedkv.errors import InvalidArgumentError, UnsupportedModelError
+from pagedkv.errors import InvalidArgumentError, OutOfBlocksError, UnsupportedModelError
 from pagedkv.mlx_backend import PagedCache
 from pagedkv.mlx_backend.attention import pad_tables
 from pagedkv.mlx_lm.kinds import FULL, RECURRENT, SHARED, WINDOW, classify_all, default_caches
@@ -18,34 +18,47 @@ from pagedkv.mlx_lm.session import Session
 from pagedkv.mlx_lm.shapes import LayerShape, discover_shapes
 from pagedkv.mlx_lm.window import WindowLayerCache
 
-UNUSED = "unused"  # a K/V entry the model never updates (e.g. nemotron-nas no-op attention)
+UNUSED = "unused"  # a K/V entry the model never updates (e.g. nemotron-nas linear attention)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One entry of the session's cache list: its kind, and its pool layer when it is paged."""
+    """One entry of the session's cache list: its kind, and for a paged entry its group (which of
+    the store's caches) and its layer in that cache's pool."""
 
     kind: str
     layer: int | None = None
     window: int | None = None
+    group: int = 0
 
 
 class PagedKVStore:
-    """One paged pool for every request of a model. Not thread-safe (neither is mlx-lm's loop).
+    """Paged pools for every request of a model. Not thread-safe (neither is mlx-lm's loop).
 
-    `PagedKVStore(config)` pages `config.num_layers` full-attention layers (llama-style models);
-    `PagedKVStore.for_model(model, ...)` lays the store out from the model's own `make_cache()`.
+    Layers are grouped by attention span: the full-attention layers share one `PagedCache`, and
+    the layers of each sliding-window size share another whose `Config.window` releases blocks
+    that fall before the window (rule 10), so their memory stays bounded. A session holds one
+    sequence in each group's cache; they advance, commit, trim and free together, all or nothing.
+
+    `PagedKVStore(config)` pages `config.num_layers` layers (full attention, or sliding-window
+    layers when `config.window` is set); `PagedKVStore.for_model(model, ...)` lays the store out
+    from the model's own `make_cache()`. `store.cache` and `store.config` are the first group's.
     """
 
-    def __init__(
-        self, config: Config, entries=None, shapes=None, make_cache=None, model=None
-    ) -> None:
-        self.cache = PagedCache(config)
-        self.config = config
-        self.entries: list[Entry] = entries or [Entry(FULL, i) for i in range(config.num_layers)]
-        head = (config.num_kv_heads, config.head_dim, config.num_kv_heads, config.head_dim)
-        # Per pool layer: (k_heads, k_dim, v_heads, v_dim); smaller layers are zero-padded.
-        self.layer_shapes: list[tuple[int, int, int, int]] = shapes or [head] * config.num_layers
+    def __init__(self, config, entries=None, shapes=None, make_cache=None, model=None) -> None:
+        configs = [config] if isinstance(config, Config) else list(config)
+        self.groups = [PagedCache(c) for c in configs]
+        self.cache, self.config = self.groups[0], configs[0]
+        kind = FULL if self.config.window is None else WINDOW
+        self.entries: list[Entry] = entries or [
+            Entry(kind, i, self.config.window) for i in range(self.config.num_layers)
+        ]
+        # Slots number the paged layers group by group: session.offsets[slot], layer_shapes[slot].
+        paged = sorted((e.group, e.layer) for e in self.entries if e.kind in (FULL, WINDOW))
+        self.slot_of = {key: slot for slot, key in enumerate(paged)}
+        head = (self.config.num_kv_heads, self.config.head_dim) * 2
+        # Per slot: (k_heads, k_dim, v_heads, v_dim); layers smaller than the pool are zero-padded.
+        self.layer_shapes: list[tuple[int, int, int, int]] = shapes or [head] * len(paged)
         self._make_cache = make_cache
         self._model = model  # for_model stores only: the ragged-batch probe runs it once
         self._batch_exact: bool | None = None if model is not None else True
@@ -60,58 +73,90 @@ class PagedKVStore:
 
         Cache kinds come from `model.make_cache()` (kinds.py); K/V shapes and the pool dtype (the
         model's activation dtype, so a quantized model gets its float16/bfloat16 pool) from one
-        recorded forward pass (shapes.py). Pass `dtype` to store K/V in another dtype (lossy).
+        recorded forward pass (shapes.py). Each group (the full-attention layers; the layers of
+        each window size) gets a pool of `num_blocks` blocks. Pass `dtype` to store K/V in another
+        dtype (lossy).
         """
         entries = default_caches(model)
         kinds = classify_all(entries)
         shapes = discover_shapes(model, entries, kinds)
-        layout, pool_shapes = [], []
+        layout, groups = [], {}  # groups: window (None for full attention) -> member shapes
         for kind, shape in zip(kinds, shapes):
             if kind.paged and shape is None:
                 layout.append(Entry(UNUSED))
             elif kind.paged:
-                layout.append(Entry(kind.kind, len(pool_shapes), kind.window))
-                pool_shapes.append(shape)
+                members = groups.setdefault(kind.window, [])
+                layout.append(Entry(kind.kind, len(members), kind.window))
+                members.append(shape)
             else:
                 layout.append(Entry(kind.kind))
-        if not pool_shapes:
+        if not groups:
             raise UnsupportedModelError("the model never updates a K/V cache; nothing to page.")
-        dtypes = {s.dtype for s in pool_shapes}
+        # Full attention first (store.cache), then windows from the narrowest.
+        groups = {w: groups[w] for w in sorted(groups, key=lambda w: (w is not None, w or 0))}
+        order = list(groups)
+        layout = [
+            replace(e, group=order.index(e.window)) if e.layer is not None else e for e in layout
+        ]
+        dtypes = {s.dtype for members in groups.values() for s in members}
         if len(dtypes) > 1:
             raise UnsupportedModelError(
                 f"the model's K/V caches receive several dtypes {sorted(dtypes)}; one pool "
                 "holds one dtype. Cast the model to one dtype first."
             )
-        config = Config(
-            num_blocks=num_blocks,
-            block_size=block_size,
-            num_layers=len(pool_shapes),
-            num_kv_heads=max(max(s.k_heads, s.v_heads) for s in pool_shapes),
-            head_dim=max(max(s.k_dim, s.v_dim) for s in pool_shapes),
-            dtype=dtype if dtype is not None else dtypes.pop(),
-        )
-        make_cache = (
-            (lambda: default_caches(model))
-            if any(e.kind in (RECURRENT, UNUSED) for e in layout)
-            else None
-        )
-        return cls(config, layout, [_dims(s) for s in pool_shapes], make_cache, model)
+        dtype = dtype if dtype is not None else dtypes.pop()
+        configs = [
+            Config(
+                num_blocks=num_blocks,
+                block_size=block_size,
+                num_layers=len(members),
+                num_kv_heads=max(max(s.k_heads, s.v_heads) for s in members),
+                head_dim=max(max(s.k_dim, s.v_dim) for s in members),
+                dtype=dtype,
+                window=window,
+            )
+            for window, members in groups.items()
+        ]
+        slot_shapes = [_dims(s) for members in groups.values() for s in members]
+        own = any(e.kind in (RECURRENT, UNUSED) for e in layout)
+        make_cache = (lambda: default_caches(model)) if own else None
+        return cls(configs, layout, slot_shapes, make_cache, model)
 
     def open(self, prompt_tokens: Sequence[int], namespace: str = "") -> Session:
         """Starts a request. The longest cached prefix of full blocks is shared (never for hybrid
         models); feed `session.remaining_prompt` to mlx-lm. Raises OutOfBlocksError,
-        InvalidTokensError."""
-        seq, cached = self.cache.add_sequence(prompt_tokens, namespace)
-        return Session(self, seq, list(self.cache.tokens(seq)), cached)
+        InvalidTokensError; nothing changes then."""
+        if len(self.groups) == 1:
+            seq, cached = self.cache.add_sequence(prompt_tokens, namespace)
+            return Session(self, [seq], list(self.cache.tokens(seq)), cached)
+        # Every group shares one prefix: the shortest of their matches (their evictions differ).
+        cap = min(cache.prefix_match(prompt_tokens, namespace) for cache in self.groups)
+        for cache in self.groups:  # every group is checked before any changes
+            if not cache.can_add_sequence(prompt_tokens, namespace, cap):
+                raise OutOfBlocksError(
+                    f"open({len(prompt_tokens)} tokens): the {cache.config.num_blocks}-block "
+                    f"pool of the {_group_name(cache)} layers cannot hold it; nothing changed. "
+                    "Close sessions or use more blocks."
+                )
+        added = [cache.add_sequence(prompt_tokens, namespace, cap) for cache in self.groups]
+        seqs = [seq for seq, _ in added]
+        return Session(self, seqs, list(self.cache.tokens(seqs[0])), added[0][1])
 
-    def padded_tables(self, sessions: Sequence[Session]) -> mx.array:
-        """The sessions' block tables padded to one width, `[B, blocks]` int32. Tables change only
-        through metadata operations, which tick the clock, so every layer of a step reuses one."""
-        key = (self.cache.clock, tuple(s.seq for s in sessions))
+    def padded_tables(self, sessions: Sequence[Session], group: int = 0) -> mx.array:
+        """The sessions' block tables in one group's cache, padded to one width, `[B, blocks]`
+        int32 (holes a window released read block 0, masked). Tables change only through
+        metadata operations, which tick the clock, so every layer of a step reuses one."""
+        cache = self.groups[group]
+        key = (group, cache.clock, tuple(s.seqs[group] for s in sessions))
         if self._tables_key != key:
-            tables = [self.cache.block_table_array(s.seq) for s in sessions]
+            tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
             self._tables_key, self._tables = key, pad_tables(tables)
         return self._tables
+
+    def check_invariants(self) -> None:
+        """Every group's cache checks its invariants; sessions' sequences agree across groups."""
+        for cache in self.groups:
+            cache.check_invariants()
 
     def caches_for(self, sessions: list[Session]) -> list:
         """The cache list the model gets for these sessions, one object per `make_cache()` entry."""
@@ -119,9 +164,10 @@ class PagedKVStore:
         caches = []
         for i, entry in enumerate(self.entries):
             if entry.kind == FULL:
-                caches.append(PagedLayerCache(self, entry.layer, sessions))
+                caches.append(PagedLayerCache(self, entry.layer, sessions, entry.group))
             elif entry.kind == WINDOW:
-                caches.append(WindowLayerCache(self, entry.layer, sessions, entry.window))
+                window = WindowLayerCache(self, entry.layer, sessions, entry.window, entry.group)
+                caches.append(window)
             elif entry.kind == SHARED:
                 caches.append(None)
             else:  # recurrent state or an unused entry: mlx-lm's own object, per session
@@ -155,6 +201,11 @@ class PagedKVStore:
                 "session through its own session.caches."
             )
         return self.caches_for(sessions)
+
+
+def _group_name(cache) -> str:
+    window = cache.config.window
+    return "full-attention" if window is None else f"window-{window}"
 
 
 def _dims(shape: LayerShape) -> tuple[int, int, int, int]:

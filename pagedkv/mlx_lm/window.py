@@ -21,12 +21,12 @@ class WindowLayerCache(PagedLayerCache):
     shapes.py.)
     """
 
-    def __init__(self, store, layer: int, sessions, window: int) -> None:
-        super().__init__(store, layer, sessions)
+    def __init__(self, store, layer: int, sessions, window: int, group: int = 0) -> None:
+        super().__init__(store, layer, sessions, group)
         self.window = window
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        offsets = [s.offsets[self.layer] for s in self.sessions]
+        offsets = [s.offsets[self.slot] for s in self.sessions]
         look_back = min(self.window, window_size or self.window)
         if max(offsets) + N <= look_back:  # every query sees its whole history, as in a full layer
             return super().make_mask(N, return_array)

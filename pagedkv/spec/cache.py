@@ -503,9 +503,9 @@ class PagedCache:
         cfg = self.config
         if trim_uncovers_hole(new_length, leading_holes(seq.table), cfg.window, cfg.block_size):
             raise TrimError(
-                f"trim({num_tokens}) of sequence {seq.id} would leave its next query a key the "
+                f"trim({num_tokens}) of sequence {seq.id} would leave its last position a key the "
                 f"sliding window ({cfg.window}) already released (rule 10); trim at most "
-                f"{len(seq.tokens) - leading_holes(seq.table) * cfg.block_size - cfg.window + 1}."
+                f"{len(seq.tokens) - leading_holes(seq.table) * cfg.block_size - cfg.window}."
             )
         now = self._tick()
         keep = blocks_for(new_length, self.config.block_size)

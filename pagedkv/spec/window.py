@@ -10,8 +10,9 @@ before n - W is dead: `extend` and `decode_step` release it and leave a *hole* i
 - A hole is never written, committed or matched. A released block that was committed before stays
   cached in the prefix index, with its K/V intact: still a correct prefix for later requests. One
   that was never committed joins the free queue like any released block.
-- Trim may not uncover a hole: after trimming to length m, the next query (at m) needs keys from
-  m - W + 1 on, so a trim is refused unless those are all still held.
+- Trim may not uncover a hole: after trimming to length m, the sequence's last position m - 1
+  (the query decode attention asks about) needs keys from m - W on, so a trim is refused unless
+  those are all still held.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def leading_holes(table: list[int]) -> int:
 
 
 def trim_uncovers_hole(new_length: int, holes: int, window: int | None, block_size: int) -> bool:
-    """Whether trimming to `new_length` would leave the next query (at `new_length`) a key it
-    needs inside a released block: it needs positions new_length - window + 1 onwards."""
+    """Whether trimming to `new_length` would leave the last position (new_length - 1) a key it
+    needs inside a released block: it needs positions new_length - window onwards."""
     if window is None or holes == 0:
         return False
-    return new_length - window + 1 < holes * block_size
+    return new_length - window < holes * block_size

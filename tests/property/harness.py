@@ -331,7 +331,7 @@ class CacheMachine(RuleBasedStateMachine):
         before = self.caches[0].snapshot()
         status, result = self.apply("trim", seq, count)
         holes, window = self.holes(before, seq), self.config.window
-        uncovers = holes and length - count - window + 1 < holes * self.config.block_size
+        uncovers = holes and length - count - window < holes * self.config.block_size
         if count > length or uncovers:  # rule 8; rule 10: never uncover a released block
             assert status == "error"
         else:
