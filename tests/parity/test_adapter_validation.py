@@ -165,3 +165,34 @@ def test_none_entries_stay_none_and_store_nothing():
     dense = model(mx.array([prompt_tokens(7, seed=4)]), cache=model.make_cache())
     paged = model(mx.array([session.remaining_prompt]), cache=session.caches)
     assert mx.abs(dense - paged).max().item() <= 1e-4
+
+
+def test_a_group_out_of_blocks_changes_no_group():
+    """gemma3-style: full-attention and window-8 layers live in two caches. When the window
+    cache cannot take a step, neither cache changes (every group is checked first)."""
+    from dataclasses import replace
+
+    from pagedkv.errors import OutOfBlocksError
+
+    model = build("gemma3_text")
+    laid_out = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    configs = [laid_out.groups[0].config, replace(laid_out.groups[1].config, num_blocks=3)]
+    store = PagedKVStore(
+        configs, laid_out.entries, laid_out.layer_shapes, laid_out._make_cache, model
+    )
+
+    def state():
+        return [cache.snapshot() for cache in store.groups]
+
+    before = state()
+    with pytest.raises(OutOfBlocksError, match="window-8"):  # 13 positions need 4 blocks
+        store.open(list(range(1, 14)))
+    assert state() == before
+    session = store.open(list(range(1, 12)))  # 11 positions: 3 blocks in each cache
+    logits = model(mx.array([session.remaining_prompt]), cache=session.caches)
+    token = mx.argmax(logits[:, -1:], axis=-1)
+    logits = model(token, cache=session.caches)  # position 11: still in block 2
+    before, offsets = state(), list(session.offsets)
+    with pytest.raises(OutOfBlocksError):  # position 12 needs a 4th block in the window cache
+        model(mx.argmax(logits[:, -1:], axis=-1), cache=session.caches)
+    assert state() == before and session.offsets == offsets
