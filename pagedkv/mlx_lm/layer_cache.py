@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError, OutOfBlocksError
-from pagedkv.mlx_backend.attention import gather_batch
+from pagedkv.mlx_backend.attention import decode_attention, gather_batch
 
 if TYPE_CHECKING:
     from pagedkv.mlx_lm.session import Session
@@ -29,6 +29,7 @@ class PagedLayerCache:
         self.group = group  # which of the store's caches holds this layer (one per window size)
         self.cache = store.groups[group]
         self.slot = store.slot_of[(group, layer)]  # this layer's entry in session.offsets
+        self._fetched: tuple[mx.array, mx.array] | None = None  # the last decode fetch, lazy
 
     # -- what the model reads --------------------------------------------------------------------
 
@@ -41,6 +42,7 @@ class PagedLayerCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         count = self._validate(keys, values)
         cache, group = self.cache, self.group
+        self._fetched = None  # drop the lazy gather of the last step before the pools are written
         keys, values = self._pool_rows(keys), self._pool_rows(values)  # [B, L, kv_heads, dim]
         self._reserve(count)
         starts = [session.offsets[self.slot] for session in self.sessions]
@@ -57,7 +59,55 @@ class PagedLayerCache:
                     for group_cache, seq in zip(self.store.groups, session.seqs):
                         group_cache.commit(seq)
                     session.committed = True
-        return self._fetch()
+        fetched = self._fetch()
+        if count == 1:  # decode: routed attention may answer in place, leaving these unevaluated
+            self._fetched = fetched
+        return fetched
+
+    def routed_attention(self, queries, keys, values, scale, mask, sinks) -> mx.array | None:
+        """Decode attention straight from the pools (the fused kernel where dispatch allows), for
+        `routing.paged_sdpa`. Answers only the exact call it can: the keys and values this cache
+        just returned, one query per session, a float scale, a mask this cache made (or none),
+        sinks of one logit per query head. Otherwise returns None and the model attends over the
+        fetched history as before."""
+        fetched, self._fetched = self._fetched, None
+        if not self.store.routes_attention:
+            return None
+        if fetched is None or keys is not fetched[0] or values is not fetched[1]:
+            return None
+        cfg = self.cache.config
+        if self.store.layer_shapes[self.slot] != (cfg.num_kv_heads, cfg.head_dim) * 2:
+            return None  # a layer zero-padded into its group's pool: the gather path slices it
+        if (
+            queries.ndim != 4
+            or queries.shape[0] != len(self.sessions)
+            or queries.shape[2] != 1
+            or queries.shape[3] != cfg.head_dim
+            or queries.shape[1] % cfg.num_kv_heads
+            or not mx.issubdtype(queries.dtype, mx.floating)
+            or isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+        ):
+            return None
+        if sinks is not None and (
+            not isinstance(sinks, mx.array) or tuple(sinks.shape) != (queries.shape[1],)
+        ):
+            return None
+        known, window = self.store.mask_window(mask)
+        if not known:
+            return None
+        storage = self.cache.storage
+        batch = self.store.decode_batch(self.sessions, self.slot, self.group, window)
+        out = decode_attention(
+            queries[:, :, 0, :],
+            storage.keys[self.layer],
+            storage.values[self.layer],
+            batch,
+            float(scale),
+            sinks,
+        )
+        self.store.routed_calls += 1
+        return out[:, :, None, :]
 
     def _validate(self, keys, values) -> int:
         """Every check before the first change; returns the number of new positions."""
@@ -166,7 +216,10 @@ class PagedLayerCache:
         mask = keys[None, None, :] <= queries[:, :, None]  # [B, N, total]
         if window_size is not None:
             mask = mask & (keys[None, None, :] > queries[:, :, None] - window_size)
-        return mask[:, None] if len(offsets) > 1 else mask[0]
+        mask = mask[:, None] if len(offsets) > 1 else mask[0]
+        if N == 1:
+            self.store.remember_mask(mask, window_size)
+        return mask
 
     # -- the rest of mlx-lm's protocol -----------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -10,7 +12,9 @@ import mlx.core as mx
 from pagedkv.config import Config
 from pagedkv.errors import InvalidArgumentError, OutOfBlocksError, UnsupportedModelError
 from pagedkv.mlx_backend import PagedCache
-from pagedkv.mlx_backend.attention import pad_tables
+from pagedkv.mlx_backend.attention import decode_batch, pad_tables
+from pagedkv.mlx_backend.kernels.decode import DecodeBatch
+from pagedkv.mlx_lm import routing
 from pagedkv.mlx_lm.kinds import FULL, RECURRENT, SHARED, WINDOW, classify_all, default_caches
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 from pagedkv.mlx_lm.probe import ragged_batch_is_exact
@@ -66,16 +70,30 @@ class PagedKVStore:
         self.prefix_sharing = not any(e.kind == RECURRENT for e in self.entries)
         self._tables_key: tuple | None = None
         self._tables: mx.array | None = None
+        self._batch_key: tuple | None = None
+        self._batch: DecodeBatch | None = None
+        self._masks: deque[tuple[mx.array, int | None]] = deque(maxlen=8)  # made by make_mask
+        self._routed_modules: list[str] = []
+        self._unroute = None
+        self.routed_calls = 0  # decode attention calls answered in place (see routing)
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int = 16, dtype: str | None = None):
+    def for_model(
+        cls,
+        model,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: str | None = None,
+        route_attention: bool = True,
+    ):
         """A store laid out for `model`, or UnsupportedModelError naming what cannot run exactly.
 
         Cache kinds come from `model.make_cache()` (kinds.py); K/V shapes and the pool dtype (the
         model's activation dtype, so a quantized model gets its float16/bfloat16 pool) from one
         recorded forward pass (shapes.py). Each group (the full-attention layers; the layers of
         each window size) gets a pool of `num_blocks` blocks. Pass `dtype` to store K/V in another
-        dtype (lossy).
+        dtype (lossy). With `route_attention` (default) the model's decode attention runs in place
+        on the paged pools (see `pagedkv.mlx_lm.routing`) until `close()` or the store is dropped.
         """
         entries = default_caches(model)
         kinds = classify_all(entries)
@@ -120,7 +138,10 @@ class PagedKVStore:
         slot_shapes = [_dims(s) for members in groups.values() for s in members]
         own = any(e.kind in (RECURRENT, UNUSED) for e in layout)
         make_cache = (lambda: default_caches(model)) if own else None
-        return cls(configs, layout, slot_shapes, make_cache, model)
+        store = cls(configs, layout, slot_shapes, make_cache, model)
+        if route_attention:
+            store.route(model)
+        return store
 
     def open(self, prompt_tokens: Sequence[int], namespace: str = "") -> Session:
         """Starts a request. The longest cached prefix of full blocks is shared (never for hybrid
@@ -152,6 +173,47 @@ class PagedKVStore:
             tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
             self._tables_key, self._tables = key, pad_tables(tables)
         return self._tables
+
+    def route(self, model) -> None:
+        """Routes `model`'s decode attention to the paged kernel (reversed by `close`)."""
+        if self._unroute is None:
+            self._routed_modules = routing.route(model)
+            self._unroute = weakref.finalize(self, routing.unroute, self._routed_modules)
+
+    @property
+    def routes_attention(self) -> bool:
+        """Whether this store's caches answer the model's decode attention in place."""
+        return self._unroute is not None
+
+    def close(self) -> None:
+        """Gives the model its own attention helper back (sessions stay usable, via gather)."""
+        if self._unroute is not None:
+            self._unroute()
+            self._unroute = None
+
+    def decode_batch(self, sessions: Sequence[Session], slot: int, group: int, window):
+        """Kernel inputs for one decode step (tables, bounds, longest) of one group's cache,
+        shared by every layer of the group."""
+        cache = self.groups[group]
+        lengths = tuple(s.offsets[slot] for s in sessions)
+        key = (group, cache.clock, tuple(s.seqs[group] for s in sessions), lengths, window)
+        if self._batch_key != key:
+            tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
+            self._batch_key, self._batch = key, decode_batch(tables, list(lengths), window)
+        return self._batch
+
+    def remember_mask(self, mask: mx.array, window: int | None) -> None:
+        """Records a mask that make_mask returned, so routed attention knows what it means."""
+        self._masks.append((mask, window))
+
+    def mask_window(self, mask) -> tuple[bool, int | None]:
+        """(known, window) of a mask passed to attention: None means every key is visible."""
+        if mask is None:
+            return True, None
+        for made, window in self._masks:
+            if made is mask:
+                return True, window
+        return False, None
 
     def check_invariants(self) -> None:
         """Every group's cache checks its invariants; sessions' sequences agree across groups."""

@@ -62,6 +62,13 @@ def walk(model) -> str:
         store = PagedKVStore.for_model(model, num_blocks=64, block_size=BLOCK)
     except UnsupportedModelError as error:
         return f"refused: {error}"
+    try:  # decode attention routed to the paged pools (the default), given back after
+        return _walk(model, store)
+    finally:
+        store.close()
+
+
+def _walk(model, store) -> str:
     tokens, logits = dense_run(model, PROMPT)
     first = store.open(PROMPT)
     paged_check(model, first, tokens, logits, "fresh request")
