@@ -153,7 +153,9 @@ class PagedLayerCache:
         """`[B, heads, L, dim]` -> `[B, L, kv_heads, head_dim]` in the pool's dtype, zero-padded
         when this layer's K or V is smaller than the pool's rows (per-layer shapes, MLA)."""
         cfg = self.cache.config
-        array = array.transpose(0, 2, 1, 3).astype(self.cache.storage.dtype)
+        array = array.transpose(0, 2, 1, 3)
+        if array.dtype != self.cache.storage.dtype:  # an astype is an op even when a no-op
+            array = array.astype(self.cache.storage.dtype)
         heads, dim = array.shape[2], array.shape[3]
         if (heads, dim) != (cfg.num_kv_heads, cfg.head_dim):
             array = mx.pad(
