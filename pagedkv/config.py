@@ -17,6 +17,11 @@ class Config:
     One block id names the same slot in every layer's pool. Per layer, K and V are each stored as
     `[num_blocks, block_size, num_kv_heads, head_dim]` (layout A). With `store_kv=False` the cache
     keeps metadata only, so very large workloads can be simulated without K/V arrays.
+
+    `window` (positions, or None for full attention) makes every layer a sliding-window layer: a
+    query at position q attends to keys (q - window, q], and blocks wholly before the window of
+    every present and future query are released (rule 10 in `pagedkv.spec.cache`), so a
+    sequence's memory stays bounded by the window plus a block.
     """
 
     num_blocks: int
@@ -26,6 +31,7 @@ class Config:
     head_dim: int = 8
     dtype: str = "float32"
     store_kv: bool = True
+    window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "num_layers", "num_kv_heads", "head_dim"):
@@ -36,6 +42,13 @@ class Config:
                 )
         if self.dtype not in DTYPES:
             raise ConfigError(f"Config.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        if self.window is not None and (
+            not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1
+        ):
+            raise ConfigError(
+                f"Config.window must be None or a positive int, got {self.window!r}; pass e.g. "
+                "window=4096 for a sliding-window model."
+            )
         if not isinstance(self.store_kv, bool):
             raise ConfigError(f"Config.store_kv must be a bool, got {self.store_kv!r}.")
 

@@ -58,3 +58,7 @@ class StorageDisabledError(PagedKVError):
 
 class InvariantError(PagedKVError, AssertionError):
     """check_invariants() found the cache in a state the rules forbid (a bug, never user error)."""
+
+
+class UnsupportedModelError(PagedKVError, ValueError):
+    """A model uses a cache feature the mlx-lm adapter cannot run exactly (refused up front)."""

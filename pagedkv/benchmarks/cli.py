@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pagedkv.benchmarks.common import device_info
 
-GROUPS = ("gather", "memory", "prefill", "throughput")
+GROUPS = ("gather", "memory", "prefill", "throughput", "window")
 
 
 def progress(done: int, total: int, label: str, started: float) -> None:
@@ -145,6 +145,18 @@ def run_prefill(full: bool, repeats: int):
     return ["workload", "requests", "prompt_tokens", "prefill_avoided", "avoided%"], rows
 
 
+def run_window(full: bool, repeats: int):
+    from pagedkv.benchmarks.window import FULL, QUICK, window_curve
+    from pagedkv.mlx_backend import PagedCache
+
+    sweep = FULL if full else QUICK
+    started = time.perf_counter()
+    rows = [list(r) for r in window_curve(PagedCache, **sweep)]
+    progress(1, 1, f"window {sweep['window']}, {sweep['tokens']} tokens", started)
+    header = ["tokens", "window_blocks_in_use", "full_blocks_in_use", "bound"]
+    return header, rows
+
+
 def run_throughput(full: bool, repeats: int, model_name: str = "auto"):
     import mlx.core as mx
 
@@ -239,6 +251,15 @@ def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
             title="K/V memory: paged vs mlx-lm dense caches",
             yscale="log",
         )
+    elif group == "window":
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label="window layers")
+        ax.plot([r[0] for r in rows], [r[2] for r in rows], marker="o", label="full attention")
+        ax.plot([r[0] for r in rows], [r[3] for r in rows], ls="--", label="window/S + 1")
+        ax.set(
+            xlabel="tokens in the request",
+            ylabel="pool blocks in use",
+            title="Sliding-window layers: blocks before the window are released",
+        )
     elif group == "prefill":
         ax.barh([f"{r[0]} x{r[1]}" for r in rows], [r[4] for r in rows])
         ax.set(xlabel="prefill tokens avoided (%)", title="Prefill avoided by prefix sharing")
@@ -273,6 +294,7 @@ def main(args) -> int:
         "memory": run_memory,
         "prefill": run_prefill,
         "throughput": lambda full, repeats: run_throughput(full, repeats, args.model),
+        "window": run_window,
     }
     for group in groups:
         print(f"\n== {group}", flush=True)

@@ -30,10 +30,11 @@ def gather_batch(pool: mx.array, tables: mx.array) -> mx.array:
 
 
 def pad_tables(tables: list[np.ndarray]) -> mx.array:
-    """Block tables padded with block 0 (masked or sliced off by callers) to one width: `[B, T]`."""
+    """Block tables padded with block 0 (masked or sliced off by callers) to one width: `[B, T]`.
+    Holes (-1, blocks a sliding window released) also read block 0: every query masks them."""
     padded = np.zeros((len(tables), max(len(t) for t in tables)), np.int32)
     for row, table in enumerate(tables):
-        padded[row, : len(table)] = table
+        padded[row, : len(table)] = np.maximum(table, 0)
     return mx.array(padded)
 
 
@@ -94,6 +95,11 @@ def attention_decode(
     scale = validate.scale(scale, cfg.head_dim)
     window = validate.window(window)
     sinks = validate.sinks(sinks, queries.shape[1])
+    if window is None:  # rule 10: a windowed cache's layers attend within its window
+        window = cfg.window
+    for seq in seqs:  # rule 10, checked first as in the spec
+        if seq.tokens:
+            _require_window_held(cache, seq, len(seq.tokens) - 1, "attention_decode", window)
     if not seqs:
         return mx.zeros_like(queries)
     for seq in seqs:
@@ -121,12 +127,26 @@ def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | No
             "positions; pass 1..len queries."
         )
     scale = validate.scale(scale, cfg.head_dim)
-    table = mx.array(seq.table[None, : seq.num_blocks])
+    _require_window_held(cache, seq, length - count, "attention_prefill", cfg.window)
+    table = mx.array(np.maximum(seq.table[None, : seq.num_blocks], 0))
     keys = gather_batch(storage.keys[layer], table)[:, :, :length].astype(queries.dtype)
     values = gather_batch(storage.values[layer], table)[:, :, :length].astype(queries.dtype)
     query_pos = mx.arange(length - count, length)
     mask = mx.arange(length)[None, :] <= query_pos[:, None]  # [L, len]
+    if cfg.window is not None:
+        mask = mask & (mx.arange(length)[None, :] > query_pos[:, None] - cfg.window)
     out = mx.fast.scaled_dot_product_attention(
         queries.transpose(1, 0, 2)[None], keys, values, scale=scale, mask=mask
     )
     return out[0].transpose(1, 0, 2)
+
+
+def _require_window_held(cache, seq, first_query: int, asked: str, window) -> None:
+    held_from = seq.holes * cache.size
+    start = 0 if window is None else max(first_query - window + 1, 0)
+    if start < held_from:
+        raise InvalidPositionError(
+            f"{asked}: the query at position {first_query} needs K/V from position "
+            f"{start}, but sequence {seq.id} holds K/V from {held_from} on "
+            "(the sliding window released the rest); query later positions only."
+        )

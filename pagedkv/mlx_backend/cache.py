@@ -31,7 +31,17 @@ from pagedkv.mlx_backend.storage import KVStorage
 
 
 class Sequence:
-    __slots__ = ("id", "namespace", "tokens", "table", "num_blocks", "committed", "path", "epoch")
+    __slots__ = (
+        "id",
+        "namespace",
+        "tokens",
+        "table",
+        "num_blocks",
+        "committed",
+        "path",
+        "epoch",
+        "holes",
+    )
 
     def __init__(
         self,
@@ -43,6 +53,7 @@ class Sequence:
         committed: int,
         path: list[Node],
         epoch: int,
+        holes: int = 0,
     ) -> None:
         self.id = seq_id
         self.namespace = namespace
@@ -52,6 +63,7 @@ class Sequence:
         self.committed = committed
         self.path = path  # index nodes of the committed blocks, valid while epoch matches
         self.epoch = epoch
+        self.holes = holes  # leading table entries released by the window (-1), rule 10
 
     def append_block(self, block: int) -> None:
         if self.num_blocks == len(self.table):
@@ -63,6 +75,10 @@ class Sequence:
 
     def blocks(self) -> list[int]:
         return self.table[: self.num_blocks].tolist()
+
+    def held(self) -> list[int]:
+        """The table without its holes."""
+        return self.table[self.holes : self.num_blocks].tolist()
 
 
 class PagedCache:
@@ -145,6 +161,14 @@ class PagedCache:
         elif refcounts[block] == 0:
             self.pool.free_queue.append(block)
 
+    def _slide(self, seq: Sequence, now: int) -> None:
+        """Rule 10: drops the blocks wholly before the next query's window, front to back."""
+        dead = (len(seq.tokens) - self.config.window + 1) // self.size
+        while seq.holes < dead:
+            self._drop(seq.table.item(seq.holes), now)
+            seq.table[seq.holes] = -1
+            seq.holes += 1
+
     # ---- reserve -------------------------------------------------------------------------------
 
     def _match(self, tokens: list[int], namespace: str) -> list[Node]:
@@ -157,16 +181,27 @@ class PagedCache:
             parent = node
         return chain
 
-    def can_add_sequence(self, tokens, namespace: str = "") -> bool:
-        tokens = validate.token_list(tokens, "can_add_sequence")
-        chain = self._match(tokens, validate.namespace(namespace))
+    def _prompt(self, tokens, namespace, max_cached, asked: str):
+        tokens = validate.token_list(tokens, asked)
+        namespace = validate.namespace(namespace)
+        cap = None if max_cached is None else validate.count(max_cached, "max_cached")
+        chain = self._match(tokens, namespace)
+        if cap is not None:
+            del chain[cap // self.size :]
+        return tokens, namespace, chain
+
+    def prefix_match(self, tokens, namespace: str = "") -> int:
+        return len(self._prompt(tokens, namespace, None, "prefix_match")[2]) * self.size
+
+    def can_add_sequence(self, tokens, namespace: str = "", max_cached: int | None = None) -> bool:
+        tokens, _, chain = self._prompt(tokens, namespace, max_cached, "can_add_sequence")
         needed = -(-len(tokens) // self.size) - len(chain)
         return needed <= self.blocks_available({n.block for n in chain})
 
-    def add_sequence(self, tokens, namespace: str = "") -> tuple[int, int]:
-        tokens = validate.token_list(tokens, "add_sequence")
-        namespace = validate.namespace(namespace)
-        chain = self._match(tokens, namespace)
+    def add_sequence(
+        self, tokens, namespace: str = "", max_cached: int | None = None
+    ) -> tuple[int, int]:
+        tokens, namespace, chain = self._prompt(tokens, namespace, max_cached, "add_sequence")
         needed = -(-len(tokens) // self.size) - len(chain)
         pinned = {n.block for n in chain if self.pool.refcounts[n.block] == 0}
         self._ensure(needed, pinned, f"add_sequence({len(tokens)} tokens)")
@@ -217,6 +252,8 @@ class PagedCache:
         if cow or grow:
             self._ensure(cow + grow, set(), f"extend(sequence {seq.id}, {len(tokens)})")
         self.clock += 1
+        if self.config.window is not None:
+            self._slide(seq, self.clock)
         if cow:
             self._copy_tail(seq, self.clock)
         for _ in range(grow):
@@ -234,9 +271,38 @@ class PagedCache:
                 f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
                 f"sequences and {len(tokens)} tokens."
             )
+        needed, cows = self._decode_plan(seqs)
+        if needed:
+            self._ensure(needed, set(), f"decode_step({len(seqs)} sequences)")
+        self.clock += 1
+        window = self.config.window
+        for seq, token, cow in zip(seqs, tokens, cows):
+            if window is not None:
+                self._slide(seq, self.clock)
+            if cow:
+                self._copy_tail(seq, self.clock)
+            elif cow is None:
+                seq.append_block(self._take_block())
+            seq.tokens.append(token)
+
+    def can_decode_step(self, seq_ids) -> bool:
+        seqs = [self._seq(seq_id) for seq_id in seq_ids]
+        if len(set(map(id, seqs))) != len(seqs) or not seqs:
+            raise InvalidArgumentError(
+                f"can_decode_step needs distinct sequences; got {len(seqs)} sequences."
+            )
+        return self._decode_plan(seqs)[0] <= self.blocks_available()
+
+    def _decode_plan(self, seqs: list[Sequence]) -> tuple[int, list]:
+        """(blocks needed, per sequence: True copy the tail / None a new block / False nothing)."""
         size, refcounts, indexed = self.size, self.pool.refcounts, self.index.by_block
-        needed, cows, dropped = 0, [], None
+        needed, cows, dropped, window = 0, [], None, self.config.window
         for seq in seqs:  # inline _plan: this loop is the per-token hot path of a server
+            if window is not None:  # blocks this step's window releases drop references too
+                for i in range(seq.holes, (len(seq.tokens) - window + 1) // size):
+                    dropped = dropped if dropped is not None else {}
+                    block = seq.table.item(i)
+                    dropped[block] = dropped.get(block, 0) + 1
             if len(seq.tokens) % size:
                 tail = seq.table.item(seq.num_blocks - 1)
                 cow = refcounts[tail] != 1 or tail in indexed
@@ -249,15 +315,7 @@ class PagedCache:
                 cow = None  # a fresh block past the tail
             needed += cow is not False
             cows.append(cow)
-        if needed:
-            self._ensure(needed, set(), f"decode_step({len(seqs)} sequences)")
-        self.clock += 1
-        for seq, token, cow in zip(seqs, tokens, cows):
-            if cow:
-                self._copy_tail(seq, self.clock)
-            elif cow is None:
-                seq.append_block(self._take_block())
-            seq.tokens.append(token)
+        return needed, cows
 
     def _copy_tail(self, seq: Sequence, now: int) -> None:
         old = int(seq.table[seq.num_blocks - 1])
@@ -311,6 +369,11 @@ class PagedCache:
         runs, position, size = [], start, self.size
         while position < start + rows:  # one contiguous run per touched block
             block = int(seq.table[position // size])
+            if block < 0:
+                raise NotWritableError(
+                    f"write_kv at position {position} of sequence {seq.id}: the sliding window "
+                    "released it (rule 10); released positions are never written."
+                )
             if not self._writable(block):
                 raise NotWritableError(
                     f"write_kv into block {block} of sequence {seq.id}, which is shared "
@@ -384,20 +447,20 @@ class PagedCache:
         full = len(seq.tokens) // size
         if seq.epoch != index.epoch:  # a node was removed since: re-walk from the root
             seq.path, seq.epoch = [], index.epoch
-            start = 0
-        else:
-            start = seq.committed
+        # The path holds the walked nodes from the root: resume after them. It can be shorter
+        # than `committed` when an earlier walk stopped at a block the window released.
         published, path, tokens = 0, seq.path, seq.tokens
-        del path[start:]
         parent = path[-1] if path else None
-        for i in range(start, full):
+        for i in range(len(path), full):
             key = tuple(tokens[i * size : (i + 1) * size])
             node = index.child(seq.namespace, parent, key)
             block = int(seq.table[i])
             if node is None:
+                if block < 0:  # rule 10: a released block is never published
+                    break
                 node = index.insert(seq.namespace, parent, key, block, now)
                 published += 1
-            elif node.block != block and i >= seq.committed:
+            elif node.block != block and block >= 0 and i >= seq.committed:
                 self.counts["duplicates"] += 1
             path.append(node)
             parent = node
@@ -410,7 +473,7 @@ class PagedCache:
         parent = self._seq(seq_id)
         self.clock += 1
         refcounts = self.pool.refcounts
-        for block in parent.blocks():
+        for block in parent.held():
             refcounts[block] += 1
         child = Sequence(
             self.next_sequence_id,
@@ -421,6 +484,7 @@ class PagedCache:
             parent.committed,
             list(parent.path),
             parent.epoch,
+            parent.holes,
         )
         self.sequences[child.id] = child
         self.next_sequence_id += 1
@@ -435,8 +499,14 @@ class PagedCache:
                 f"trim({num_tokens}) of sequence {seq.id}, which holds {len(seq.tokens)} tokens; "
                 "trim at most its length."
             )
+        length, window = len(seq.tokens) - num_tokens, self.config.window
+        if seq.holes and length - window < seq.holes * self.size:
+            raise TrimError(
+                f"trim({num_tokens}) of sequence {seq.id}: its last position would need K/V the "
+                f"sliding window ({window}) released (rule 10); trim at most "
+                f"{len(seq.tokens) - seq.holes * self.size - window}."
+            )
         self.clock += 1
-        length = len(seq.tokens) - num_tokens
         keep = -(-length // self.size)
         for block in seq.table[keep : seq.num_blocks][::-1].tolist():
             self._drop(block, self.clock)
@@ -448,7 +518,7 @@ class PagedCache:
     def free(self, seq_id: int) -> None:
         seq = self._seq(seq_id)
         self.clock += 1
-        for block in seq.table[: seq.num_blocks][::-1].tolist():
+        for block in seq.held()[::-1]:
             self._drop(block, self.clock)
         del self.sequences[seq.id]
 
@@ -489,7 +559,12 @@ class PagedCache:
         storage = self._storage("gather")
         seq = self._seq(seq_id)
         layer = validate.layer(layer, self.config.num_layers)
-        return storage.gather(layer, mx.array(seq.table[: seq.num_blocks]), len(seq.tokens))
+        blocks = np.maximum(seq.table[: seq.num_blocks], 0)  # holes read block 0, zeroed below
+        keys, values = storage.gather(layer, mx.array(blocks), len(seq.tokens))
+        if seq.holes:  # rule 10: released positions read as zeros
+            held = (mx.arange(len(seq.tokens)) >= seq.holes * self.size)[:, None, None]
+            keys, values = mx.where(held, keys, 0), mx.where(held, values, 0)
+        return keys, values
 
     # Attention and observation live in their own modules to keep this one short.
     attention_decode = attention.attention_decode

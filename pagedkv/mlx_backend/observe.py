@@ -12,6 +12,8 @@ def stats(cache) -> Stats:
     for seq in cache.sequences.values():
         length = len(seq.tokens)
         for i, block in enumerate(seq.blocks()):
+            if block < 0:
+                continue
             rows = min(size, length - i * size)
             if rows > rows_held.get(block, 0):
                 rows_held[block] = rows
@@ -64,7 +66,15 @@ def check_invariants(cache) -> None:
     seen = [0] * n
     for seq in cache.sequences.values():
         need(seq.num_blocks == -(-len(seq.tokens) // size), f"seq {seq.id}: table length")
-        for block in seq.blocks():
+        blocks = seq.blocks()
+        need(all(b < 0 for b in blocks[: seq.holes]), f"seq {seq.id}: holes are not -1")
+        need(min(seq.held(), default=0) >= 0, f"seq {seq.id}: a hole after a held block")
+        window = cache.config.window
+        need(
+            not seq.holes or seq.holes <= (len(seq.tokens) - window + 1) // size,
+            f"seq {seq.id}: a released block is still inside the window",
+        )
+        for block in seq.held():
             seen[block] += 1
     need(seen == refcounts, "refcount != occurrences in block tables")
     queue = list(cache.pool.free_queue)
@@ -95,6 +105,8 @@ def check_invariants(cache) -> None:
     for seq in cache.sequences.values():
         blocks = seq.blocks()
         for i, block in enumerate(blocks):
+            if block < 0:
+                continue
             node = index.by_block.get(block)
             end = min(len(seq.tokens), (i + 1) * size)
             need(
@@ -102,7 +114,7 @@ def check_invariants(cache) -> None:
                 f"seq {seq.id} holds indexed block {block} under other tokens",
             )
         if seq.epoch == index.epoch:
-            need(len(seq.path) == seq.committed, f"seq {seq.id}: committed path length")
+            need(len(seq.path) <= seq.committed, f"seq {seq.id}: committed path length")
             need(
                 all(index.by_block.get(nd.block) is nd for nd in seq.path),
                 f"seq {seq.id}: committed path points at removed nodes",

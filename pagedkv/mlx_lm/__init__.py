@@ -13,6 +13,12 @@ with post-RoPE `[B, kv_heads, L, head_dim]` (expecting the whole history back), 
         ...
     session.close()                                  # frees; committed prompt blocks stay cached
 
+`PagedKVStore.for_model` lays the store out from the model itself (kinds.py, shapes.py): cache
+kinds from `model.make_cache()` (full attention, sliding windows, layers sharing another layer's
+K/V, recurrent state kept in mlx-lm's own objects), K/V shapes and dtype from one recorded forward
+pass, one paged cache per attention span (windows release blocks before the window), and a clear
+UnsupportedModelError for what it cannot run exactly. docs/mlx-lm.md lists every architecture.
+
 The store learns a request's tokens from `open(prompt_tokens)`: prompt blocks are reserved there,
 written as mlx-lm prefills, and committed to the prefix index once every layer has written the
 whole prompt. Generated tokens are not seen by a cache (mlx-lm feeds the model, not the cache), so
@@ -21,6 +27,7 @@ positions past the prompt are reserved under `UNKNOWN_TOKEN` and never published
 
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 from pagedkv.mlx_lm.session import UNKNOWN_TOKEN, Session
-from pagedkv.mlx_lm.store import PagedKVStore, model_kv_shape
+from pagedkv.mlx_lm.store import PagedKVStore
+from pagedkv.mlx_lm.window import WindowLayerCache
 
-__all__ = ["UNKNOWN_TOKEN", "PagedKVStore", "PagedLayerCache", "Session", "model_kv_shape"]
+__all__ = ["UNKNOWN_TOKEN", "PagedKVStore", "PagedLayerCache", "Session", "WindowLayerCache"]

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from pagedkv.errors import InvalidArgumentError, KVShapeError
+from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError, OutOfBlocksError
 from pagedkv.mlx_backend.attention import decode_attention, gather_batch
 
 if TYPE_CHECKING:
@@ -14,13 +14,21 @@ if TYPE_CHECKING:
     from pagedkv.mlx_lm.store import PagedKVStore
 
 
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
 class PagedLayerCache:
     """mlx-lm's cache protocol for one layer of one or more sessions."""
 
-    def __init__(self, store: PagedKVStore, layer: int, sessions: list[Session]) -> None:
+    def __init__(
+        self, store: PagedKVStore, layer: int, sessions: list[Session], group: int = 0
+    ) -> None:
         self.store = store
-        self.layer = layer
+        self.layer = layer  # in the group's pool
         self.sessions = sessions
+        self.group = group  # which of the store's caches holds this layer (one per window size)
+        self.cache = store.groups[group]
+        self.slot = store.slot_of[(group, layer)]  # this layer's entry in session.offsets
         self._fetched: tuple[mx.array, mx.array] | None = None  # the last decode fetch, lazy
 
     # -- what the model reads --------------------------------------------------------------------
@@ -28,40 +36,28 @@ class PagedLayerCache:
     @property
     def offset(self):
         if len(self.sessions) == 1:
-            return self.sessions[0].offsets[self.layer]
-        return mx.array([s.offsets[self.layer] for s in self.sessions], dtype=mx.int32)
+            return self.sessions[0].offsets[self.slot]
+        return mx.array([s.offsets[self.slot] for s in self.sessions], dtype=mx.int32)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        batch, heads, count, dim = keys.shape
-        cfg, cache = self.store.config, self.store.cache
-        if batch != len(self.sessions) or heads != cfg.num_kv_heads or dim != cfg.head_dim:
-            raise KVShapeError(
-                f"update_and_fetch got keys {tuple(keys.shape)}; this cache expects "
-                f"[{len(self.sessions)}, {cfg.num_kv_heads}, L, {cfg.head_dim}]."
-            )
-        if batch > 1 and count > 1:  # extending several sequences by several tokens is not atomic
-            raise InvalidArgumentError(
-                f"a batched cache takes one token per sequence per call (decode), got {count}; "
-                "prefill each request through its own session.caches first."
-            )
+        count = self._validate(keys, values)
+        cache, group = self.cache, self.group
         self._fetched = None  # drop the lazy gather of the last step before the pools are written
-        dtype = cache.storage.dtype
-        keys = keys.transpose(0, 2, 1, 3)  # [B, L, kv_heads, head_dim]
-        values = values.transpose(0, 2, 1, 3)
-        if keys.dtype != dtype or values.dtype != dtype:  # an astype is an op even when a no-op
-            keys, values = keys.astype(dtype), values.astype(dtype)
+        keys, values = self._pool_rows(keys), self._pool_rows(values)  # [B, L, kv_heads, dim]
         self._reserve(count)
-        starts = [session.offsets[self.layer] for session in self.sessions]
+        starts = [session.offsets[self.slot] for session in self.sessions]
         if len(self.sessions) == 1:
-            cache.write_kv(self.sessions[0].seq, self.layer, starts[0], keys[0], values[0])
+            cache.write_kv(self.sessions[0].seqs[group], self.layer, starts[0], keys[0], values[0])
         else:  # one scatter per pool for the whole batch
-            cache.write_kv_batch([s.seq for s in self.sessions], self.layer, starts, keys, values)
+            seqs = [s.seqs[group] for s in self.sessions]
+            cache.write_kv_batch(seqs, self.layer, starts, keys, values)
         for session, start in zip(self.sessions, starts):
-            session.offsets[self.layer] = start + count
-        if self.layer == cfg.num_layers - 1:
+            session.offsets[self.slot] = start + count
+        if self.store.prefix_sharing:
             for session in self.sessions:  # the whole prompt is in every layer: publish it
-                if not session.committed and session.offsets[self.layer] >= len(session.prompt):
-                    cache.commit(session.seq)
+                if not session.committed and min(session.offsets) >= len(session.prompt):
+                    for group_cache, seq in zip(self.store.groups, session.seqs):
+                        group_cache.commit(seq)
                     session.committed = True
         fetched = self._fetch()
         if count == 1:  # decode: routed attention may answer in place, leaving these unevaluated
@@ -79,7 +75,9 @@ class PagedLayerCache:
             return None
         if fetched is None or keys is not fetched[0] or values is not fetched[1]:
             return None
-        cfg = self.store.config
+        cfg = self.cache.config
+        if self.store.layer_shapes[self.slot] != (cfg.num_kv_heads, cfg.head_dim) * 2:
+            return None  # a layer zero-padded into its group's pool: the gather path slices it
         if (
             queries.ndim != 4
             or queries.shape[0] != len(self.sessions)
@@ -98,8 +96,8 @@ class PagedLayerCache:
         known, window = self.store.mask_window(mask)
         if not known:
             return None
-        storage = self.store.cache.storage
-        batch = self.store.decode_batch(self.sessions, self.layer, window)
+        storage = self.cache.storage
+        batch = self.store.decode_batch(self.sessions, self.slot, self.group, window)
         out = decode_attention(
             queries[:, :, 0, :],
             storage.keys[self.layer],
@@ -111,34 +109,104 @@ class PagedLayerCache:
         self.store.routed_calls += 1
         return out[:, :, None, :]
 
-    def _reserve(self, count: int) -> None:
-        """The first layer to reach new positions reserves them for every layer."""
-        cache = self.store.cache
-        growing = []
+    def _validate(self, keys, values) -> int:
+        """Every check before the first change; returns the number of new positions."""
+        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
+        batch = len(self.sessions)
         for session in self.sessions:
             session._require_open()
-            end = session.offsets[self.layer] + count
-            if end > cache.sequence_length(session.seq):
-                growing.append((session, cache.sequence_length(session.seq), end))
-        if count == 1 and len(growing) > 1:  # batched decode: one operation, all or nothing
-            cache.decode_step(
-                [s.seq for s, _, _ in growing],
-                [s._tokens_for(start, end)[0] for s, start, end in growing],
+        for name, array, heads, dim in (
+            ("keys", keys, k_heads, k_dim),
+            ("values", values, v_heads, v_dim),
+        ):
+            if not isinstance(array, mx.array):
+                raise KVShapeError(
+                    f"update_and_fetch {name} must be an mx.array, got {type(array).__name__}."
+                )
+            if array.ndim != 4 or (array.shape[0], array.shape[1], array.shape[3]) != (
+                batch,
+                heads,
+                dim,
+            ):
+                raise KVShapeError(
+                    f"update_and_fetch got {name} {tuple(array.shape)}; layer {self.layer} of "
+                    f"this cache expects [{batch}, {heads}, L, {dim}]."
+                )
+            if array.dtype not in _FLOATS:
+                raise KVDtypeError(
+                    f"update_and_fetch {name} are {array.dtype}; pass float16, bfloat16 or float32."
+                )
+        count = keys.shape[2]
+        if values.shape[2] != count or count < 1:
+            raise KVShapeError(
+                f"update_and_fetch got {count} key positions and {values.shape[2]} value "
+                "positions; pass the same number (at least one)."
             )
+        if batch > 1 and count > 1:  # extending several sequences by several tokens is not atomic
+            raise InvalidArgumentError(
+                f"a batched cache takes one token per sequence per call (decode), got {count}; "
+                "prefill each request through its own session.caches first."
+            )
+        return count
+
+    def _pool_rows(self, array: mx.array) -> mx.array:
+        """`[B, heads, L, dim]` -> `[B, L, kv_heads, head_dim]` in the pool's dtype, zero-padded
+        when this layer's K or V is smaller than the pool's rows (per-layer shapes, MLA)."""
+        cfg = self.cache.config
+        array = array.transpose(0, 2, 1, 3)
+        if array.dtype != self.cache.storage.dtype:  # an astype is an op even when a no-op
+            array = array.astype(self.cache.storage.dtype)
+        heads, dim = array.shape[2], array.shape[3]
+        if (heads, dim) != (cfg.num_kv_heads, cfg.head_dim):
+            array = mx.pad(
+                array, [(0, 0), (0, 0), (0, cfg.num_kv_heads - heads), (0, cfg.head_dim - dim)]
+            )
+        return array
+
+    def _reserve(self, count: int) -> None:
+        """The first layer to reach new positions reserves them for every layer, in every group's
+        cache: each group is checked first, so a step that cannot get its blocks changes nothing."""
+        store = self.store
+        growing = []
+        for session in self.sessions:
+            end = session.offsets[self.slot] + count
+            length = store.cache.sequence_length(session.seqs[0])  # equal in every group
+            if end > length:
+                growing.append((session, length, end))
+        if not growing:
+            return
+        several = len(store.groups) > 1
+        if count == 1 and len(growing) > 1:  # batched decode: one operation, all or nothing
+            tokens = [s._tokens_for(start, end)[0] for s, start, end in growing]
+            per_group = [[s.seqs[g] for s, _, _ in growing] for g in range(len(store.groups))]
+            for cache, seqs in zip(store.groups, per_group):
+                if several and not cache.can_decode_step(seqs):
+                    _out_of_blocks(cache, f"a decode step of {len(seqs)} sessions")
+            for cache, seqs in zip(store.groups, per_group):
+                cache.decode_step(seqs, tokens)
             return
         for session, start, end in growing:
-            cache.extend(session.seq, session._tokens_for(start, end))
+            for cache, seq in zip(store.groups, session.seqs):
+                if several and not cache.can_extend(seq, end - start):
+                    _out_of_blocks(cache, f"extending a session by {end - start} positions")
+            for cache, seq in zip(store.groups, session.seqs):
+                cache.extend(seq, session._tokens_for(start, end))
 
     def _fetch(self) -> tuple[mx.array, mx.array]:
-        cache, layer = self.store.cache, self.layer
-        length = max(s.offsets[layer] for s in self.sessions)
-        tables = self.store.padded_tables(self.sessions)
-        keys = gather_batch(cache.storage.keys[layer], tables)[:, :, :length]
-        values = gather_batch(cache.storage.values[layer], tables)[:, :, :length]
+        cache, layer = self.cache, self.layer
+        length = max(s.offsets[self.slot] for s in self.sessions)
+        tables = self.store.padded_tables(self.sessions, self.group)
+        k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
+        keys = gather_batch(cache.storage.keys[layer], tables)[:, :k_heads, :length, :k_dim]
+        values = gather_batch(cache.storage.values[layer], tables)[:, :v_heads, :length, :v_dim]
         return keys, values
 
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        """The whole K/V history, as mlx-lm's KVCache returns it (afm7 reads it for reuse layers)."""
+        return self._fetch()
+
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        offsets = [s.offsets[self.layer] for s in self.sessions]
+        offsets = [s.offsets[self.slot] for s in self.sessions]
         if len(set(offsets)) == 1 and window_size is None:  # like mlx-lm's own KVCache
             if N == 1:
                 return None
@@ -161,18 +229,32 @@ class PagedLayerCache:
         return True
 
     def trim(self, n: int) -> int:
-        """Drops the last n positions of this layer (all sessions); returns how many."""
-        trimmed = min(n, min(s.offsets[self.layer] for s in self.sessions))
+        """Drops the last n positions of this layer (all sessions); returns n.
+
+        Raises InvalidArgumentError unless n is an int in [0, offset] of every session and every
+        session is open; nothing changes then."""
         for session in self.sessions:
-            session.offsets[self.layer] -= trimmed
+            session._require_open()
+        offset = min(s.offsets[self.slot] for s in self.sessions)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= offset:
+            raise InvalidArgumentError(
+                f"trim({n!r}) on layer {self.layer}: pass an int in [0, {offset}] (the positions "
+                "this cache holds)."
+            )
+        for session in self.sessions:  # a window may forbid the length this trim leads to
+            offsets = list(session.offsets)
+            offsets[self.slot] -= n
+            session._check_trim_to(max(offsets))
+        for session in self.sessions:
+            session.offsets[self.slot] -= n
             session._sync_length()
-        return trimmed
+        return n
 
     def size(self) -> int:
-        return max(s.offsets[self.layer] for s in self.sessions)
+        return max(s.offsets[self.slot] for s in self.sessions)
 
     def empty(self) -> bool:
-        return all(s.offsets[self.layer] == 0 for s in self.sessions)
+        return all(s.offsets[self.slot] == 0 for s in self.sessions)
 
     @property
     def state(self):
@@ -187,11 +269,20 @@ class PagedLayerCache:
 
     @property
     def meta_state(self):
-        return tuple(str(s.offsets[self.layer]) for s in self.sessions)
+        return tuple(str(s.offsets[self.slot]) for s in self.sessions)
 
     @property
     def nbytes(self) -> int:
         """Bytes of this layer's K/V blocks held by the sessions (each shared block once)."""
-        cfg, cache = self.store.config, self.store.cache
-        blocks = {int(b) for s in self.sessions for b in cache.block_table_array(s.seq)}
-        return len(blocks) * cfg.bytes_per_block // cfg.num_layers
+        cfg, cache = self.cache.config, self.cache
+        tables = [cache.block_table_array(s.seqs[self.group]) for s in self.sessions]
+        blocks = {int(b) for table in tables for b in table if b >= 0}
+        return len(blocks) * (cfg.bytes_per_block // cfg.num_layers)
+
+
+def _out_of_blocks(cache, asked: str) -> None:
+    raise OutOfBlocksError(
+        f"{asked} needs more blocks than the {cache.config.num_blocks}-block pool of the "
+        f"{'window-' + str(cache.config.window) if cache.config.window else 'full-attention'} "
+        "layers has free or evictable; nothing changed. Close sessions or use more blocks."
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pagedkv.errors import InvalidArgumentError
-from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 
 if TYPE_CHECKING:
     from pagedkv.mlx_lm.store import PagedKVStore
@@ -16,17 +15,24 @@ UNKNOWN_TOKEN = 2**31 - 1  # stands for generated tokens the cache never sees; n
 class Session:
     """One request: its sequence in the store, its prompt, and how far each layer has written."""
 
-    def __init__(self, store: PagedKVStore, seq: int, prompt: list[int], cached: int) -> None:
+    def __init__(
+        self, store: PagedKVStore, seqs: list[int], prompt: list[int], cached: int
+    ) -> None:
         self.store = store
-        self.seq = seq
+        self.seqs = seqs  # one sequence per cache of the store (full attention, each window)
         self.prompt = prompt
         self.cached_tokens = cached
-        self.offsets = [cached] * store.config.num_layers
+        self.offsets = [cached] * len(store.layer_shapes)  # per paged layer (PagedLayerCache.slot)
         self.committed = False
         self.closed = False
-        self.caches = [
-            PagedLayerCache(store, layer, [self]) for layer in range(store.config.num_layers)
-        ]
+        # One object per entry of the model's make_cache(): paged layers, None for layers that
+        # read another layer's K/V, and mlx-lm's own objects for recurrent state.
+        self.caches = store.caches_for([self])
+
+    @property
+    def seq(self) -> int:
+        """The sequence handle in `store.cache` (the first group's cache)."""
+        return self.seqs[0]
 
     @property
     def remaining_prompt(self) -> list[int]:
@@ -47,11 +53,29 @@ class Session:
         furthest = max(self.offsets)
         length = self.store.cache.sequence_length(self.seq)
         if furthest < length:
-            self.store.cache.trim(self.seq, length - furthest)
+            for cache, seq in zip(self.store.groups, self.seqs):
+                cache.trim(seq, length - furthest)
         del self.prompt[furthest:]
+
+    def _check_trim_to(self, length: int) -> None:
+        """Raises InvalidArgumentError, changing nothing, if a window cache could not trim this
+        session back to `length` (its next query would need K/V the window released)."""
+        for cache, seq in zip(self.store.groups, self.seqs):
+            window = cache.config.window
+            if window is None:
+                continue
+            table = cache.block_table_array(seq)
+            held_from = int((table < 0).sum()) * cache.config.block_size
+            if held_from and length - window < held_from:
+                raise InvalidArgumentError(
+                    f"trim back to {length} positions: the {window}-position window layers "
+                    f"released K/V before position {held_from}; trim to at least "
+                    f"{held_from + window} positions."
+                )
 
     def close(self) -> None:
         """Frees the sequence; its committed prompt blocks stay cached for later requests."""
         if not self.closed:
-            self.store.cache.free(self.seq)
+            for cache, seq in zip(self.store.groups, self.seqs):
+                cache.free(seq)
             self.closed = True

@@ -1,41 +1,73 @@
-"""The store: one paged pool for every request of a model, shaped from the model."""
+"""The store: paged pools for every request of a model, laid out from the model's own caches."""
 
 from __future__ import annotations
 
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from pagedkv.config import Config
-from pagedkv.errors import InvalidArgumentError
+from pagedkv.errors import InvalidArgumentError, OutOfBlocksError, UnsupportedModelError
 from pagedkv.mlx_backend import PagedCache
 from pagedkv.mlx_backend.attention import decode_batch, pad_tables
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 from pagedkv.mlx_lm import routing
+from pagedkv.mlx_lm.kinds import FULL, RECURRENT, SHARED, WINDOW, classify_all, default_caches
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
+from pagedkv.mlx_lm.probe import ragged_batch_is_exact
 from pagedkv.mlx_lm.session import Session
+from pagedkv.mlx_lm.shapes import LayerShape, discover_shapes
+from pagedkv.mlx_lm.window import WindowLayerCache
 
-_DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+UNUSED = "unused"  # a K/V entry the model never updates (e.g. nemotron-nas linear attention)
 
 
-def model_kv_shape(model) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of an mlx-lm model, from its args."""
-    args = model.args
-    heads = args.num_attention_heads
-    kv_heads = getattr(args, "num_key_value_heads", None) or heads
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
-    return len(model.layers), kv_heads, head_dim
+@dataclass(frozen=True)
+class Entry:
+    """One entry of the session's cache list: its kind, and for a paged entry its group (which of
+    the store's caches) and its layer in that cache's pool."""
+
+    kind: str
+    layer: int | None = None
+    window: int | None = None
+    group: int = 0
 
 
 class PagedKVStore:
-    """One paged pool for every request of a model. Not thread-safe (neither is mlx-lm's loop)."""
+    """Paged pools for every request of a model. Not thread-safe (neither is mlx-lm's loop).
 
-    def __init__(self, config: Config) -> None:
-        self.cache = PagedCache(config)
-        self.config = config
+    Layers are grouped by attention span: the full-attention layers share one `PagedCache`, and
+    the layers of each sliding-window size share another whose `Config.window` releases blocks
+    that fall before the window (rule 10), so their memory stays bounded. A session holds one
+    sequence in each group's cache; they advance, commit, trim and free together, all or nothing.
+
+    `PagedKVStore(config)` pages `config.num_layers` layers (full attention, or sliding-window
+    layers when `config.window` is set); `PagedKVStore.for_model(model, ...)` lays the store out
+    from the model's own `make_cache()`. `store.cache` and `store.config` are the first group's.
+    """
+
+    def __init__(self, config, entries=None, shapes=None, make_cache=None, model=None) -> None:
+        configs = [config] if isinstance(config, Config) else list(config)
+        self.groups = [PagedCache(c) for c in configs]
+        self.cache, self.config = self.groups[0], configs[0]
+        kind = FULL if self.config.window is None else WINDOW
+        self.entries: list[Entry] = entries or [
+            Entry(kind, i, self.config.window) for i in range(self.config.num_layers)
+        ]
+        # Slots number the paged layers group by group: session.offsets[slot], layer_shapes[slot].
+        paged = sorted((e.group, e.layer) for e in self.entries if e.kind in (FULL, WINDOW))
+        self.slot_of = {key: slot for slot, key in enumerate(paged)}
+        head = (self.config.num_kv_heads, self.config.head_dim) * 2
+        # Per slot: (k_heads, k_dim, v_heads, v_dim); layers smaller than the pool are zero-padded.
+        self.layer_shapes: list[tuple[int, int, int, int]] = shapes or [head] * len(paged)
+        self._make_cache = make_cache
+        self._model = model  # for_model stores only: the ragged-batch probe runs it once
+        self._batch_exact: bool | None = None if model is not None else True
+        # A recurrent state cannot be shared block by block: hybrids never publish prefixes.
+        self.prefix_sharing = not any(e.kind == RECURRENT for e in self.entries)
         self._tables_key: tuple | None = None
         self._tables: mx.array | None = None
         self._batch_key: tuple | None = None
@@ -54,39 +86,91 @@ class PagedKVStore:
         dtype: str | None = None,
         route_attention: bool = True,
     ):
-        """A store shaped for `model`; dtype defaults to the model's embedding dtype. With
-        `route_attention` (default) the model's decode attention runs in place on the paged pools
-        (see `pagedkv.mlx_lm.routing`) until `close()` or the store is dropped."""
-        layers, kv_heads, head_dim = model_kv_shape(model)
-        if dtype is None:
-            weights = [v for _, v in tree_flatten(model.parameters())]
-            dtype = _DTYPE_NAMES.get(weights[0].dtype, "float32") if weights else "float32"
-        store = cls(
+        """A store laid out for `model`, or UnsupportedModelError naming what cannot run exactly.
+
+        Cache kinds come from `model.make_cache()` (kinds.py); K/V shapes and the pool dtype (the
+        model's activation dtype, so a quantized model gets its float16/bfloat16 pool) from one
+        recorded forward pass (shapes.py). Each group (the full-attention layers; the layers of
+        each window size) gets a pool of `num_blocks` blocks. Pass `dtype` to store K/V in another
+        dtype (lossy). With `route_attention` (default) the model's decode attention runs in place
+        on the paged pools (see `pagedkv.mlx_lm.routing`) until `close()` or the store is dropped.
+        """
+        entries = default_caches(model)
+        kinds = classify_all(entries)
+        shapes = discover_shapes(model, entries, kinds)
+        layout, groups = [], {}  # groups: window (None for full attention) -> member shapes
+        for kind, shape in zip(kinds, shapes):
+            if kind.paged and shape is None:
+                layout.append(Entry(UNUSED))
+            elif kind.paged:
+                members = groups.setdefault(kind.window, [])
+                layout.append(Entry(kind.kind, len(members), kind.window))
+                members.append(shape)
+            else:
+                layout.append(Entry(kind.kind))
+        if not groups:
+            raise UnsupportedModelError("the model never updates a K/V cache; nothing to page.")
+        # Full attention first (store.cache), then windows from the narrowest.
+        groups = {w: groups[w] for w in sorted(groups, key=lambda w: (w is not None, w or 0))}
+        order = list(groups)
+        layout = [
+            replace(e, group=order.index(e.window)) if e.layer is not None else e for e in layout
+        ]
+        dtypes = {s.dtype for members in groups.values() for s in members}
+        if len(dtypes) > 1:
+            raise UnsupportedModelError(
+                f"the model's K/V caches receive several dtypes {sorted(dtypes)}; one pool "
+                "holds one dtype. Cast the model to one dtype first."
+            )
+        dtype = dtype if dtype is not None else dtypes.pop()
+        configs = [
             Config(
                 num_blocks=num_blocks,
                 block_size=block_size,
-                num_layers=layers,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
+                num_layers=len(members),
+                num_kv_heads=max(max(s.k_heads, s.v_heads) for s in members),
+                head_dim=max(max(s.k_dim, s.v_dim) for s in members),
                 dtype=dtype,
+                window=window,
             )
-        )
+            for window, members in groups.items()
+        ]
+        slot_shapes = [_dims(s) for members in groups.values() for s in members]
+        own = any(e.kind in (RECURRENT, UNUSED) for e in layout)
+        make_cache = (lambda: default_caches(model)) if own else None
+        store = cls(configs, layout, slot_shapes, make_cache, model)
         if route_attention:
             store.route(model)
         return store
 
     def open(self, prompt_tokens: Sequence[int], namespace: str = "") -> Session:
-        """Starts a request. The longest cached prefix of full blocks is shared; feed
-        `session.remaining_prompt` to mlx-lm. Raises OutOfBlocksError, InvalidTokensError."""
-        seq, cached = self.cache.add_sequence(prompt_tokens, namespace)
-        return Session(self, seq, list(self.cache.tokens(seq)), cached)
+        """Starts a request. The longest cached prefix of full blocks is shared (never for hybrid
+        models); feed `session.remaining_prompt` to mlx-lm. Raises OutOfBlocksError,
+        InvalidTokensError; nothing changes then."""
+        if len(self.groups) == 1:
+            seq, cached = self.cache.add_sequence(prompt_tokens, namespace)
+            return Session(self, [seq], list(self.cache.tokens(seq)), cached)
+        # Every group shares one prefix: the shortest of their matches (their evictions differ).
+        cap = min(cache.prefix_match(prompt_tokens, namespace) for cache in self.groups)
+        for cache in self.groups:  # every group is checked before any changes
+            if not cache.can_add_sequence(prompt_tokens, namespace, cap):
+                raise OutOfBlocksError(
+                    f"open({len(prompt_tokens)} tokens): the {cache.config.num_blocks}-block "
+                    f"pool of the {_group_name(cache)} layers cannot hold it; nothing changed. "
+                    "Close sessions or use more blocks."
+                )
+        added = [cache.add_sequence(prompt_tokens, namespace, cap) for cache in self.groups]
+        seqs = [seq for seq, _ in added]
+        return Session(self, seqs, list(self.cache.tokens(seqs[0])), added[0][1])
 
-    def padded_tables(self, sessions: Sequence[Session]) -> mx.array:
-        """The sessions' block tables padded to one width, `[B, blocks]` int32. Tables change only
-        through metadata operations, which tick the clock, so every layer of a step reuses one."""
-        key = (self.cache.clock, tuple(s.seq for s in sessions))
+    def padded_tables(self, sessions: Sequence[Session], group: int = 0) -> mx.array:
+        """The sessions' block tables in one group's cache, padded to one width, `[B, blocks]`
+        int32 (holes a window released read block 0, masked). Tables change only through
+        metadata operations, which tick the clock, so every layer of a step reuses one."""
+        cache = self.groups[group]
+        key = (group, cache.clock, tuple(s.seqs[group] for s in sessions))
         if self._tables_key != key:
-            tables = [self.cache.block_table_array(s.seq) for s in sessions]
+            tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
             self._tables_key, self._tables = key, pad_tables(tables)
         return self._tables
 
@@ -107,12 +191,14 @@ class PagedKVStore:
             self._unroute()
             self._unroute = None
 
-    def decode_batch(self, sessions: Sequence[Session], layer: int, window: int | None):
-        """Kernel inputs for one decode step (tables, bounds, longest), shared by every layer."""
-        lengths = tuple(s.offsets[layer] for s in sessions)
-        key = (self.cache.clock, tuple(s.seq for s in sessions), lengths, window)
+    def decode_batch(self, sessions: Sequence[Session], slot: int, group: int, window):
+        """Kernel inputs for one decode step (tables, bounds, longest) of one group's cache,
+        shared by every layer of the group."""
+        cache = self.groups[group]
+        lengths = tuple(s.offsets[slot] for s in sessions)
+        key = (group, cache.clock, tuple(s.seqs[group] for s in sessions), lengths, window)
         if self._batch_key != key:
-            tables = [self.cache.block_table_array(s.seq) for s in sessions]
+            tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
             self._batch_key, self._batch = key, decode_batch(tables, list(lengths), window)
         return self._batch
 
@@ -129,13 +215,60 @@ class PagedKVStore:
                 return True, window
         return False, None
 
-    def batch(self, sessions: Sequence[Session]) -> list[PagedLayerCache]:
+    def check_invariants(self) -> None:
+        """Every group's cache checks its invariants; sessions' sequences agree across groups."""
+        for cache in self.groups:
+            cache.check_invariants()
+
+    def caches_for(self, sessions: list[Session]) -> list:
+        """The cache list the model gets for these sessions, one object per `make_cache()` entry."""
+        own = self._make_cache() if self._make_cache is not None else None
+        caches = []
+        for i, entry in enumerate(self.entries):
+            if entry.kind == FULL:
+                caches.append(PagedLayerCache(self, entry.layer, sessions, entry.group))
+            elif entry.kind == WINDOW:
+                window = WindowLayerCache(self, entry.layer, sessions, entry.window, entry.group)
+                caches.append(window)
+            elif entry.kind == SHARED:
+                caches.append(None)
+            else:  # recurrent state or an unused entry: mlx-lm's own object, per session
+                caches.append(own[i])
+        return caches
+
+    def batch(self, sessions: Sequence[Session]) -> list:
         """Per-layer caches over several sessions, for batched decoding (ragged lengths): each
         model call feeds one token per session. Prefill through each session's own caches."""
+        sessions = list(sessions) if not isinstance(sessions, Session) else [sessions]
         if not sessions or len({id(s) for s in sessions}) != len(sessions):
             raise InvalidArgumentError("batch needs one or more distinct open sessions.")
         for session in sessions:
+            if not isinstance(session, Session) or session.store is not self:
+                raise InvalidArgumentError(
+                    f"batch got {session!r}, which is not a session of this store; open "
+                    "sessions with store.open()."
+                )
             session._require_open()
-        return [
-            PagedLayerCache(self, layer, list(sessions)) for layer in range(self.config.num_layers)
-        ]
+        if not self.prefix_sharing:
+            raise UnsupportedModelError(
+                "batch: this model keeps recurrent state (a hybrid), which pagedkv does not "
+                "merge across sessions; decode each session through its own session.caches."
+            )
+        if self._batch_exact is None:
+            self._batch_exact = ragged_batch_is_exact(self, self._model)
+        if not self._batch_exact:
+            raise UnsupportedModelError(
+                "batch: this model decodes a ragged batch differently from each request alone "
+                "(it takes positions from the key length, not cache.offset); decode each "
+                "session through its own session.caches."
+            )
+        return self.caches_for(sessions)
+
+
+def _group_name(cache) -> str:
+    window = cache.config.window
+    return "full-attention" if window is None else f"window-{window}"
+
+
+def _dims(shape: LayerShape) -> tuple[int, int, int, int]:
+    return (shape.k_heads, shape.k_dim, shape.v_heads, shape.v_dim)

@@ -1,7 +1,8 @@
 """Reference attention over gathered K/V, in float32: the numbers paged attention must reproduce.
 
 Grouped-query attention: with `q_heads` query heads and `kv_heads` K/V heads, query head h reads K/V
-head `h // (q_heads // kv_heads)`. A query at position p sees keys at positions 0..p (causal).
+head `h // (q_heads // kv_heads)`. A query at position p sees keys at positions 0..p (causal), or
+with a sliding window W only p - W + 1..p.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ returns and what it raises. The rules it implements are numbered as in the desig
 7. All or nothing: every check happens before the first change.
 8. Trim releases blocks past the new end, tail first, and keeps the new tail block as it is.
 9. Fork shares every block of the parent, partial tail included.
+10. Sliding windows (`Config.window`): `extend`/`decode_step` release the blocks wholly before the
+    window of their first new query and leave holes in the table (`pagedkv.spec.window`).
 
 Decisions the brief leaves open, fixed here (the MLX backend follows them exactly):
 
@@ -35,7 +37,13 @@ Decisions the brief leaves open, fixed here (the MLX backend follows them exactl
   as one operation: one tick, and every check of the whole batch before its first change.
 - `commit` walks the sequence's full blocks from the root and publishes every missing node, also
   ones below an earlier commit whose index nodes were since evicted. A duplicate is counted once,
-  the first time the block is committed.
+  the first time the block is committed. The walk goes on through existing nodes, holes
+  included, and stops at the first missing node whose block the window released (rule 10).
+- Rule 10's releases happen after the operation's checks, before its copy-on-write and
+  allocations (per sequence, in batch order for `decode_step`), like `free` releases: released
+  blocks do not count as available for the operation that releases them. `gather` returns zeros
+  for released positions; attention refuses queries whose window reaches one; `write_kv` into one
+  raises NotWritableError; trim refuses to uncover one (TrimError).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from pagedkv.spec.attention import reference_attention
 from pagedkv.spec.index import PrefixIndex
 from pagedkv.spec.pool import BlockPool, blocks_for
 from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
+from pagedkv.spec.window import HOLE, blocks_before_window, leading_holes, trim_uncovers_hole
 from pagedkv.types import Snapshot, Stats
 
 
@@ -72,7 +81,8 @@ class Sequence:
     id: int
     namespace: str
     tokens: list[int]
-    table: list[int]  # position p lives in block table[p // block_size], row p % block_size
+    table: list[int]  # position p lives in block table[p // block_size], row p % block_size;
+    # HOLE (-1) for a block released by the window (rule 10)
     committed: int  # leading full blocks already committed (for counting duplicates once)
 
 
@@ -159,6 +169,19 @@ class PagedCache:
         elif refcount == 0:
             self.pool.push_free(block)
 
+    def _window_releases(self, seq: Sequence) -> list[int]:
+        """Rule 10: the held blocks wholly before the window of the next query (at len)."""
+        dead = blocks_before_window(len(seq.tokens), self.config.window, self.config.block_size)
+        return [block for block in seq.table[:dead] if block != HOLE]
+
+    def _release_before_window(self, seq: Sequence, now: int) -> None:
+        """Rule 10: releases those blocks, front to back, leaving holes in the table."""
+        dead = blocks_before_window(len(seq.tokens), self.config.window, self.config.block_size)
+        for i in range(dead):
+            if seq.table[i] != HOLE:
+                self._release(seq.table[i], now)
+                seq.table[i] = HOLE
+
     def _prompt_keys(self, tokens: list[int]) -> list[tuple[int, ...]]:
         """Rule 3: the keys of full blocks a prompt may match, leaving at least one token."""
         size = self.config.block_size
@@ -166,24 +189,44 @@ class PagedCache:
 
     # ---- reserve: add_sequence and extend ------------------------------------------------------
 
-    def can_add_sequence(self, tokens: SequenceOf[int], namespace: str = "") -> bool:
-        """Whether add_sequence(tokens, namespace) would find enough blocks. Changes nothing."""
-        tokens = checks.as_tokens(tokens, "can_add_sequence")
-        chain = self.index.match(checks.as_namespace(namespace), self._prompt_keys(tokens))
+    def _chain(self, tokens, namespace, max_cached, asked: str):
+        """(tokens, namespace, the indexed chain add_sequence would share), inputs checked."""
+        tokens = checks.as_tokens(tokens, asked)
+        namespace = checks.as_namespace(namespace)
+        cap = None if max_cached is None else checks.as_count(max_cached, "max_cached")
+        chain = self.index.match(namespace, self._prompt_keys(tokens))
+        if cap is not None:
+            chain = chain[: cap // self.config.block_size]
+        return tokens, namespace, chain
+
+    def prefix_match(self, tokens: SequenceOf[int], namespace: str = "") -> int:
+        """How many prompt tokens add_sequence would serve from the prefix index (rule 3), a
+        multiple of block_size. Changes nothing. Raises InvalidTokensError, InvalidArgumentError."""
+        _, _, chain = self._chain(tokens, namespace, None, "prefix_match")
+        return len(chain) * self.config.block_size
+
+    def can_add_sequence(
+        self, tokens: SequenceOf[int], namespace: str = "", max_cached: int | None = None
+    ) -> bool:
+        """Whether add_sequence(tokens, namespace, max_cached) would find enough blocks. Changes
+        nothing."""
+        tokens, _, chain = self._chain(tokens, namespace, max_cached, "can_add_sequence")
         needed = blocks_for(len(tokens), self.config.block_size) - len(chain)
         return needed <= self.blocks_available({node.block for node in chain})
 
-    def add_sequence(self, tokens: SequenceOf[int], namespace: str = "") -> tuple[int, int]:
+    def add_sequence(
+        self, tokens: SequenceOf[int], namespace: str = "", max_cached: int | None = None
+    ) -> tuple[int, int]:
         """Starts a sequence for a prompt. Rule 3: the longest indexed chain of full blocks matching
-        the prompt (in `namespace`, capped to leave one token) is shared; blocks for the rest are
-        allocated (rule 5). The caller then writes K/V for positions [cached, len) and commits.
+        the prompt (in `namespace`, capped to leave one token, and to `max_cached` tokens when
+        given) is shared; blocks for the rest are allocated (rule 5). The caller then writes K/V
+        for positions [cached, len) and commits. (`max_cached` lets several caches that hold one
+        request's layers agree on one hit: each shares the shortest of their matches.)
 
         Returns (sequence id, cached tokens). Raises InvalidTokensError, InvalidArgumentError
-        (namespace not a str), OutOfBlocksError.
+        (namespace not a str, max_cached not an int >= 0), OutOfBlocksError.
         """
-        tokens = checks.as_tokens(tokens, "add_sequence")
-        namespace = checks.as_namespace(namespace)
-        chain = self.index.match(namespace, self._prompt_keys(tokens))
+        tokens, namespace, chain = self._chain(tokens, namespace, max_cached, "add_sequence")
         needed = blocks_for(len(tokens), self.config.block_size) - len(chain)
         self._require_blocks(
             needed, {n.block for n in chain}, f"add_sequence({len(tokens)} tokens)"
@@ -230,6 +273,7 @@ class PagedCache:
         cow, grow = self._extend_plan(seq, len(tokens))
         self._require_blocks(int(cow) + grow, set(), f"extend(sequence {seq.id}, {len(tokens)})")
         now = self._tick()
+        self._release_before_window(seq, now)
         if cow:
             self._copy_on_write_tail(seq, now)
         seq.table.extend(self._allocate() for _ in range(grow))
@@ -252,25 +296,47 @@ class PagedCache:
                 f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
                 f"sequences ({len({seq.id for seq in seqs})} distinct) and {len(tokens)} tokens."
             )
-        # Plan in batch order, as a loop of extends would see it: copying one sequence's shared
-        # tail drops a reference, which can leave a later sequence's tail exclusive (no copy).
+        plans = self._decode_plans(seqs)
+        needed = sum(int(cow) + grow for cow, grow in plans)
+        self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
+        now = self._tick()
+        for seq, token, (cow, grow) in zip(seqs, tokens, plans):
+            self._release_before_window(seq, now)
+            if cow:
+                self._copy_on_write_tail(seq, now)
+            seq.table.extend(self._allocate() for _ in range(grow))
+            seq.tokens.append(token)
+
+    def can_decode_step(self, seq_ids: SequenceOf[int]) -> bool:
+        """Whether decode_step(seq_ids, <one token each>) would find enough blocks. Changes
+        nothing. Raises UnknownSequenceError, InvalidArgumentError (none, or a sequence twice)."""
+        seqs = [self._sequence(seq_id) for seq_id in seq_ids]
+        if len({seq.id for seq in seqs}) != len(seqs) or not seqs:
+            raise InvalidArgumentError(
+                f"can_decode_step needs distinct sequences; got {len(seqs)} sequences "
+                f"({len({seq.id for seq in seqs})} distinct)."
+            )
+        needed = sum(int(cow) + grow for cow, grow in self._decode_plans(seqs))
+        return needed <= self.blocks_available()
+
+    def _decode_plans(self, seqs: list[Sequence]) -> list[tuple[bool, int]]:
+        """(copy the tail, blocks past it) per sequence of a decode step.
+
+        Plans in batch order, as a loop of extends would see it: copying one sequence's shared
+        tail, or releasing blocks before its window, drops references, which can leave a later
+        sequence's tail exclusive (no copy)."""
         dropped: dict[int, int] = {}
         plans = []
         for seq in seqs:
+            for block in self._window_releases(seq):
+                dropped[block] = dropped.get(block, 0) + 1
             cow, grow = self._extend_plan(seq, 1)
             if cow and self.pool.refcounts[seq.table[-1]] - dropped.get(seq.table[-1], 0) == 1:
                 cow = seq.table[-1] in self.index.node_of_block  # exclusive now, unless indexed
             if cow:
                 dropped[seq.table[-1]] = dropped.get(seq.table[-1], 0) + 1
             plans.append((cow, grow))
-        needed = sum(int(cow) + grow for cow, grow in plans)
-        self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
-        now = self._tick()
-        for seq, token, (cow, grow) in zip(seqs, tokens, plans):
-            if cow:
-                self._copy_on_write_tail(seq, now)
-            seq.table.extend(self._allocate() for _ in range(grow))
-            seq.tokens.append(token)
+        return plans
 
     def _copy_on_write_tail(self, seq: Sequence, now: int) -> None:
         old = seq.table[-1]
@@ -324,6 +390,11 @@ class PagedCache:
         positions = np.arange(start, start + count)
         blocks = np.array(seq.table)[positions // cfg.block_size]
         for block in sorted(set(blocks.tolist())):
+            if block == HOLE:
+                raise NotWritableError(
+                    f"write_kv at positions [{start}, {start + count}) of sequence {seq.id}: "
+                    "some were released by the sliding window (rule 10) and are never written."
+                )
             if not self._is_writable(block):
                 raise NotWritableError(
                     f"write_kv into block {block} of sequence {seq.id}, which is shared "
@@ -380,9 +451,11 @@ class PagedCache:
             key = tuple(seq.tokens[i * size : (i + 1) * size])
             child = self.index.children_of(seq.namespace, parent).get(key)
             if child is None:
+                if seq.table[i] == HOLE:  # rule 10: a released block is never published
+                    break
                 child = self.index.insert(seq.namespace, parent, key, seq.table[i], now)
                 published += 1
-            elif child.block != seq.table[i] and i >= seq.committed:
+            elif child.block != seq.table[i] != HOLE and i >= seq.committed:
                 self.counters.duplicates += 1
             parent = child
         seq.committed = len(seq.tokens) // size
@@ -397,7 +470,8 @@ class PagedCache:
         parent = self._sequence(seq_id)
         self._tick()
         for block in parent.table:
-            self.pool.incref(block)
+            if block != HOLE:
+                self.pool.incref(block)
         child = Sequence(
             self.next_sequence_id,
             parent.namespace,
@@ -425,8 +499,15 @@ class PagedCache:
                 f"trim({num_tokens}) of sequence {seq.id}, which holds {len(seq.tokens)} tokens; "
                 "trim at most its length."
             )
-        now = self._tick()
         new_length = len(seq.tokens) - num_tokens
+        cfg = self.config
+        if trim_uncovers_hole(new_length, leading_holes(seq.table), cfg.window, cfg.block_size):
+            raise TrimError(
+                f"trim({num_tokens}) of sequence {seq.id} would leave its last position a key the "
+                f"sliding window ({cfg.window}) already released (rule 10); trim at most "
+                f"{len(seq.tokens) - leading_holes(seq.table) * cfg.block_size - cfg.window}."
+            )
+        now = self._tick()
         keep = blocks_for(new_length, self.config.block_size)
         for block in reversed(seq.table[keep:]):
             self._release(block, now)
@@ -440,7 +521,8 @@ class PagedCache:
         seq = self._sequence(seq_id)
         now = self._tick()
         for block in reversed(seq.table):
-            self._release(block, now)
+            if block != HOLE:
+                self._release(block, now)
         del self.sequences[seq.id]
 
     # ---- the prefix cache ----------------------------------------------------------------------
@@ -487,11 +569,32 @@ class PagedCache:
         storage = self._require_storage("gather")
         seq = self._sequence(seq_id)
         layer = checks.as_layer(layer, self.config.num_layers)
-        return storage.read_rows(layer, *self._rows_of(seq))
+        return self._read(storage, seq, layer)
+
+    def _read(self, storage: KVStorage, seq: Sequence, layer: int):
+        """Every position's K/V rows; zeros for positions the window released (rule 10)."""
+        blocks, rows = self._rows_of(seq)
+        held = blocks != HOLE
+        keys, values = storage.read_rows(layer, np.where(held, blocks, 0), rows)
+        keys[~held], values[~held] = 0, 0
+        return keys, values
 
     def _gather_float32(self, seq: Sequence, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        keys, values = self._require_storage("attention").read_rows(layer, *self._rows_of(seq))
+        keys, values = self._read(self._require_storage("attention"), seq, layer)
         return to_float32(keys, self.config.dtype), to_float32(values, self.config.dtype)
+
+    def _require_window_held(
+        self, seq: Sequence, first_query: int, asked: str, window: int | None
+    ) -> None:
+        """Rule 10: a query's window must not reach a released position."""
+        held_from = leading_holes(seq.table) * self.config.block_size
+        start = 0 if window is None else max(first_query - window + 1, 0)
+        if start < held_from:
+            raise InvalidPositionError(
+                f"{asked}: the query at position {first_query} attends from position "
+                f"{start}, but sequence {seq.id} holds K/V from {held_from} on "
+                "(the window released the rest); query later positions only."
+            )
 
     def attention_decode(
         self,
@@ -518,6 +621,11 @@ class PagedCache:
         scale = checks.as_scale(scale, self.config.head_dim)
         window = checks.as_window(window)
         sinks = checks.check_sinks(sinks, queries.shape[1])
+        if window is None:  # rule 10: a windowed cache's layers attend within its window
+            window = self.config.window
+        for seq in seqs:  # every check before the first computation
+            if seq.tokens:
+                self._require_window_held(seq, len(seq.tokens) - 1, "attention_decode", window)
         outputs = []
         for b, seq in enumerate(seqs):
             if not seq.tokens:
@@ -548,9 +656,11 @@ class PagedCache:
                 f"{len(seq.tokens)} positions; pass 1..len queries."
             )
         scale = checks.as_scale(scale, self.config.head_dim)
+        window = self.config.window
+        self._require_window_held(seq, len(seq.tokens) - count, "attention_prefill", window)
         keys, values = self._gather_float32(seq, layer)
         positions = np.arange(len(seq.tokens) - count, len(seq.tokens))
-        return reference_attention(queries, keys, values, positions, scale)
+        return reference_attention(queries, keys, values, positions, scale, window)
 
     # ---- observation ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pagedkv.errors import InvariantError
 from pagedkv.spec.pool import blocks_for
+from pagedkv.spec.window import HOLE, blocks_before_window, leading_holes
 from pagedkv.types import IndexEntry, Snapshot, Stats
 
 
@@ -17,6 +18,8 @@ def stats(cache) -> Stats:
     rows_held: dict[int, int] = {}
     for seq in cache.sequences.values():
         for i, block in enumerate(seq.table):
+            if block == HOLE:
+                continue
             rows = min(cache.config.block_size, len(seq.tokens) - i * cache.config.block_size)
             rows_held[block] = max(rows_held.get(block, 0), rows)
     return Stats(
@@ -65,7 +68,13 @@ def check_invariants(cache) -> None:
             len(seq.table) == blocks_for(len(seq.tokens), size),
             f"sequence {seq.id}: table length != ceil(len / block_size)",
         )
-        for block in seq.table:
+        holes = leading_holes(seq.table)
+        require(HOLE not in seq.table[holes:], f"sequence {seq.id}: a hole after a held block")
+        require(
+            holes <= blocks_before_window(len(seq.tokens), cache.config.window, size),
+            f"sequence {seq.id}: a released block is still inside the window",
+        )
+        for block in seq.table[holes:]:
             counted[block] += 1
     require(counted == refcounts, "refcount != occurrences in block tables")
     queue = list(cache.pool.free_queue)
@@ -84,6 +93,8 @@ def check_invariants(cache) -> None:
         require(len(node.key) == size, "index node key is not a full block")
     for seq in cache.sequences.values():
         for i, block in enumerate(seq.table):
+            if block == HOLE:
+                continue
             node = indexed.get(block)
             end = min(len(seq.tokens), (i + 1) * size)
             require(
@@ -91,6 +102,6 @@ def check_invariants(cache) -> None:
                 f"sequence {seq.id} holds indexed block {block} under other tokens",
             )
     writable_owners = [
-        b for s in cache.sequences.values() for b in s.table if cache._is_writable(b)
+        b for s in cache.sequences.values() for b in s.table if b != HOLE and cache._is_writable(b)
     ]
     require(len(writable_owners) == len(set(writable_owners)), "a block writable twice")

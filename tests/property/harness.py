@@ -28,6 +28,7 @@ from pagedkv.errors import (
     UnknownSequenceError,
 )
 from pagedkv.spec import PagedCache as SpecCache
+from pagedkv.spec.window import HOLE
 from tests.property import oracle
 
 STEMS = (
@@ -169,6 +170,7 @@ class CacheMachine(RuleBasedStateMachine):
         num_kv_heads=st.sampled_from([1, 2]),
         head_dim=st.sampled_from([2, 4]),
         dtype=st.sampled_from(DTYPES),
+        window=st.one_of(st.none(), st.none(), st.integers(1, 6)),
     )
     def setup(self, **sizes) -> None:
         self.config = Config(**sizes)
@@ -181,15 +183,21 @@ class CacheMachine(RuleBasedStateMachine):
         cut=st.integers(0, 14),
         suffix=tokens_strategy,
         namespace=st.sampled_from(["", "", "", "tenant-b"]),
+        cap=st.one_of(st.none(), st.none(), st.integers(0, 16)),
     )
-    def add_sequence(self, stem, cut, suffix, namespace):
+    def add_sequence(self, stem, cut, suffix, namespace, cap=None):
         prompt = list(STEMS[stem][:cut]) + suffix
         before = self.caches[0].snapshot()
-        status, result = self.apply("add_sequence", prompt, namespace)
+        status, match = self.apply("prefix_match", prompt, namespace)
+        assert status == "ok"
+        can = self.apply("can_add_sequence", prompt, namespace, cap)
+        status, result = self.apply("add_sequence", prompt, namespace, cap)
+        assert can == ("ok", status == "ok"), "can_add_sequence predicts add_sequence"
         if status == "ok":
             seq, cached = result
             size = self.config.block_size
             assert cached % size == 0 and cached < len(prompt), (cached, len(prompt))
+            assert cached == (match if cap is None else min(match, cap // size * size))
             table = oracle.table_of(self.caches[0].snapshot(), seq)
             shared = set(table[: cached // size])
             fresh = oracle.expected_allocation(before, len(table) - len(shared), shared, size)
@@ -266,14 +274,16 @@ class CacheMachine(RuleBasedStateMachine):
             st.lists(st.integers(0, 3), min_size=len(batch), max_size=len(batch)), label="tokens"
         )
         before = self.caches[0].snapshot()
+        can = self.apply("can_decode_step", batch)
         status, _ = self.apply("decode_step", batch, tokens)
+        assert can == ("ok", status == "ok"), "can_decode_step predicts decode_step"
         if status == "ok":
             after = self.caches[0].snapshot()
             got, want = oracle.expected_extension(before, after, batch, self.config.block_size)
             assert got == want, "allocation order (rules 5, 6)"
             for seq in batch:  # a tail is copied only if it is not exclusive at its turn
                 old, new = oracle.table_of(before, seq), oracle.table_of(after, seq)
-                if old and len(old) == len(new) and new[-1] != old[-1]:
+                if old and len(old) == len(new) and new[-1] not in (old[-1], HOLE):
                     assert oracle.tail_was_shared(before, after, seq, batch), "needless copy"
             for seq, token in zip(batch, tokens):
                 self.model[seq] = self.model[seq] + [token]
@@ -320,7 +330,9 @@ class CacheMachine(RuleBasedStateMachine):
         count = data.draw(st.integers(0, length), label="count") + (extra if extra == 2 else 0)
         before = self.caches[0].snapshot()
         status, result = self.apply("trim", seq, count)
-        if count > length:
+        holes, window = self.holes(before, seq), self.config.window
+        uncovers = holes and length - count - window < holes * self.config.block_size
+        if count > length or uncovers:  # rule 8; rule 10: never uncover a released block
             assert status == "error"
         else:
             assert status == "ok"
@@ -336,7 +348,7 @@ class CacheMachine(RuleBasedStateMachine):
         before = self.caches[0].snapshot()
         assert self.apply("free", seq)[0] == "ok"
         del self.model[seq]
-        released = list(reversed(oracle.table_of(before, seq)))
+        released = [b for b in reversed(oracle.table_of(before, seq)) if b != HOLE]
         oracle.check_release(before, self.caches[0].snapshot(), released)
 
     @rule(count=st.integers(0, 9))
@@ -391,12 +403,20 @@ class CacheMachine(RuleBasedStateMachine):
 
     # ---- checks after every step --------------------------------------------------------------
 
+    def holes(self, snapshot, seq: int) -> int:
+        """Leading table entries the sliding window released (rule 10)."""
+        table = oracle.table_of(snapshot, seq)
+        return next((i for i, b in enumerate(table) if b != HOLE), len(table))
+
     def check_gathers(self, skip: int | None = None) -> None:
+        snapshot = self.caches[0].snapshot()
         for seq, tokens in self.model.items():
             if seq == skip:
                 continue
+            released = self.holes(snapshot, seq) * self.config.block_size
             for layer in range(self.config.num_layers):
                 want_k, want_v = prefix_kv(tuple(tokens), layer, self.config)
+                want_k[:released], want_v[:released] = 0, 0  # rule 10: released rows read 0
                 first_bits = None
                 for impl, cache in zip(self.impls, self.caches):
                     keys, values = cache.gather(seq, layer)

@@ -6,6 +6,7 @@ cached block is evicted. These functions predict that from the snapshot taken be
 
 from __future__ import annotations
 
+from pagedkv.spec.window import HOLE
 from pagedkv.types import IndexEntry, Snapshot
 
 
@@ -88,11 +89,15 @@ def expected_extension(
     before: Snapshot, after: Snapshot, seqs: list[int], block_size: int
 ) -> tuple[list[int], list[int]]:
     """For extend/decode_step over `seqs` in order: (blocks the cache allocated, blocks the replay
-    predicts). A sequence whose tail block changed was copied: allocate, then release the old."""
+    predicts). Per sequence: blocks the sliding window released (rule 10: now holes) first, then a
+    tail block that changed was copied (allocate, then release the old), then new blocks."""
     replay, got, want = Replay(before, block_size), [], []
     for seq in seqs:
         old, new = table_of(before, seq), table_of(after, seq)
-        if old and new[len(old) - 1] != old[-1]:
+        for i, block in enumerate(old):
+            if block != HOLE and new[i] == HOLE:
+                replay.release(block)
+        if old and new[len(old) - 1] not in (old[-1], HOLE):
             got.append(new[len(old) - 1])
             want.append(replay.allocate())
             replay.release(old[-1])
@@ -125,14 +130,15 @@ def check_release(before: Snapshot, after: Snapshot, released_tail_first: list[i
 
 def tail_was_shared(before: Snapshot, after: Snapshot, seq: int, batch: list[int]) -> bool:
     """Rule 1 at `seq`'s turn in a decode_step: was its tail shared or indexed then? Earlier
-    sequences of the batch that copied away from the same block no longer hold it."""
+    sequences of the batch that copied away from the same block, or whose window released it,
+    no longer hold it."""
     tail = table_of(before, seq)[-1]
     earlier = batch[: batch.index(seq)]
     left = sum(
         1
         for s in earlier
-        if table_of(before, s)[-1:] == (tail,)
-        and table_of(after, s)[len(table_of(before, s)) - 1] != tail
+        for i, block in enumerate(table_of(before, s))
+        if block == tail and table_of(after, s)[i] != tail
     )
     indexed = {e.block for e in before.index}
     return before.refcounts[tail] - left != 1 or tail in indexed

@@ -1,0 +1,37 @@
+"""A sliding-window model on pagedkv: the window layers' pool stays flat past the window.
+
+gemma3-style tiny model (tests/parity/zoo.py): sliding layers with an 8-position RotatingKVCache
+and full-attention layers. The store gives each kind its own cache; the window cache releases the
+blocks before the window (rule 10) as the request decodes, while generation matches mlx-lm.
+"""
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
+from pagedkv.mlx_lm import PagedKVStore
+from tests.parity.models import greedy
+from tests.parity.zoo import build
+
+BLOCK = 4
+
+
+def test_window_layers_keep_window_plus_one_block_while_full_layers_grow():
+    model = build("gemma3_text")
+    store = PagedKVStore.for_model(model, num_blocks=64, block_size=BLOCK)
+    full, window = store.groups
+    assert (full.config.window, window.config.window) == (None, 8)
+    prompt = list(range(3, 15))
+    session = store.open(prompt)
+    in_use = []
+    paged = []
+    for token, _ in generate_step(
+        mx.array(prompt), model, max_tokens=48, sampler=greedy, prompt_cache=session.caches
+    ):
+        paged.append(token)
+        in_use.append((full.stats().in_use_blocks, window.stats().in_use_blocks))
+    dense = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=48, sampler=greedy)]
+    assert paged == dense
+    bound = -(-8 // BLOCK) + 1
+    assert all(w <= bound for _, w in in_use[4:])  # past the prompt's first decode steps
+    assert in_use[-1][0] == -(-(len(prompt) + 47) // BLOCK)  # full attention: every block
+    store.check_invariants()
