@@ -6,7 +6,8 @@ dense side is mlx-lm's left-padded, masked `BatchKVCache` (what its BatchGenerat
 side prefills each request on its own (a shared prefix is computed once, then matched) and decodes
 through `store.batch`, with attention routed (the fused kernel on a GPU) and, for comparison, on
 gather -> SDPA. Every side decodes greedily as mlx-lm's generate_step does (the next step's graph
-is built while the device runs the current one): 3 untimed warm-up steps, then `steps` timed.
+is built while the device runs the current one): 3 untimed warm-up steps, then rounds of `steps`
+timed steps, the sides taking turns round by round; each side's median round is reported.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def prompts_for(vocab: int, batch: int, prefix: int, ragged: bool) -> list[list[
     return [shared + [(97 * b + j) % vocab for j in range(16)] for b in range(batch)]
 
 
-def dense_run(model, prompts, steps):
-    """mlx-lm's own caches: KVCache for equal lengths, BatchKVCache (left-padded, masked) else."""
+def dense_side(model, prompts):
+    """mlx-lm's own caches, prefilled: KVCache for equal lengths, else BatchKVCache (left-padded,
+    masked). Returns (one decode call, the first tokens)."""
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
@@ -119,18 +121,17 @@ def dense_run(model, prompts, steps):
     else:
         cache, tokens = make_prompt_cache(model), mx.array(prompts)
     logits = model(tokens, cache=cache)
-    return pipelined_decode(
-        lambda t: model(t, cache=cache), mx.argmax(logits[:, -1], axis=-1), steps
-    )
+    return (lambda t: model(t, cache=cache)), mx.argmax(logits[:, -1], axis=-1)
 
 
-def paged_run(model, prompts, steps, block_size: int, route: bool):
-    """The paged store: each request prefilled alone (shared prefixes matched), one batch."""
+def paged_side(model, prompts, tokens_ahead: int, block_size: int, route: bool):
+    """A paged store, each request prefilled alone (shared prefixes matched), one batch.
+    Returns (one decode call, the first tokens, the store)."""
     import mlx.core as mx
 
     from pagedkv.mlx_lm import PagedKVStore
 
-    blocks = sum(-(-(len(p) + steps + 4) // block_size) for p in prompts) + 8
+    blocks = sum(-(-(len(p) + tokens_ahead) // block_size) for p in prompts) + 8
     store = PagedKVStore.for_model(
         model, num_blocks=blocks, block_size=block_size, route_attention=route
     )
@@ -141,11 +142,7 @@ def paged_run(model, prompts, steps, block_size: int, route: bool):
         firsts.append(mx.argmax(logits[0, -1]))
         sessions.append(session)
     caches = store.batch(sessions)
-    rate, tokens = pipelined_decode(lambda t: model(t, cache=caches), mx.stack(firsts), steps)
-    for session in sessions:
-        session.close()
-    store.close()
-    return rate, tokens
+    return (lambda t: model(t, cache=caches)), mx.stack(firsts), store
 
 
 def decode_throughput(
@@ -156,16 +153,39 @@ def decode_throughput(
     steps: int,
     ragged: bool = False,
     block_size: int = 16,
+    repeats: int = 3,
 ) -> ThroughputCell:
-    """One cell: dense, paged with routed attention (the kernel on a GPU), paged on gather."""
+    """One cell: dense, paged with routed attention (the kernel on a GPU) and paged on gather,
+    all prefilled first, then `repeats` rounds of `steps` timed decode steps taken in turn (so
+    drift on a shared machine hits every side alike); each side's median rate is reported."""
+    import statistics
+
     import mlx.core as mx
 
     prompts = prompts_for(model.args.vocab_size, batch, prefix, ragged)
-    dense_rate, dense_tokens = dense_run(model, prompts, steps)
-    mx.clear_cache()
-    paged_rate, paged_tokens = paged_run(model, prompts, steps, block_size, route=True)
-    gather_rate, _ = paged_run(model, prompts, steps, block_size, route=False)
+    ahead = repeats * (steps + 3) + 4
+    dense = dense_side(model, prompts)
+    routed_call, routed_first, routed_store = paged_side(model, prompts, ahead, block_size, True)
+    gather_call, gather_first, gather_store = paged_side(model, prompts, ahead, block_size, False)
+    sides = {
+        "dense": [dense[0], dense[1]],
+        "routed": [routed_call, routed_first],
+        "gather": [gather_call, gather_first],
+    }
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    first_tokens: dict[str, list] = {}
+    for round_ in range(repeats):
+        for side, state in sides.items():
+            rate, tokens = pipelined_decode(
+                state[0], state[1], steps, warmup=3 if round_ == 0 else 0
+            )
+            rates[side].append(rate)
+            first_tokens.setdefault(side, tokens)
+            state[1] = mx.array([row[-1] for row in tokens])
+    routed_store.close()
+    gather_store.close()
+    median = {side: batch * statistics.median(r) for side, r in rates.items()}
     return ThroughputCell(
-        name, batch, prefix, ragged, steps, batch * dense_rate, batch * paged_rate,
-        batch * gather_rate, dense_tokens == paged_tokens,
+        name, batch, prefix, ragged, steps, median["dense"], median["routed"], median["gather"],
+        first_tokens["dense"] == first_tokens["routed"],
     )  # fmt: skip
