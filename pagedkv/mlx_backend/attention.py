@@ -56,17 +56,20 @@ def gather_decode(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sin
     mask = (positions >= batch.bounds[:, :1]) & (positions < batch.bounds[:, 1:])  # [B, T*S]
     if sinks is not None:  # SDPA wants sinks in a type that promotes to the output's
         sinks = sinks.astype(queries.dtype)
+    single = queries.ndim == 3
     out = mx.fast.scaled_dot_product_attention(
-        queries[:, :, None, :], keys, values, scale=scale, mask=mask[:, None, None, :], sinks=sinks
-    )
-    return out[:, :, 0, :]
+        queries[:, :, None, :] if single else queries,
+        keys, values, scale=scale, mask=mask[:, None, None, :], sinks=sinks,
+    )  # fmt: skip
+    return out[:, :, 0, :] if single else out
 
 
 def decode_attention(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None):
     """Decode attention by the path `PAGEDKV_ATTENTION` and the device choose (kernels.dispatch):
-    the fused paged kernel where it is known good, else gather -> SDPA."""
+    the fused paged kernel where it is known good, else gather -> SDPA. queries `[B, q_heads, D]`
+    or, as mlx-lm passes them, `[B, q_heads, 1, D]`; the output has the queries' shape."""
     shape = decode.Shape(
-        queries.dtype, k_pool.dtype, queries.shape[2], k_pool.shape[1], k_pool.shape[2],
+        queries.dtype, k_pool.dtype, queries.shape[-1], k_pool.shape[1], k_pool.shape[2],
         queries.shape[1] // k_pool.shape[2], sinks is not None,
     )  # fmt: skip
 

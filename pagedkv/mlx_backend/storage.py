@@ -30,6 +30,11 @@ class KVStorage:
     ) -> None:
         """runs: (block, first row, rows, offset into keys) — one contiguous run per block."""
         pool_k, pool_v = self.keys[layer], self.values[layer]
+        if len(runs) == 1 and runs[0][2] == keys.shape[0]:  # one run of every row: no slicing
+            block, row, rows, _ = runs[0]
+            pool_k[block, row : row + rows] = keys
+            pool_v[block, row : row + rows] = values
+            return
         for block, row, rows, offset in runs:
             pool_k[block, row : row + rows] = keys[offset : offset + rows]
             pool_v[block, row : row + rows] = values[offset : offset + rows]

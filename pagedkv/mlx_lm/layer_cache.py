@@ -46,8 +46,9 @@ class PagedLayerCache:
         keys, values = self._pool_rows(keys), self._pool_rows(values)  # [B, L, kv_heads, dim]
         self._reserve(count)
         starts = [session.offsets[self.slot] for session in self.sessions]
-        if len(self.sessions) == 1:
-            cache.write_kv(self.sessions[0].seqs[group], self.layer, starts[0], keys[0], values[0])
+        if len(self.sessions) == 1:  # [L, kv_heads, dim]: a reshape, not an index (one op fewer)
+            keys, values = keys.reshape(keys.shape[1:]), values.reshape(values.shape[1:])
+            cache.write_kv(self.sessions[0].seqs[group], self.layer, starts[0], keys, values)
         else:  # one scatter per pool for the whole batch
             seqs = [s.seqs[group] for s in self.sessions]
             cache.write_kv_batch(seqs, self.layer, starts, keys, values)
@@ -98,8 +99,8 @@ class PagedLayerCache:
             return None
         storage = self.cache.storage
         batch = self.store.decode_batch(self.sessions, self.slot, self.group, window)
-        out = decode_attention(
-            queries[:, :, 0, :],
+        out = decode_attention(  # [B, q_heads, 1, D] in and out: no reshaping ops
+            queries,
             storage.keys[self.layer],
             storage.values[self.layer],
             batch,
@@ -107,7 +108,7 @@ class PagedLayerCache:
             sinks,
         )
         self.store.routed_calls += 1
-        return out[:, :, None, :]
+        return out
 
     def _validate(self, keys, values) -> int:
         """Every check before the first change; returns the number of new positions."""
@@ -153,7 +154,10 @@ class PagedLayerCache:
         """`[B, heads, L, dim]` -> `[B, L, kv_heads, head_dim]` in the pool's dtype, zero-padded
         when this layer's K or V is smaller than the pool's rows (per-layer shapes, MLA)."""
         cfg = self.cache.config
-        array = array.transpose(0, 2, 1, 3)
+        if array.shape[2] == 1:  # one position: the same memory order, a reshape is enough
+            array = array.reshape(array.shape[0], 1, array.shape[1], array.shape[3])
+        else:
+            array = array.transpose(0, 2, 1, 3)
         if array.dtype != self.cache.storage.dtype:  # an astype is an op even when a no-op
             array = array.astype(self.cache.storage.dtype)
         heads, dim = array.shape[2], array.shape[3]

@@ -161,3 +161,13 @@ def test_mixed_query_and_pool_dtypes():
     )
     spec = split_k_decode(np.array(queries32), *numpy[1:], 0.1, used)
     assert float(np.abs(np.array(out) - spec).max()) <= TOLERANCE["float32"] * 10
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_queries_as_mlx_lm_passes_them(splits):
+    """`[B, q_heads, 1, D]` in (mlx-lm's decode layout), the same shape out, the same numbers."""
+    (queries, k_pool, v_pool, batch, _), _, _ = case("bfloat16", 128, 16, 4, RAGGED)
+    flat = kernel.paged_decode(queries, k_pool, v_pool, batch, 0.1, num_splits=splits)
+    out = kernel.paged_decode(queries[:, :, None, :], k_pool, v_pool, batch, 0.1, num_splits=splits)
+    assert out.shape == (*queries.shape[:2], 1, queries.shape[2])
+    assert mx.array_equal(out[:, :, 0, :], flat)

@@ -176,7 +176,7 @@ _PLANS: dict[tuple, Plan] = {}  # (dtypes, sizes, sinks, backend) -> Plan: the p
 
 
 def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name: str) -> Plan:
-    _, q_heads, head_dim = queries.shape
+    q_heads, head_dim = queries.shape[1], queries.shape[-1]
     _, block_size, kv_heads, _ = k_pool.shape
     key = (
         queries.dtype,
@@ -199,7 +199,7 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
 
 
 def paged_decode(
-    queries: mx.array,  # [B, q_heads, head_dim]
+    queries: mx.array,  # [B, q_heads, head_dim] or [B, q_heads, 1, head_dim] (same memory)
     k_pool: mx.array,  # [blocks, block_size, kv_heads, head_dim]
     v_pool: mx.array,
     batch: DecodeBatch,
@@ -207,11 +207,11 @@ def paged_decode(
     sinks: mx.array | None = None,  # [q_heads] logits that take softmax mass but carry no value
     num_splits: int | None = None,
     backend_name: str | None = None,
-) -> mx.array:  # [B, q_heads, head_dim], queries' dtype
+) -> mx.array:  # queries' shape and dtype
     """Decode attention of one query per row over its paged K/V, with no gathered copy.
     Inputs are trusted (the callers validate them); see `pagedkv.spec.split_k` for the math."""
     plan = plan_for(queries, k_pool, sinks is not None, backend_name or backend())
-    rows, q_heads, head_dim = queries.shape
+    rows, q_heads, head_dim = queries.shape[0], queries.shape[1], queries.shape[-1]
     splits = num_splits or split_count(plan.shape, rows, batch.longest)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
