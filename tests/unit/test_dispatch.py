@@ -130,3 +130,53 @@ def test_decode_batch_bounds_follow_the_window():
 @pytest.mark.parametrize("longest, batch, expected", [(100, 1, 1), (4096, 64, 1), (4097, 1, 3), (32768, 4, 16), (32768, 256, 2)])  # fmt: skip
 def test_split_count_keeps_one_pass_until_rows_are_long(longest, batch, expected):
     assert decode.split_count(SHAPE, batch, longest) == expected
+
+
+def test_backend_attention_wires_the_self_check_on_a_metal_device(monkeypatch):
+    """decode_attention as it runs on an Apple GPU, with stand-ins for the Metal kernel: a wrong
+    kernel is caught by the self-check on the real inputs (gather used, one warning); a correct,
+    faster one is used from then on."""
+    from pagedkv.mlx_backend import attention
+
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    monkeypatch.setattr(decode, "backend", lambda: "metal")
+    cache = PagedCache(Config(num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16))
+    seq, _ = cache.add_sequence(list(range(6)))
+    rows = mx.random.normal((6, 2, 16))
+    cache.write_kv(seq, 0, 0, rows, rows + 1)  # non-zero K/V: a zero kernel must not match
+    queries = mx.random.normal((1, 4, 16))
+    monkeypatch.setenv(dispatch.ENV, "gather")
+    want = cache.attention_decode(0, [seq], queries)
+    monkeypatch.setenv(dispatch.ENV, "auto")
+
+    def slow_gather(*args, **kwargs):
+        time.sleep(0.003)
+        return original_gather(*args, **kwargs)
+
+    original_gather = attention.gather_decode
+    monkeypatch.setattr(attention, "gather_decode", slow_gather)
+    calls = []
+
+    def wrong_kernel(q, *args, **kwargs):
+        calls.append("wrong")
+        return mx.zeros_like(q)
+
+    monkeypatch.setattr(decode, "paged_decode", wrong_kernel)
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    with pytest.warns(RuntimeWarning, match="differs from gather"):
+        got = cache.attention_decode(0, [seq], queries)
+    assert mx.allclose(got, want)  # the wrong kernel's answer was not used
+    cache.attention_decode(0, [seq], queries)  # verdict remembered: no second check
+    assert calls == ["wrong"]
+
+    def good_kernel(q, k_pool, v_pool, batch, scale, sinks=None):
+        calls.append("good")
+        return original_gather(q, k_pool, v_pool, batch, scale, sinks)
+
+    monkeypatch.setattr(decode, "paged_decode", good_kernel)
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    calls.clear()
+    assert mx.allclose(cache.attention_decode(0, [seq], queries), want)
+    cache.attention_decode(0, [seq], queries)
+    assert calls.count("good") >= 2  # used after passing (the check itself calls it too)

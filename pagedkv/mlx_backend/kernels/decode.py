@@ -76,6 +76,14 @@ class Shape:
         ]
         return max(fits)
 
+    @property
+    def label(self) -> str:
+        """For messages: what this variant is, in words."""
+        return (
+            f"{self.query_dtype} queries over a {self.pool_dtype} pool, head_dim {self.head_dim}, "
+            f"block {self.block_size}, {self.kv_heads} kv heads x {self.group}"
+        )
+
     def name(self, part: str) -> str:
         """A unique kernel name per variant (MLX caches compiled kernels by name)."""
         q, p = str(self.query_dtype).split(".")[-1], str(self.pool_dtype).split(".")[-1]

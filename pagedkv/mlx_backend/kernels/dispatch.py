@@ -120,7 +120,7 @@ class Dispatcher:
             if not verdict.use_kernel:
                 warnings.warn(
                     f"pagedkv: the {backend_name} paged-attention kernel is not used for "
-                    f"{shape.name('decode')}: {verdict.reason}; using gather -> SDPA.",
+                    f"{shape.label}: {verdict.reason}; using gather -> SDPA.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
