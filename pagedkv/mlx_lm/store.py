@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -59,6 +60,9 @@ class PagedKVStore:
     def __init__(self, config, entries=None, shapes=None, make_cache=None, model=None) -> None:
         configs = [config] if isinstance(config, Config) else list(config)
         self.groups = [PagedCache(c) for c in configs]
+        # Held across the groups' check-then-change steps (open, reserve), so that a thread
+        # sharing the store cannot take a group's blocks between another's check and its change.
+        self.lock = threading.RLock()
         self.cache, self.config = self.groups[0], configs[0]
         kind = FULL if self.config.window is None else WINDOW
         self.entries: list[Entry] = entries or [
@@ -159,6 +163,10 @@ class PagedKVStore:
             if not mx.issubdtype(prompt_tokens.dtype, mx.integer):
                 raise InvalidTokensError(f"prompt tokens of dtype {prompt_tokens.dtype}: not ids.")
             prompt_tokens = prompt_tokens.tolist()
+        with self.lock:
+            return self._open(prompt_tokens, namespace)
+
+    def _open(self, prompt_tokens, namespace: str) -> Session:
         if len(self.groups) == 1:
             seq, cached = self.cache.add_sequence(prompt_tokens, namespace)
             return Session(self, [seq], list(self.cache.tokens(seq)), cached)

@@ -175,3 +175,53 @@ def test_mlx_lm_generation_on_its_own_threads_shares_one_store():
     assert [results[i] for i in range(len(prompts))] == dense
     store.cache.check_invariants()
     assert store.cache.stats().sequences == 0
+
+
+@pytest.mark.skipif(not HAVE_MLX, reason="needs MLX and mlx-lm (pagedkv[mlx])")
+def test_threads_sharing_a_store_of_several_groups_under_pressure_leave_no_block_behind():
+    """A sliding-window model keeps two caches (full and window layers); a step checks both before
+    changing either, under the store's lock, so threads racing for a small pool only ever see
+    OutOfBlocksError, never a session half-extended in one group."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from pagedkv.mlx_lm import PagedKVStore
+    from tests.parity.models import greedy, prompt_tokens
+    from tests.parity.zoo import build
+
+    model = build("gemma3_text")
+    store = PagedKVStore.for_model(model, num_blocks=12, block_size=4)
+    assert len(store.groups) == 2
+    outcomes: list[object] = []
+
+    def serve(i: int) -> None:
+        for r in range(3):
+            session = None
+            try:
+                session = store.open(prompt_tokens(9 + i, seed=20 + i + r))
+                steps = generate_step(
+                    mx.array(session.remaining_prompt),
+                    model,
+                    max_tokens=6,
+                    sampler=greedy,
+                    prompt_cache=session.caches,
+                )
+                outcomes.append(len([t for t, _ in steps]))
+            except OutOfBlocksError as error:
+                outcomes.append(type(error))
+            except BaseException as error:  # noqa: BLE001 - reported below
+                outcomes.append(error)
+            finally:
+                if session is not None:
+                    session.close()
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(o == 6 or o is OutOfBlocksError for o in outcomes), outcomes
+    assert 6 in outcomes, outcomes
+    for cache in store.groups:
+        cache.check_invariants()
+        assert cache.stats().sequences == 0 and cache.stats().in_use_blocks == 0
