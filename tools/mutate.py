@@ -87,6 +87,12 @@ MUTANTS = [
     ("adapter: padded tables cached by clock only", "pagedkv/mlx_lm/store.py",
      "key = (self.cache.clock, tuple(s.seq for s in sessions))", "key = (self.cache.clock,)",
      UNIT),
+    ("adapter: steps of several groups not under the store lock", "pagedkv/mlx_lm/layer_cache.py",
+     "with self.store.lock:  # no other thread", "if True:  # no other thread",
+     "tests/unit/test_threads.py"),
+    ("adapter: open of several groups not under the store lock", "pagedkv/mlx_lm/store.py",
+     "        with self.lock:\n            return self._open(",
+     "        if True:\n            return self._open(", "tests/unit/test_threads.py"),
     ("adapter: batch accepts anything", "pagedkv/mlx_lm/store.py",
      "not isinstance(sessions, (list, tuple))", "False", UNIT),
 ]

@@ -225,3 +225,60 @@ def test_threads_sharing_a_store_of_several_groups_under_pressure_leave_no_block
     for cache in store.groups:
         cache.check_invariants()
         assert cache.stats().sequences == 0 and cache.stats().in_use_blocks == 0
+
+
+@pytest.mark.skipif(not HAVE_MLX, reason="needs MLX (pagedkv[mlx])")
+def test_a_step_never_lands_in_one_group_only_when_threads_race_for_blocks():
+    """Six threads step sessions of a two-group store (full and window layers) one token at a
+    time, with thread switches forced as often as Python allows. A step that runs out of blocks
+    must leave the session at the same length in both groups (the store lock spans the checks of
+    every group and the changes)."""
+    import sys
+
+    import mlx.core as mx
+
+    from pagedkv.mlx_lm.kinds import FULL, WINDOW
+    from pagedkv.mlx_lm.store import Entry, PagedKVStore
+
+    full = Config(num_blocks=64, block_size=2, num_kv_heads=1, head_dim=2)
+    window = Config(num_blocks=8, block_size=2, num_kv_heads=1, head_dim=2, window=4)
+    store = PagedKVStore([full, window], entries=[Entry(FULL, 0, None, 0), Entry(WINDOW, 0, 4, 1)])
+    failures: list[object] = []
+
+    def serve(i: int) -> None:
+        for r in range(12):
+            session = None
+            try:
+                session = store.open([i, r, 7])
+                rows = mx.ones((1, 1, 3, 2))
+                for cache in session.caches:
+                    cache.update_and_fetch(rows, rows)
+                for _ in range(6):
+                    for cache in session.caches:
+                        cache.update_and_fetch(rows[:, :, :1], rows[:, :, :1])
+            except OutOfBlocksError:
+                if session is None:
+                    continue  # open refused: nothing to compare
+                lengths = {c.sequence_length(s) for c, s in zip(store.groups, session.seqs)}
+                if len(lengths) != 1:
+                    failures.append(f"groups disagree after a refused step: {lengths}")
+            except BaseException as error:  # noqa: BLE001 - reported below
+                failures.append(error)
+            finally:
+                if session is not None:
+                    session.close()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=serve, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[:3]
+    for cache in store.groups:
+        cache.check_invariants()
+        assert cache.stats().sequences == 0 and cache.stats().in_use_blocks == 0
