@@ -52,7 +52,8 @@ MUTANTS = [
      "            if refcounts[node.block] == 1:\n                self.index.referenced(node)",
      "            if False:\n                self.index.referenced(node)", UNIT),
     ("backend: duplicates counted on every commit", "pagedkv/mlx_backend/cache.py",
-     "elif node.block != block and i >= seq.committed:", "elif node.block != block:", UNIT),
+     "elif node.block != block and block >= 0 and i >= seq.committed:",
+     "elif node.block != block and block >= 0:", UNIT),
     ("backend: blocked count never decreases", "pagedkv/mlx_backend/index.py",
      "self.num_blocked += 1 if blocked else -1", "self.num_blocked += 1 if blocked else 0", UNIT),
     ("backend: pinned chain not subtracted", "pagedkv/mlx_backend/index.py",
@@ -85,7 +86,8 @@ MUTANTS = [
     ("adapter: a trimmed session keeps its prompt tail", "pagedkv/mlx_lm/session.py",
      "        del self.prompt[furthest:]", "        pass", "tests/parity"),
     ("adapter: padded tables cached by clock only", "pagedkv/mlx_lm/store.py",
-     "key = (self.cache.clock, tuple(s.seq for s in sessions))", "key = (self.cache.clock,)",
+     "key = (group, cache.clock, tuple(s.seqs[group] for s in sessions))",
+     "key = (group, cache.clock)",
      UNIT),
     ("adapter: steps of several groups not under the store lock", "pagedkv/mlx_lm/layer_cache.py",
      "with self.store.lock:  # no other thread", "if True:  # no other thread",
@@ -94,7 +96,7 @@ MUTANTS = [
      "        with self.lock:\n            return self._open(",
      "        if True:\n            return self._open(", "tests/unit/test_threads.py"),
     ("adapter: batch accepts anything", "pagedkv/mlx_lm/store.py",
-     "not isinstance(sessions, (list, tuple))", "False", UNIT),
+     "if not isinstance(sessions, (list, tuple, Session)):", "if False:", UNIT),
 ]
 
 
