@@ -112,7 +112,7 @@ def run(name: str, module: str, snippet: str, replacement: str, tests: str) -> s
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
              "--benchmark-disable", "--hypothesis-seed=0", *tests.split()],
-            cwd=ROOT, env=env, capture_output=True, timeout=900,
+            cwd=ROOT, env=env, capture_output=True, timeout=300,
         )
         return "caught" if result.returncode != 0 else "MISSED"
     except subprocess.TimeoutExpired:

@@ -34,10 +34,10 @@ class KVStorage:
             block, row, rows, _ = runs[0]
             pool_k[block, row : row + rows] = keys
             pool_v[block, row : row + rows] = values
-            return
-        for block, row, rows, offset in runs:
-            pool_k[block, row : row + rows] = keys[offset : offset + rows]
-            pool_v[block, row : row + rows] = values[offset : offset + rows]
+        else:
+            for block, row, rows, offset in runs:
+                pool_k[block, row : row + rows] = keys[offset : offset + rows]
+                pool_v[block, row : row + rows] = values[offset : offset + rows]
         mx.async_eval(pool_k, pool_v)  # schedule now: another thread cannot evaluate this one's
 
     def scatter_rows(

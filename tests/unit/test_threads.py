@@ -18,6 +18,7 @@ from tests.impls import HAVE_MLX, IMPLS, cache_class
 from tests.property.harness import SpecImpl, mlx_native, prefix_kv
 
 THREADS, ROUNDS = 8, 10
+JOIN_TIMEOUT = 120  # seconds: a hang fails the test instead of stalling the suite
 STEM = list(range(100, 112))  # three full blocks shared by every thread's prompts
 
 
@@ -117,11 +118,12 @@ def test_many_threads_share_one_cache(impl):
         except BaseException as error:  # noqa: BLE001 - reported below
             failures.append(error)
 
-    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in workers]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=JOIN_TIMEOUT)
+        assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
     assert not failures, failures
     cache.check_invariants()
     stats = cache.stats()
@@ -167,11 +169,12 @@ def test_mlx_lm_generation_on_its_own_threads_shares_one_store():
         except BaseException as error:  # noqa: BLE001 - compared below
             results[i] = error
 
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=JOIN_TIMEOUT)
+        assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
     assert [results[i] for i in range(len(prompts))] == dense
     store.cache.check_invariants()
     assert store.cache.stats().sequences == 0
@@ -215,11 +218,12 @@ def test_threads_sharing_a_store_of_several_groups_under_pressure_leave_no_block
                 if session is not None:
                     session.close()
 
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=JOIN_TIMEOUT)
+        assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
     assert all(o == 6 or o is OutOfBlocksError for o in outcomes), outcomes
     assert 6 in outcomes, outcomes
     for cache in store.groups:
@@ -271,11 +275,12 @@ def test_a_step_never_lands_in_one_group_only_when_threads_race_for_blocks():
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        threads = [threading.Thread(target=serve, args=(i,)) for i in range(6)]
+        threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(6)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join(timeout=JOIN_TIMEOUT)
+            assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
     finally:
         sys.setswitchinterval(interval)
     assert not failures, failures[:3]
