@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell uname -s)
 
-.PHONY: demo test docs lint format bench clean
+.PHONY: demo test docs lint format bench clean mutate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .hypothesis .benchmarks
+
+# Hand-written mutants (tools/mutate.py): each must make its tests fail. Minutes; not run by CI.
+mutate: $(STAMP)
+	PYTHONPATH=. $(PY) tools/mutate.py

@@ -7,7 +7,7 @@ for full float32 unless the caller chose otherwise. No effect on Metal or the CP
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # before anything imports MLX
 
@@ -26,4 +26,13 @@ settings.register_profile(
     "ci", max_examples=200, stateful_step_count=50, derandomize=True, print_blob=True, **_common
 )
 settings.register_profile("nightly", max_examples=2000, stateful_step_count=100, **_common)
+# tools/mutate.py: the ci budget, without shrinking (a mutant only needs to fail, not be explained)
+settings.register_profile(
+    "mutate",
+    max_examples=200,
+    stateful_step_count=50,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    **_common,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -13,7 +13,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=8, help="concurrent requests (default 8)")
     bench = commands.add_parser("bench", help="run a benchmark group (table, CSV and PNG)")
     bench.add_argument(
-        "group", choices=["gather", "memory", "prefill", "throughput", "window", "all"]
+        "group",
+        choices=[
+            "gather",
+            "memory",
+            "prefill",
+            "throughput",
+            "window",
+            "admission",
+            "trace",
+            "all",
+        ],
     )
     bench.add_argument("--full", action="store_true", help="the whole sweep (default: quick)")
     bench.add_argument("--out", default="bench-results", help="folder for CSV and PNG files")

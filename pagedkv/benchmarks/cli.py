@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pagedkv.benchmarks.common import device_info
 
-GROUPS = ("gather", "memory", "prefill", "throughput", "window")
+GROUPS = ("gather", "memory", "prefill", "throughput", "window", "admission", "trace")
 
 
 def progress(done: int, total: int, label: str, started: float) -> None:
@@ -205,6 +205,63 @@ def run_throughput(full: bool, repeats: int, model_name: str = "auto"):
     return header, rows
 
 
+def run_admission(full: bool, repeats: int):
+    """Admission cost vs cached blocks (metadata only; see pagedkv/benchmarks/admission.py)."""
+    from pagedkv.benchmarks.admission import SIZES, measure
+
+    sizes = SIZES if full else SIZES[:3]
+    cells = measure(sizes=sizes, repeats=max(10, 10 * repeats))
+    print(f"  {len(sizes)} pool sizes, timed in alternation", file=sys.stderr)
+    rows = [
+        [c.num_blocks, c.cached_blocks, c.can_add_us, c.add_round_us, c.can_extend_us]
+        for c in cells
+    ]
+    for name, col in (("can_add", 2), ("add_round", 3), ("can_extend", 4)):
+        print(f"  {name}: largest / smallest = {rows[-1][col] / rows[0][col]:.2f}", file=sys.stderr)
+    return ["num_blocks", "cached_blocks", "can_add_us", "add_round_us", "can_extend_us"], rows
+
+
+def run_trace(full: bool, repeats: int):
+    """The 100k-request serving trace (10k with the quick sweep), one row per window."""
+    from pagedkv.benchmarks.trace import run_trace as trace
+
+    requests = 100_000 if full else 10_000
+    started, rows = time.perf_counter(), []
+    for w in trace(requests=requests, window=requests // 10):
+        rows.append(
+            [
+                w.requests,
+                w.us_per_request,
+                w.us_per_op,
+                w.rss_mib,
+                w.live,
+                w.cached_blocks,
+                w.evictions,
+                w.hit_pct,
+                w.forks,
+                w.rewinds,
+                w.aborts,
+                w.preempted,
+            ]
+        )
+        progress(len(rows), 10, f"{w.requests} requests, invariants hold", started)
+    header = [
+        "requests",
+        "us_per_request",
+        "us_per_call",
+        "rss_MiB",
+        "live",
+        "cached_blocks",
+        "evictions",
+        "hit%",
+        "forks",
+        "rewinds",
+        "aborts",
+        "preempted",
+    ]
+    return header, rows
+
+
 def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
     import matplotlib
 
@@ -260,6 +317,23 @@ def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
             ylabel="pool blocks in use",
             title="Sliding-window layers: blocks before the window are released",
         )
+    elif group == "admission":
+        for name, col in (("can_add_sequence", 2), ("add + commit + free", 3), ("can_extend", 4)):
+            ax.plot([r[0] for r in rows], [r[col] for r in rows], marker="o", label=name)
+        ax.set(
+            xscale="log",
+            xlabel="blocks in the pool (all cached)",
+            ylabel="µs per call (median)",
+            title="Admission cost vs pool size (metadata only)",
+        )
+    elif group == "trace":
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label="µs per request")
+        ax.set(
+            xlabel="requests served",
+            ylabel="µs per request (window)",
+            title="Serving trace, metadata only",
+            ylim=(0, 1.5 * max(r[1] for r in rows)),
+        )
     elif group == "prefill":
         ax.barh([f"{r[0]} x{r[1]}" for r in rows], [r[4] for r in rows])
         ax.set(xlabel="prefill tokens avoided (%)", title="Prefill avoided by prefix sharing")
@@ -295,6 +369,8 @@ def main(args) -> int:
         "prefill": run_prefill,
         "throughput": lambda full, repeats: run_throughput(full, repeats, args.model),
         "window": run_window,
+        "admission": run_admission,
+        "trace": run_trace,
     }
     for group in groups:
         print(f"\n== {group}", flush=True)

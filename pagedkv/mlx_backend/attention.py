@@ -93,7 +93,7 @@ def attention_decode(
     storage = cache._storage("attention_decode")
     cfg = cache.config
     layer = validate.layer(layer, cfg.num_layers)
-    seqs = [cache._seq(s) for s in seq_ids]
+    seqs = [cache._seq(s) for s in validate.batch(seq_ids, "attention_decode seq_ids")]
     queries = validate.queries(queries, cfg.num_kv_heads, cfg.head_dim, len(seqs))
     scale = validate.scale(scale, cfg.head_dim)
     window = validate.window(window)

@@ -2,9 +2,10 @@
 
 Same operations, names, results and errors as `pagedkv.spec.PagedCache` (see its module docstring
 for the rules and the decisions they fix); none of its code is shared. What differs is how:
-O(1) free queue, hashed trie lookups, a lazily invalidated LRU heap of evictable leaves, an
-availability check that only scans the index when the fast bound is not enough, commits that resume
-from the last committed node, and block tables kept as int32 arrays.
+O(1) free queue, hashed trie lookups, a lazily invalidated LRU heap of evictable leaves, a count of
+reclaimable blocks kept up to date as refcounts change (admission costs O(request), never
+O(cached blocks)), commits that resume from the last committed node, and block tables kept as
+int32 arrays.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pagedkv.mlx_backend import attention, observe, validate
 from pagedkv.mlx_backend.index import Node, PrefixIndex
 from pagedkv.mlx_backend.pool import BlockPool
 from pagedkv.mlx_backend.storage import KVStorage
+from pagedkv.mlx_backend.threads import locked_methods
 
 
 class Sequence:
@@ -81,6 +83,7 @@ class Sequence:
         return self.table[self.holes : self.num_blocks].tolist()
 
 
+@locked_methods  # one call at a time per cache, from any thread (see threads.py)
 class PagedCache:
     """The MLX implementation. See `pagedkv.spec.PagedCache` for each operation's contract."""
 
@@ -114,11 +117,13 @@ class PagedCache:
 
     def _seq(self, seq_id: object) -> Sequence:
         # Handles are ints (Python or NumPy); 1.0 or True must not find sequence 1.
-        try:
-            if type(seq_id) is int or isinstance(seq_id, np.integer):
-                return self.sequences[seq_id]  # type: ignore[index]
-        except KeyError:
-            pass
+        seq = None
+        if type(seq_id) is int:
+            seq = self.sequences.get(seq_id)
+        elif validate.is_int(seq_id):  # NumPy integers, int subclasses such as IntEnum
+            seq = self.sequences.get(int(seq_id))  # type: ignore[call-overload]
+        if seq is not None:
+            return seq
         raise UnknownSequenceError(
             f"sequence {seq_id!r} is unknown or was freed ({len(self.sequences)} live); use a "
             "handle returned by add_sequence or fork."
@@ -157,7 +162,7 @@ class PagedCache:
         if node is not None:
             node.last_used = now
             if refcounts[block] == 0:
-                self.index.mark_if_evictable(node)
+                self.index.released(node)
         elif refcounts[block] == 0:
             self.pool.free_queue.append(block)
 
@@ -211,7 +216,8 @@ class PagedCache:
         for i, node in enumerate(chain):
             refcounts[node.block] += 1
             node.last_used = now
-            self.index.evictable.discard(node.block)
+            if refcounts[node.block] == 1:
+                self.index.referenced(node)
             table[i] = node.block
         for i in range(len(chain), len(chain) + needed):
             table[i] = self._take_block()
@@ -261,6 +267,8 @@ class PagedCache:
         seq.tokens += tokens
 
     def decode_step(self, seq_ids, tokens) -> None:
+        if type(seq_ids) is not list:
+            seq_ids = validate.batch(seq_ids, "decode_step seq_ids")
         sequences = self.sequences  # the hot path: plain int handles, one dict lookup each
         seqs = [sequences.get(s) if type(s) is int else None for s in seq_ids]
         if None in seqs:
@@ -286,7 +294,7 @@ class PagedCache:
             seq.tokens.append(token)
 
     def can_decode_step(self, seq_ids) -> bool:
-        seqs = [self._seq(seq_id) for seq_id in seq_ids]
+        seqs = [self._seq(s) for s in validate.batch(seq_ids, "can_decode_step seq_ids")]
         if len(set(map(id, seqs))) != len(seqs) or not seqs:
             raise InvalidArgumentError(
                 f"can_decode_step needs distinct sequences; got {len(seqs)} sequences."
@@ -387,7 +395,8 @@ class PagedCache:
 
     def write_kv_batch(self, seq_ids, layer: int, starts, keys, values) -> None:
         storage = self._storage("write_kv_batch")
-        seqs = [self._seq(seq_id) for seq_id in seq_ids]
+        seqs = [self._seq(s) for s in validate.batch(seq_ids, "write_kv_batch seq_ids")]
+        starts = validate.batch(starts, "write_kv_batch starts")
         if not seqs or len(set(map(id, seqs))) != len(seqs) or len(starts) != len(seqs):
             raise InvalidArgumentError(
                 f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "

@@ -4,6 +4,12 @@ Children are found by hashing `(parent, key)` in one dict, where `parent` is the
 or, at the top level, the namespace string (the two cannot collide). Evictable leaves (refcount 0,
 no children) are kept in a set plus a min-heap of `(last_used, block)` whose stale entries are
 skipped when popped, so the LRU victim costs O(log n) and never a scan.
+
+How many cached blocks repeated eviction could reclaim is kept up to date too, so admission never
+scans the index. A node is *blocked* when its block is referenced or a child is blocked: eviction
+can never reach it. Each node counts its blocked children; a refcount change or an insertion
+updates the node and walks up only while an ancestor's blocked state flips, so the cost is bounded
+by the chain the operation touches (O(request)), never by the number of cached blocks.
 """
 
 from __future__ import annotations
@@ -12,7 +18,16 @@ import heapq
 
 
 class Node:
-    __slots__ = ("block", "key", "namespace", "parent", "children", "last_used")
+    __slots__ = (
+        "block",
+        "key",
+        "namespace",
+        "parent",
+        "children",
+        "last_used",
+        "blocked",
+        "blocked_children",
+    )
 
     def __init__(self, block: int, key: tuple, namespace: str, parent: Node | None, now: int):
         self.block = block
@@ -21,6 +36,8 @@ class Node:
         self.parent = parent
         self.children = 0  # number of child nodes
         self.last_used = now
+        self.blocked = False  # referenced, or a child is blocked: eviction cannot reach it
+        self.blocked_children = 0
 
     def path_tokens(self) -> tuple[int, ...]:
         keys, node = [], self
@@ -38,6 +55,7 @@ class PrefixIndex:
         self.evictable: set[int] = set()
         self.heap: list[tuple[int, int]] = []
         self.epoch = 0  # bumped whenever a node is removed: cached paths must be re-walked
+        self.num_blocked = 0  # indexed nodes eviction cannot reach; the rest are reclaimable
 
     @staticmethod
     def parent_key(namespace: str, parent: Node | None) -> object:
@@ -54,6 +72,29 @@ class PrefixIndex:
                 self.heap = [(self.by_block[b].last_used, b) for b in self.evictable]
                 heapq.heapify(self.heap)
 
+    def update_blocked(self, node: Node | None) -> None:
+        """Recomputes `node.blocked` after its refcount or blocked children changed, and walks up
+        while the flag flips (an unchanged node leaves its ancestors unchanged)."""
+        while node is not None:
+            blocked = self.refcounts[node.block] > 0 or node.blocked_children > 0
+            if blocked == node.blocked:
+                return
+            node.blocked = blocked
+            self.num_blocked += 1 if blocked else -1
+            if node.parent is not None:
+                node.parent.blocked_children += 1 if blocked else -1
+            node = node.parent
+
+    def referenced(self, node: Node) -> None:
+        """The node's block went from refcount 0 to 1."""
+        self.evictable.discard(node.block)
+        self.update_blocked(node)
+
+    def released(self, node: Node) -> None:
+        """The node's block dropped to refcount 0."""
+        self.mark_if_evictable(node)
+        self.update_blocked(node)
+
     def insert(self, namespace: str, parent: Node | None, key: tuple, block: int, now: int) -> Node:
         node = Node(block, key, namespace, parent, now)
         self.children[(self.parent_key(namespace, parent), key)] = node
@@ -62,6 +103,7 @@ class PrefixIndex:
             parent.children += 1
             self.evictable.discard(parent.block)
         self.mark_if_evictable(node)
+        self.update_blocked(node)
         return node
 
     def pop_lru_leaf(self) -> Node:
@@ -79,20 +121,26 @@ class PrefixIndex:
         self.evictable.discard(node.block)
         self.epoch += 1
         parent = node.parent
+        if node.blocked:  # not on eviction (victims are never blocked); kept exact regardless
+            self.num_blocked -= 1
+            if parent is not None:
+                parent.blocked_children -= 1
         if parent is not None:
             parent.children -= 1
             self.mark_if_evictable(parent)
+            self.update_blocked(parent)
 
     def reclaimable(self, pinned: set[int]) -> int:
-        """Cached blocks repeated leaf eviction could reach: indexed, refcount 0, not pinned, and
-        with no referenced or pinned block below them."""
-        blocked: set[int] = set()
-        for block, node in self.by_block.items():
-            if self.refcounts[block] or block in pinned:
-                while node is not None and node.block not in blocked:
-                    blocked.add(node.block)
-                    node = node.parent
-        return len(self.by_block) - len(blocked)
+        """Cached blocks repeated leaf eviction could reach: unblocked nodes, less those that
+        pinning `pinned` would block (each pinned node and its unblocked ancestors).
+        Costs O(pinned chains), not O(index)."""
+        newly_blocked: set[int] = set()
+        for block in pinned:
+            node = self.by_block.get(block)
+            while node is not None and not node.blocked and node.block not in newly_blocked:
+                newly_blocked.add(node.block)
+                node = node.parent
+        return len(self.by_block) - self.num_blocked - len(newly_blocked)
 
     def clear(self) -> list[int]:
         """Drops every node; returns the cached (refcount 0) blocks in ascending order."""
@@ -102,4 +150,5 @@ class PrefixIndex:
         self.evictable.clear()
         self.heap.clear()
         self.epoch += 1
+        self.num_blocked = 0
         return cached

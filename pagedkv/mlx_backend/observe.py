@@ -97,6 +97,21 @@ def check_invariants(cache) -> None:
             child_counts[node.parent.block] = child_counts.get(node.parent.block, 0) + 1
     for block, node in index.by_block.items():
         need(node.children == child_counts.get(block, 0), f"child count of block {block}")
+    blocked = {b for b in index.by_block if refcounts[b]}  # recomputed from scratch
+    for block in list(blocked):
+        node = index.by_block[block].parent
+        while node is not None and node.block not in blocked:
+            blocked.add(node.block)
+            node = node.parent
+    blocked_kids: dict[int, int] = {}
+    for block in blocked:
+        parent = index.by_block[block].parent
+        if parent is not None:
+            blocked_kids[parent.block] = blocked_kids.get(parent.block, 0) + 1
+    for block, node in index.by_block.items():
+        need(node.blocked == (block in blocked), f"blocked flag of block {block}")
+        need(node.blocked_children == blocked_kids.get(block, 0), f"blocked children of {block}")
+    need(index.num_blocked == len(blocked), "blocked count")
     leaves = {b for b, nd in index.by_block.items() if nd.children == 0 and not refcounts[b]}
     need(index.evictable == leaves, "evictable set != cached leaves")
     live = {(lu, b) for lu, b in index.heap}

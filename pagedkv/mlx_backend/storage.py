@@ -34,10 +34,11 @@ class KVStorage:
             block, row, rows, _ = runs[0]
             pool_k[block, row : row + rows] = keys
             pool_v[block, row : row + rows] = values
-            return
-        for block, row, rows, offset in runs:
-            pool_k[block, row : row + rows] = keys[offset : offset + rows]
-            pool_v[block, row : row + rows] = values[offset : offset + rows]
+        else:
+            for block, row, rows, offset in runs:
+                pool_k[block, row : row + rows] = keys[offset : offset + rows]
+                pool_v[block, row : row + rows] = values[offset : offset + rows]
+        mx.async_eval(pool_k, pool_v)  # schedule now: another thread cannot evaluate this one's
 
     def scatter_rows(
         self,
@@ -51,6 +52,7 @@ class KVStorage:
         block_index, row_index: `[n]` int32."""
         self.keys[layer][block_index, row_index] = keys
         self.values[layer][block_index, row_index] = values
+        mx.async_eval(self.keys[layer], self.values[layer])  # see write_rows
 
     def copy_rows(self, source: int, target: int, rows: int) -> None:
         """Copy-on-write of the first `rows` rows of `source` into `target`, in every layer."""

@@ -10,27 +10,32 @@ import numpy as np
 from pagedkv.errors import InvalidArgumentError, InvalidTokensError, KVDtypeError, KVShapeError
 
 _INT_TYPES = (int, np.integer)
+_BOOL_TYPES = (bool, np.bool_)
 _TOKEN_LIMIT = 1 << 31
+_SEQUENCES = (list, tuple, range)
 
 
 def is_int(value: object) -> bool:
-    return isinstance(value, _INT_TYPES) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, _INT_TYPES) and not isinstance(value, _BOOL_TYPES)
 
 
 def token_list(tokens: object, op: str) -> list[int]:
+    """list/tuple/range of ints or a 1-D integer numpy array -> list of ints in [0, 2**31)."""
     if type(tokens) is list and tokens and all(type(t) is int for t in tokens):
         if min(tokens) >= 0 and max(tokens) < _TOKEN_LIMIT:  # the hot path: plain ints
             return list(tokens)
     if isinstance(tokens, np.ndarray):
-        tokens = tokens.tolist() if tokens.dtype.kind in "iu" else list(tokens)
-    elif isinstance(tokens, mx.array):
-        tokens = tokens.tolist() if tokens.ndim == 1 else [tokens]
-    elif not isinstance(tokens, (list, tuple, range)):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise InvalidTokensError(
+                f"{op}: a token array must be 1-D of an integer dtype, got {tokens.ndim}-D "
+                f"{tokens.dtype}."
+            )
+        tokens = tokens.tolist()  # Python ints
+    elif not isinstance(tokens, _SEQUENCES):  # MLX arrays too: the spec cannot know them
         raise InvalidTokensError(
-            f"{op}: tokens must be a list of ints, got {type(tokens).__name__}."
+            f"{op}: tokens must be a list, tuple, range or 1-D integer numpy array of ints, "
+            f"got {type(tokens).__name__}."
         )
-    if not tokens:
-        raise InvalidTokensError(f"{op}: needs at least one token, got none.")
     out = []
     for token in tokens:
         if not is_int(token):
@@ -38,7 +43,18 @@ def token_list(tokens: object, op: str) -> list[int]:
         if not 0 <= token < _TOKEN_LIMIT:
             raise InvalidTokensError(f"{op}: token {int(token)} is outside [0, 2**31).")
         out.append(int(token))
+    if not out:
+        raise InvalidTokensError(f"{op}: needs at least one token, got none.")
     return out
+
+
+def batch(values: object, what: str) -> list:
+    """seq_ids / starts: a list, tuple, range or 1-D numpy array (elements checked by callers)."""
+    if isinstance(values, _SEQUENCES) or (isinstance(values, np.ndarray) and values.ndim == 1):
+        return list(values)
+    raise InvalidArgumentError(
+        f"{what} must be a list, tuple, range or 1-D numpy array, got {type(values).__name__}."
+    )
 
 
 def count(value: object, what: str) -> int:
@@ -102,9 +118,17 @@ def queries(array: object, heads: int, dim: int, batch: int | None) -> mx.array:
 def scale(value: object, dim: int) -> float:
     if value is None:
         return dim**-0.5
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, _BOOL_TYPES) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
         raise InvalidArgumentError(f"scale must be a finite float or None, got {value!r}.")
-    return float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # a huge int
+        result = math.inf
+    if not math.isfinite(result):
+        raise InvalidArgumentError(f"scale must be a finite float or None, got {value!r}.")
+    return result
 
 
 def window(value: object) -> int | None:

@@ -170,6 +170,10 @@ class PagedLayerCache:
     def _reserve(self, count: int) -> None:
         """The first layer to reach new positions reserves them for every layer, in every group's
         cache: each group is checked first, so a step that cannot get its blocks changes nothing."""
+        with self.store.lock:  # no other thread's step between the checks and the changes
+            self._reserve_locked(count)
+
+    def _reserve_locked(self, count: int) -> None:
         store = self.store
         growing = []
         for session in self.sessions:

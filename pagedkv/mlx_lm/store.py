@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -10,7 +11,12 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 
 from pagedkv.config import Config
-from pagedkv.errors import InvalidArgumentError, OutOfBlocksError, UnsupportedModelError
+from pagedkv.errors import (
+    InvalidArgumentError,
+    InvalidTokensError,
+    OutOfBlocksError,
+    UnsupportedModelError,
+)
 from pagedkv.mlx_backend import PagedCache
 from pagedkv.mlx_backend.attention import decode_batch, pad_tables
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
@@ -37,7 +43,9 @@ class Entry:
 
 
 class PagedKVStore:
-    """Paged pools for every request of a model. Not thread-safe (neither is mlx-lm's loop).
+    """Paged pools for every request of a model. Threads may share a store (each cache runs one
+    call at a time and its K/V may be used from any thread); a session, like mlx-lm's own caches,
+    belongs to one thread at a time.
 
     Layers are grouped by attention span: the full-attention layers share one `PagedCache`, and
     the layers of each sliding-window size share another whose `Config.window` releases blocks
@@ -52,6 +60,9 @@ class PagedKVStore:
     def __init__(self, config, entries=None, shapes=None, make_cache=None, model=None) -> None:
         configs = [config] if isinstance(config, Config) else list(config)
         self.groups = [PagedCache(c) for c in configs]
+        # Held across the groups' check-then-change steps (open, reserve), so that a thread
+        # sharing the store cannot take a group's blocks between another's check and its change.
+        self.lock = threading.RLock()
         self.cache, self.config = self.groups[0], configs[0]
         kind = FULL if self.config.window is None else WINDOW
         self.entries: list[Entry] = entries or [
@@ -68,10 +79,10 @@ class PagedKVStore:
         self._batch_exact: bool | None = None if model is not None else True
         # A recurrent state cannot be shared block by block: hybrids never publish prefixes.
         self.prefix_sharing = not any(e.kind == RECURRENT for e in self.entries)
-        self._tables_key: tuple | None = None
-        self._tables: mx.array | None = None
-        self._batch_key: tuple | None = None
-        self._batch: DecodeBatch | None = None
+        # (key, value) pairs, each replaced in one assignment: threads sharing the store never
+        # see one step's key with another step's value
+        self._tables: tuple = (None, None)
+        self._batch: tuple[tuple | None, DecodeBatch | None] = (None, None)
         self._masks: deque[tuple[mx.array, int | None]] = deque(maxlen=8)  # made by make_mask
         self._routed_modules: list[str] = []
         self._unroute = None
@@ -145,8 +156,17 @@ class PagedKVStore:
 
     def open(self, prompt_tokens: Sequence[int], namespace: str = "") -> Session:
         """Starts a request. The longest cached prefix of full blocks is shared (never for hybrid
-        models); feed `session.remaining_prompt` to mlx-lm. Raises OutOfBlocksError,
-        InvalidTokensError; nothing changes then."""
+        models); feed `session.remaining_prompt` to mlx-lm. prompt_tokens: a token sequence as the
+        cache takes it (`pagedkv.spec.checks`), or a 1-D integer mx.array. Raises
+        OutOfBlocksError, InvalidTokensError, InvalidArgumentError; nothing changes then."""
+        if isinstance(prompt_tokens, mx.array) and prompt_tokens.ndim == 1:
+            if not mx.issubdtype(prompt_tokens.dtype, mx.integer):
+                raise InvalidTokensError(f"prompt tokens of dtype {prompt_tokens.dtype}: not ids.")
+            prompt_tokens = prompt_tokens.tolist()
+        with self.lock:
+            return self._open(prompt_tokens, namespace)
+
+    def _open(self, prompt_tokens, namespace: str) -> Session:
         if len(self.groups) == 1:
             seq, cached = self.cache.add_sequence(prompt_tokens, namespace)
             return Session(self, [seq], list(self.cache.tokens(seq)), cached)
@@ -169,10 +189,11 @@ class PagedKVStore:
         metadata operations, which tick the clock, so every layer of a step reuses one."""
         cache = self.groups[group]
         key = (group, cache.clock, tuple(s.seqs[group] for s in sessions))
-        if self._tables_key != key:
-            tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
-            self._tables_key, self._tables = key, pad_tables(tables)
-        return self._tables
+        cached_key, tables = self._tables
+        if cached_key != key:
+            tables = pad_tables([cache.block_table_array(s.seqs[group]) for s in sessions])
+            self._tables = (key, tables)
+        return tables
 
     def route(self, model) -> None:
         """Routes `model`'s decode attention to the paged kernel (reversed by `close`)."""
@@ -197,10 +218,12 @@ class PagedKVStore:
         cache = self.groups[group]
         lengths = tuple(s.offsets[slot] for s in sessions)
         key = (group, cache.clock, tuple(s.seqs[group] for s in sessions), lengths, window)
-        if self._batch_key != key:
+        cached_key, batch = self._batch
+        if cached_key != key:
             tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
-            self._batch_key, self._batch = key, decode_batch(tables, list(lengths), window)
-        return self._batch
+            batch = decode_batch(tables, list(lengths), window)
+            self._batch = (key, batch)
+        return batch
 
     def remember_mask(self, mask: mx.array, window: int | None) -> None:
         """Records a mask that make_mask returned, so routed attention knows what it means."""
@@ -239,6 +262,10 @@ class PagedKVStore:
     def batch(self, sessions: Sequence[Session]) -> list:
         """Per-layer caches over several sessions, for batched decoding (ragged lengths): each
         model call feeds one token per session. Prefill through each session's own caches."""
+        if not isinstance(sessions, (list, tuple, Session)):
+            raise InvalidArgumentError(
+                f"batch needs a list of open sessions, got {type(sessions).__name__}."
+            )
         sessions = list(sessions) if not isinstance(sessions, Session) else [sessions]
         if not sessions or len({id(s) for s in sessions}) != len(sessions):
             raise InvalidArgumentError("batch needs one or more distinct open sessions.")

@@ -31,8 +31,12 @@ Decisions the brief leaves open, fixed here (the MLX backend follows them exactl
   indexed joins the free queue's tail. Freeing and trimming release the table tail first.
 - `clear_cache` drops every index node: cached blocks join the free queue in ascending block id
   (counted as evictions); indexed blocks still in use simply stop being matchable.
-- Sequence handles are ints (Python or NumPy) issued from 0 upwards; floats and bools name no
-  sequence, so `1.0` or `True` raise UnknownSequenceError.
+- Inputs follow one contract, stated in `pagedkv/spec/checks.py`: what an integer, a token
+  sequence, a handle, a batch, a count are, and the order in which a call's arguments are checked.
+  Handles are integers issued from 0 upwards; floats and bools name no sequence, so `1.0` or
+  `True` raise UnknownSequenceError.
+- Every cache is safe to call from several threads: each public operation holds the cache's
+  lock, so calls are serialised (one at a time, each all or nothing).
 - `decode_step` and `write_kv_batch` act exactly as in-order loops of `extend` / `write_kv`, but
   as one operation: one tick, and every check of the whole batch before its first change.
 - `commit` walks the sequence's full blocks from the root and publishes every missing node, also
@@ -70,6 +74,7 @@ from pagedkv.spec.attention import reference_attention
 from pagedkv.spec.index import PrefixIndex
 from pagedkv.spec.pool import BlockPool, blocks_for
 from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
+from pagedkv.spec.threads import serialised
 from pagedkv.spec.window import HOLE, blocks_before_window, leading_holes, trim_uncovers_hole
 from pagedkv.types import Snapshot, Stats
 
@@ -97,6 +102,7 @@ class Counters:
     duplicates: int = 0
 
 
+@serialised  # every public method holds self.lock: calls from several threads run one at a time
 class PagedCache:
     """The executable spec of a paged KV cache."""
 
@@ -115,7 +121,7 @@ class PagedCache:
     # ---- small helpers -------------------------------------------------------------------------
 
     def _sequence(self, seq_id: object) -> Sequence:
-        is_handle = isinstance(seq_id, (int, np.integer)) and not isinstance(seq_id, bool)
+        is_handle = checks.is_integer(seq_id)
         seq = self.sequences.get(int(seq_id)) if is_handle else None  # type: ignore[arg-type]
         if seq is None:
             raise UnknownSequenceError(
@@ -289,7 +295,7 @@ class PagedCache:
         Raises InvalidArgumentError (no sequences, a sequence twice, or not one token per
         sequence), UnknownSequenceError, InvalidTokensError, OutOfBlocksError.
         """
-        seqs = [self._sequence(seq_id) for seq_id in seq_ids]
+        seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "decode_step seq_ids")]
         tokens = checks.as_tokens(tokens, "decode_step")
         if len({seq.id for seq in seqs}) != len(seqs) or len(tokens) != len(seqs) or not seqs:
             raise InvalidArgumentError(
@@ -310,7 +316,7 @@ class PagedCache:
     def can_decode_step(self, seq_ids: SequenceOf[int]) -> bool:
         """Whether decode_step(seq_ids, <one token each>) would find enough blocks. Changes
         nothing. Raises UnknownSequenceError, InvalidArgumentError (none, or a sequence twice)."""
-        seqs = [self._sequence(seq_id) for seq_id in seq_ids]
+        seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "can_decode_step seq_ids")]
         if len({seq.id for seq in seqs}) != len(seqs) or not seqs:
             raise InvalidArgumentError(
                 f"can_decode_step needs distinct sequences; got {len(seqs)} sequences "
@@ -417,7 +423,8 @@ class PagedCache:
         written. Raises what `write_kv` raises, and InvalidArgumentError (no sequences, a sequence
         twice, or not one start per sequence), KVShapeError (not `[B, n, kv_heads, head_dim]`)."""
         storage = self._require_storage("write_kv_batch")
-        seqs = [self._sequence(seq_id) for seq_id in seq_ids]
+        seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "write_kv_batch seq_ids")]
+        starts = checks.as_batch(starts, "write_kv_batch starts")
         if not seqs or len({s.id for s in seqs}) != len(seqs) or len(starts) != len(seqs):
             raise InvalidArgumentError(
                 f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
@@ -614,7 +621,7 @@ class PagedCache:
         window, sinks), KVDtypeError, KVShapeError, InvalidPositionError (an empty sequence)."""
         self._require_storage("attention_decode")
         layer = checks.as_layer(layer, self.config.num_layers)
-        seqs = [self._sequence(s) for s in seq_ids]
+        seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "attention_decode seq_ids")]
         queries = checks.check_queries(
             queries, self.config.num_kv_heads, self.config.head_dim, len(seqs)
         )

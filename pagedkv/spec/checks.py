@@ -1,11 +1,30 @@
-"""Input validation for the spec's public operations.
+"""Input validation for the spec's public operations: the input contract, in code.
 
-Every check runs before any state changes, so a rejected call leaves the cache untouched.
+Every check runs before any state changes, so a rejected call leaves the cache untouched. The
+contract (the MLX backend enforces the same one, with its own code):
+
+- An **integer** is a Python `int` (subclasses such as `IntEnum` members included) or a NumPy
+  integer scalar. Never a `bool`, a float (not even `1.0`), a string or a 0-d array.
+- A **token sequence** is a `list`, `tuple` or `range` of integers, or a 1-D NumPy array of an
+  integer dtype, every token in [0, 2**31), at least one token. Nothing else: not a `str`, `bytes`,
+  `bytearray`, `memoryview`, `array.array`, `deque`, iterator, set, 0-d or 2-D array, float or bool
+  array, nor an MLX array (convert it with `.tolist()`). Refusals raise InvalidTokensError.
+- A **handle** (sequence id) is an integer that add_sequence or fork returned and free has not
+  ended. Anything else raises UnknownSequenceError.
+- A **batch** (`seq_ids`, `starts`) is a `list`, `tuple`, `range` or 1-D NumPy array; each element
+  is then checked as a handle or a count. Anything else raises InvalidArgumentError.
+- A **count** (`num_tokens`, `start`, trim and evict counts) is an integer >= 0, a **layer** an
+  integer in [0, num_layers), a **namespace** a `str`, a **scale** None or a finite real number
+  (a Python or NumPy int or float, never a bool). Refusals raise InvalidArgumentError.
+
+Arguments are checked in the order of the signature (the handle or handles first), then the
+relations between them (one token per sequence, distinct sequences), then the state (positions,
+writability, blocks available). So a call with several faults raises for the first, on both sides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 
 import numpy as np
 
@@ -19,16 +38,29 @@ from pagedkv.errors import (
 MAX_TOKEN = 2**31 - 1  # token ids must fit int32, the backend's token and table dtype
 
 
-def as_tokens(tokens: Sequence[int] | np.ndarray, what: str) -> list[int]:
-    """Returns the tokens as a list of Python ints. Raises InvalidTokensError if there are none,
-    if one is not an integer (bools included), or if one is outside [0, 2**31)."""
-    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
+def is_integer(value: object) -> bool:
+    """The contract's integer: int or NumPy integer, never a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def as_tokens(tokens: object, what: str) -> list[int]:
+    """Returns the tokens as a list of Python ints. Raises InvalidTokensError if `tokens` is not a
+    token sequence (see the module docstring), is empty, or holds a non-integer or one outside
+    [0, 2**31)."""
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise InvalidTokensError(
+                f"{what}: a token array must be 1-D of an integer dtype, got {tokens.ndim}-D "
+                f"{tokens.dtype}."
+            )
+    elif not isinstance(tokens, (list, tuple, range)):
         raise InvalidTokensError(
-            f"{what}: tokens must be a list of ints, got {type(tokens).__name__}."
+            f"{what}: tokens must be a list, tuple, range or 1-D integer numpy array of ints, "
+            f"got {type(tokens).__name__}."
         )
     result: list[int] = []
     for token in tokens:
-        if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+        if not is_integer(token):
             raise InvalidTokensError(f"{what}: token {token!r} is not an int; pass token ids.")
         if not 0 <= int(token) <= MAX_TOKEN:
             raise InvalidTokensError(f"{what}: token {int(token)} is outside [0, 2**31).")
@@ -38,13 +70,24 @@ def as_tokens(tokens: Sequence[int] | np.ndarray, what: str) -> list[int]:
     return result
 
 
+def as_batch(values: object, what: str) -> list:
+    """A batch argument as a list of its elements (checked later, one by one)."""
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        return list(values)
+    if not isinstance(values, (list, tuple, range)):
+        raise InvalidArgumentError(
+            f"{what} must be a list, tuple, range or 1-D numpy array, got {type(values).__name__}."
+        )
+    return list(values)
+
+
 def as_count(value: object, what: str) -> int:
-    """A non-negative int (bools rejected), else InvalidArgumentError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    """A non-negative integer, else InvalidArgumentError."""
+    if not is_integer(value):
         raise InvalidArgumentError(f"{what} must be an int, got {value!r}.")
-    if value < 0:
+    if value < 0:  # type: ignore[operator]
         raise InvalidArgumentError(f"{what} must be >= 0, got {value}.")
-    return int(value)
+    return int(value)  # type: ignore[arg-type]
 
 
 def as_namespace(namespace: object) -> str:
@@ -56,11 +99,11 @@ def as_namespace(namespace: object) -> str:
 
 
 def as_layer(layer: object, num_layers: int) -> int:
-    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+    if not is_integer(layer):
         raise InvalidArgumentError(f"layer must be an int, got {layer!r}.")
-    if not 0 <= layer < num_layers:
+    if not 0 <= layer < num_layers:  # type: ignore[operator]
         raise InvalidArgumentError(f"layer {layer} is outside [0, {num_layers}).")
-    return int(layer)
+    return int(layer)  # type: ignore[arg-type]
 
 
 def check_kv(
@@ -110,11 +153,19 @@ def check_queries(
 
 
 def as_scale(scale: object, head_dim: int) -> float:
+    """None (the default 1/sqrt(head_dim)) or a finite real number."""
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+    real = isinstance(scale, (int, float, np.integer, np.floating))
+    if not real or isinstance(scale, (bool, np.bool_)):
         raise InvalidArgumentError(f"scale must be a finite float or None, got {scale!r}.")
-    return float(scale)
+    try:
+        value = float(scale)  # type: ignore[arg-type]
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if not math.isfinite(value):
+        raise InvalidArgumentError(f"scale must be a finite float or None, got {scale!r}.")
+    return value
 
 
 def as_window(window: object) -> int | None:

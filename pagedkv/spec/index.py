@@ -99,6 +99,8 @@ class PrefixIndex:
         """How many blocks eviction could free, repeating leaf evictions as parents become leaves.
 
         A cached node is reclaimable iff no block in its subtree is referenced or pinned.
+        The spec walks the whole trie on every call (O(indexed blocks)), for clarity; the MLX
+        backend keeps this count up to date as refcounts change, so its admission costs O(request).
         """
 
         def count(node: Node) -> tuple[int, bool]:

@@ -29,7 +29,8 @@ from pagedkv.errors import (
 )
 from pagedkv.spec import PagedCache as SpecCache
 from pagedkv.spec.window import HOLE
-from tests.property import oracle
+from tests import hostile
+from tests.property import events, oracle
 
 STEMS = (
     (1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5),  # two system prompts, and a third that
@@ -37,6 +38,7 @@ STEMS = (
     (1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0),
 )
 tokens_strategy = st.lists(st.integers(0, 3), min_size=1, max_size=7)
+OOB = OutOfBlocksError
 
 
 @lru_cache(maxsize=100_000)
@@ -117,6 +119,7 @@ class CacheMachine(RuleBasedStateMachine):
         super().__init__()
         self.caches: list = []
         self.model: dict[int, list[int]] = {}  # live sequence id -> its tokens
+        self.history: list[tuple[list[int], str]] = []  # recent prompts, for reuse
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -124,6 +127,7 @@ class CacheMachine(RuleBasedStateMachine):
         """Runs cache.op(*args) on every implementation. Returns ("ok", result) or ("error", type).
         `native_args(impl)` supplies per-implementation arguments (K/V arrays) instead of args."""
         outcomes = []
+        before_first = self.caches[0].snapshot()
         for impl, cache in zip(self.impls, self.caches):
             before = cache.snapshot()
             call_args = native_args(impl) if native_args else args
@@ -139,6 +143,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert outcome == first, (
                 f"{op}{args}: {self.impls[0].name} {first} != {impl.name} {outcome}"
             )
+        events.record(op, args, before_first, self.caches[0].snapshot(), first)
         return first
 
     def write_true_rows(self, seq: int, start: int, stop: int) -> tuple:
@@ -165,6 +170,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     @initialize(
         num_blocks=st.integers(3, 24),
+        prompts=st.sampled_from([None, 2, 3, 4]),
         block_size=st.sampled_from([1, 2, 3, 4]),
         num_layers=st.integers(1, 2),
         num_kv_heads=st.sampled_from([1, 2]),
@@ -172,8 +178,12 @@ class CacheMachine(RuleBasedStateMachine):
         dtype=st.sampled_from(DTYPES),
         window=st.one_of(st.none(), st.none(), st.integers(1, 6)),
     )
-    def setup(self, **sizes) -> None:
-        self.config = Config(**sizes)
+    def setup(self, num_blocks, prompts, **sizes) -> None:
+        """Mostly a tight pool, with room for only `prompts` stem-sized prompts, so that
+        allocation runs dry and eviction, reuse and refusals happen often."""
+        if prompts is not None:
+            num_blocks = prompts * -(-len(STEMS[0]) // sizes["block_size"])
+        self.config = Config(num_blocks=num_blocks, **sizes)
         self.caches = [impl.make(self.config) for impl in self.impls]
 
     # ---- reserve -> write -> commit -----------------------------------------------------------
@@ -183,16 +193,43 @@ class CacheMachine(RuleBasedStateMachine):
         cut=st.integers(0, 14),
         suffix=tokens_strategy,
         namespace=st.sampled_from(["", "", "", "tenant-b"]),
+        form=st.integers(0, hostile.TOKEN_FORMS - 1),
         cap=st.one_of(st.none(), st.none(), st.integers(0, 16)),
     )
-    def add_sequence(self, stem, cut, suffix, namespace, cap=None):
-        prompt = list(STEMS[stem][:cut]) + suffix
+    def add_sequence(self, stem, cut, suffix, namespace, form=0, cap=None):
+        self.admit(list(STEMS[stem][:cut]) + suffix, namespace, form, cap)
+
+    @precondition(lambda self: self.history)
+    @rule(
+        data=st.data(),
+        suffix=st.one_of(st.just([]), tokens_strategy),
+        release=st.booleans(),
+    )
+    def follow_up(self, data, suffix, release):
+        """An earlier prompt again (suffix empty) or a next turn (an earlier prompt plus more
+        tokens): its cached blocks are matched again, and released again when `release`, which
+        reorders them for eviction (rule 6). A next turn needs fresh blocks after its matches, so
+        under pressure its own matched blocks must not count as reclaimable."""
+        prompt, namespace = data.draw(st.sampled_from(self.history), label="earlier prompt")
+        seq = self.admit(prompt + suffix, namespace, 0)
+        if seq is not None:
+            assert self.apply("commit", seq)[0] == "ok"
+            if release:
+                self.free_sequence(seq)
+
+    def admit(self, prompt: list[int], namespace: str, form: int, cap=None) -> int | None:
+        """add_sequence on every side (tokens in accepted form `form`, at most `cap` cached),
+        checked against prefix_match, can_add_sequence and the allocation oracle; writes the
+        model's K/V. Returns the new handle, or None if out of blocks."""
         before = self.caches[0].snapshot()
-        status, match = self.apply("prefix_match", prompt, namespace)
+        tokens = hostile.token_form(prompt, form)
+        status, match = self.apply("prefix_match", tokens, namespace)
         assert status == "ok"
-        can = self.apply("can_add_sequence", prompt, namespace, cap)
-        status, result = self.apply("add_sequence", prompt, namespace, cap)
-        assert can == ("ok", status == "ok"), "can_add_sequence predicts add_sequence"
+        can = self.apply("can_add_sequence", tokens, namespace, cap)[1]
+        status, result = self.apply("add_sequence", tokens, namespace, cap)
+        assert can == (status == "ok") and (can or result is OOB), (
+            "can_add_sequence disagrees with add_sequence"
+        )
         if status == "ok":
             seq, cached = result
             size = self.config.block_size
@@ -203,7 +240,10 @@ class CacheMachine(RuleBasedStateMachine):
             fresh = oracle.expected_allocation(before, len(table) - len(shared), shared, size)
             assert list(table[cached // size :]) == fresh, "allocation order (rules 5, 6)"
             self.model[seq] = prompt
+            self.history = (self.history + [(prompt, namespace)])[-12:]
             assert self.write_true_rows(seq, cached, len(prompt))[0] == "ok"
+            return seq
+        return None
 
     @rule(stem=st.integers(0, len(STEMS) - 1), cut=st.integers(4, 14), suffix=tokens_strategy)
     def serve_prompt(self, stem, cut, suffix):
@@ -224,7 +264,12 @@ class CacheMachine(RuleBasedStateMachine):
     def extend(self, data, tokens):
         seq = self.pick(data)
         before = self.caches[0].snapshot()
-        status, _ = self.apply("extend", seq, tokens)
+        handle = data.draw(hostile.handle_forms(seq), label="handle form")
+        can = self.apply("can_extend", handle, len(tokens))[1]
+        status, result = self.apply("extend", handle, data.draw(hostile.token_forms(tokens)))
+        assert can == (status == "ok") and (can or result is OOB), (
+            "can_extend disagrees with extend"
+        )
         if status == "ok":
             after = self.caches[0].snapshot()
             got, want = oracle.expected_extension(before, after, [seq], self.config.block_size)
@@ -273,10 +318,28 @@ class CacheMachine(RuleBasedStateMachine):
         tokens = data.draw(
             st.lists(st.integers(0, 3), min_size=len(batch), max_size=len(batch)), label="tokens"
         )
+        self.decode(batch, tokens, data.draw(hostile.token_forms(tokens)))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 3), min_size=2, max_size=2))
+    def sample_in_parallel(self, data, tokens):
+        """Parallel sampling: fork a sequence, then decode parent and child in one step. A shared
+        partial tail is copied once, by the first of the two (rule 1)."""
+        seq = self.pick(data)
+        status, child = self.apply("fork", seq)
+        assert status == "ok"
+        self.model[child] = list(self.model[seq])
+        batch = data.draw(st.permutations([seq, child]), label="order")
+        self.decode(batch, tokens, tokens)
+
+    def decode(self, batch: list[int], tokens: list[int], form: object) -> None:
+        """decode_step(batch, form) on every side (form: the tokens in some accepted form),
+        checked against the allocation oracle; writes the model's K/V for the new positions."""
         before = self.caches[0].snapshot()
         can = self.apply("can_decode_step", batch)
-        status, _ = self.apply("decode_step", batch, tokens)
+        status, result = self.apply("decode_step", batch, form)
         assert can == ("ok", status == "ok"), "can_decode_step predicts decode_step"
+        assert status == "ok" or result in (OOB, InvalidArgumentError), result
         if status == "ok":
             after = self.caches[0].snapshot()
             got, want = oracle.expected_extension(before, after, batch, self.config.block_size)
@@ -344,7 +407,9 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def free(self, data):
-        seq = self.pick(data)
+        self.free_sequence(self.pick(data))
+
+    def free_sequence(self, seq: int) -> None:
         before = self.caches[0].snapshot()
         assert self.apply("free", seq)[0] == "ok"
         del self.model[seq]
@@ -370,8 +435,10 @@ class CacheMachine(RuleBasedStateMachine):
 
     # ---- bad input: the right error, and nothing changed (apply checks the snapshot) ----------
 
-    @rule(data=st.data(), case=st.integers(0, 12))
+    @rule(data=st.data(), case=st.integers(0, 15))
     def bad_input(self, data, case):
+        if case > 12:
+            return self.hostile_input(data)
         live = sorted(self.model)
         seq = live[0] if live else 0
         unknown = max(live, default=-1) + 1000
@@ -400,6 +467,16 @@ class CacheMachine(RuleBasedStateMachine):
         elif live:  # past the end of the sequence
             end = len(self.model[seq])
             assert self.write(seq, 0, end, good, good) == ("error", InvalidPositionError)
+
+    def hostile_input(self, data):
+        """A call that breaks the input contract (tests/hostile.py): an error on every side, the
+        same class, nothing changed (apply checks both)."""
+        op, args = data.draw(hostile.calls(sorted(self.model), self.config.num_layers))
+
+        def native(impl):
+            return hostile.native(args, impl.to_native, impl.queries, self.config)
+
+        assert self.apply(op, *args, native_args=native)[0] == "error", (op, args)
 
     # ---- checks after every step --------------------------------------------------------------
 

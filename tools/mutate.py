@@ -1,0 +1,138 @@
+"""Hand-written mutants: break the code on purpose and check that the tests notice.
+
+    make mutate                      (or: PYTHONPATH=. python tools/mutate.py [name-filter])
+
+Each mutant replaces one exact snippet in one module, runs the tests that should catch it (the
+state machines under the ci budget without shrinking, other tests under dev with a fixed seed) and
+restores the file, whatever happens. A mutant is *caught* when
+those tests fail, *missed* when they pass: a missed mutant is a blind spot, so add the test that
+would have failed. Not part of CI (a run takes minutes). Exit status 1 if any mutant is missed or
+no longer applies (its snippet changed: update the mutant).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT, PROPERTY = "tests/unit", "tests/property"
+DIFF = "tests/property/test_differential_machine.py"
+
+# (name, module, snippet, replacement, tests)
+MUTANTS = [
+    # the spec
+    ("spec: prefix hits may cover the last token", "pagedkv/spec/cache.py",
+     "for i in range((len(tokens) - 1) // size)]", "for i in range(len(tokens) // size)]", UNIT),
+    ("spec: shared blocks writable", "pagedkv/spec/cache.py",
+     "return self.pool.refcounts[block] == 1 and", "return self.pool.refcounts[block] >= 1 and",
+     UNIT),
+    ("spec: fork does not count avoided prefill", "pagedkv/spec/cache.py",
+     "self.counters.prefill_tokens_avoided += len(parent.tokens)", "pass", UNIT),
+    ("spec: trim releases head first", "pagedkv/spec/cache.py",
+     "for block in reversed(seq.table[keep:]):", "for block in seq.table[keep:]:", PROPERTY),
+    ("spec: eviction ties to the highest id", "pagedkv/spec/index.py",
+     "key=lambda n: (n.last_used, n.block)", "key=lambda n: (n.last_used, -n.block)", UNIT),
+    ("spec: pinned blocks counted as reclaimable", "pagedkv/spec/index.py",
+     "and node.block not in pinned", "", UNIT),
+    ("spec: freed blocks join the queue's head", "pagedkv/spec/pool.py",
+     "self.free_queue.append(block)", "self.free_queue.appendleft(block)", UNIT),
+    ("spec: token 2**31 accepted", "pagedkv/spec/checks.py",
+     "MAX_TOKEN = 2**31 - 1", "MAX_TOKEN = 2**31", UNIT),
+    ("spec: 0-d token arrays accepted", "pagedkv/spec/checks.py",
+     "if tokens.ndim != 1 or", "if tokens.ndim > 1 or", UNIT),
+    # the backend
+    ("backend: release does not touch cached blocks", "pagedkv/mlx_backend/cache.py",
+     "            node.last_used = now\n            if refcounts[block] == 0:",
+     "            if refcounts[block] == 0:", DIFF),
+    ("backend: matched cached block not marked referenced", "pagedkv/mlx_backend/cache.py",
+     "            if refcounts[node.block] == 1:\n                self.index.referenced(node)",
+     "            if False:\n                self.index.referenced(node)", UNIT),
+    ("backend: duplicates counted on every commit", "pagedkv/mlx_backend/cache.py",
+     "elif node.block != block and block >= 0 and i >= seq.committed:",
+     "elif node.block != block and block >= 0:", UNIT),
+    ("backend: blocked count never decreases", "pagedkv/mlx_backend/index.py",
+     "self.num_blocked += 1 if blocked else -1", "self.num_blocked += 1 if blocked else 0", UNIT),
+    ("backend: pinned chain not subtracted", "pagedkv/mlx_backend/index.py",
+     "return len(self.by_block) - self.num_blocked - len(newly_blocked)",
+     "return len(self.by_block) - self.num_blocked", DIFF),
+    ("backend: token 2**31 accepted", "pagedkv/mlx_backend/validate.py",
+     "_TOKEN_LIMIT = 1 << 31", "_TOKEN_LIMIT = (1 << 31) + 1", UNIT),
+    ("backend: deques accepted as tokens", "pagedkv/mlx_backend/validate.py",
+     "_SEQUENCES = (list, tuple, range)",
+     "_SEQUENCES = (list, tuple, range, __import__('collections').deque)", UNIT),
+    ("backend: bool scale accepted", "pagedkv/mlx_backend/validate.py",
+     "if isinstance(value, _BOOL_TYPES) or not isinstance(", "if not isinstance(", UNIT),
+    ("backend: no lock", "pagedkv/mlx_backend/threads.py",
+     "        with self._lock:\n            return", "        if True:\n            return",
+     "tests/unit/test_threads.py"),
+    ("backend: pools not scheduled after a write", "pagedkv/mlx_backend/storage.py",
+     "        mx.async_eval(pool_k, pool_v)", "        pass", "tests/unit/test_threads.py"),
+    ("backend: attention ignores scale", "pagedkv/mlx_backend/attention.py",
+     "    scale = validate.scale(scale, cfg.head_dim)\n    window",
+     "    scale = validate.scale(None, cfg.head_dim)\n    window", UNIT),
+    ("spec: invariants ignore refcounts", "pagedkv/spec/observe.py",
+     'require(counted == refcounts, "refcount', 'require(True, "refcount', UNIT),
+    ("backend: invariants ignore refcounts", "pagedkv/mlx_backend/observe.py",
+     'need(seen == refcounts, "refcount', 'need(True, "refcount', UNIT),
+    ("backend: invariants ignore the blocked count", "pagedkv/mlx_backend/observe.py",
+     'need(index.num_blocked == len(blocked), "blocked count")', "pass", "tests/unit/test_stats.py"),
+    # the adapter
+    ("adapter: multi-token batched calls accepted", "pagedkv/mlx_lm/layer_cache.py",
+     "if batch > 1 and count > 1:", "if False:", "tests/parity"),
+    ("adapter: a trimmed session keeps its prompt tail", "pagedkv/mlx_lm/session.py",
+     "        del self.prompt[furthest:]", "        pass", "tests/parity"),
+    ("adapter: padded tables cached by clock only", "pagedkv/mlx_lm/store.py",
+     "key = (group, cache.clock, tuple(s.seqs[group] for s in sessions))",
+     "key = (group, cache.clock)",
+     UNIT),
+    ("adapter: steps of several groups not under the store lock", "pagedkv/mlx_lm/layer_cache.py",
+     "with self.store.lock:  # no other thread", "if True:  # no other thread",
+     "tests/unit/test_threads.py"),
+    ("adapter: open of several groups not under the store lock", "pagedkv/mlx_lm/store.py",
+     "        with self.lock:\n            return self._open(",
+     "        if True:\n            return self._open(", "tests/unit/test_threads.py"),
+    ("adapter: batch accepts anything", "pagedkv/mlx_lm/store.py",
+     "if not isinstance(sessions, (list, tuple, Session)):", "if False:", UNIT),
+]
+
+
+def run(name: str, module: str, snippet: str, replacement: str, tests: str) -> str:
+    path = ROOT / module
+    original = path.read_text()
+    if original.count(snippet) != 1:
+        return "STALE"
+    path.write_text(original.replace(snippet, replacement))
+    try:
+        profile = "mutate" if "property" in tests else "dev"  # machines: ci budget, no shrinking
+        env = dict(os.environ, HYPOTHESIS_PROFILE=profile, PYTHONPATH=str(ROOT))
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+             "--benchmark-disable", "--hypothesis-seed=0", *tests.split()],
+            cwd=ROOT, env=env, capture_output=True, timeout=300,
+        )
+        return "caught" if result.returncode != 0 else "MISSED"
+    except subprocess.TimeoutExpired:
+        return "caught (timeout)"
+    finally:
+        path.write_text(original)
+
+
+def main() -> int:
+    selected = [m for m in MUTANTS if len(sys.argv) < 2 or sys.argv[1] in m[0]]
+    outcomes = []
+    for mutant in selected:
+        start = time.perf_counter()
+        outcome = run(*mutant)
+        outcomes.append(outcome)
+        print(f"{outcome:>8}  {mutant[0]}  ({time.perf_counter() - start:.0f}s)", flush=True)
+    caught = sum(o.startswith("caught") for o in outcomes)
+    print(f"{caught}/{len(outcomes)} mutants caught")
+    return 0 if caught == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
