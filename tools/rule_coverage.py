@@ -1,6 +1,6 @@
 """Prints how often each rule fires in the differential machine (spec vs MLX backend).
 
-    PYTHONPATH=. python tools/rule_coverage.py [examples] [steps]     (default 200 x 50, the ci budget)
+PYTHONPATH=. python tools/rule_coverage.py [examples] [steps]     (default 200 x 50, the ci budget)
 """
 
 import sys
