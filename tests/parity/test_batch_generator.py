@@ -34,18 +34,36 @@ SCHEDULE = [
 ]
 
 
+def _random_schedule(seed: int, inserts: int = 24):
+    """Inserts over time (some sharing SYSTEM), removals of earlier requests at any stage."""
+    import random
+
+    rng = random.Random(seed)
+    events = []
+    for i in range(inserts):
+        step = rng.randrange(0, 30)
+        shared = rng.random() < 0.5
+        tail = prompt_tokens(rng.randrange(1, 12), seed=100 + i)
+        events.append((step, "insert", ((SYSTEM if shared else []) + tail, rng.randrange(1, 12))))
+    events.sort(key=lambda e: e[0])
+    for _ in range(inserts // 3):
+        victim = rng.randrange(inserts // 2)
+        events.append((events[victim][0] + rng.randrange(0, 6), "remove", victim))
+    return sorted(events, key=lambda e: (e[0], e[1] == "remove"))
+
+
 def _model(arch):
     return tiny_model(arch) if arch in ("llama", "qwen3") else zoo.build(arch)
 
 
-def _run(model, pool=None):
+def _run(model, pool=None, schedule=SCHEDULE):
     """Runs the schedule; returns {insertion index: tokens} (removed requests: what they got)."""
     gen = BatchGenerator(
         model, sampler=greedy, completion_batch_size=4, prefill_batch_size=2, prefill_step_size=8
     )
     uids, tokens, step = [], {}, 0
     while True:
-        for _, action, arg in [e for e in SCHEDULE if e[0] == step]:
+        for _, action, arg in [e for e in schedule if e[0] == step]:
             if action == "insert":
                 prompt, max_tokens = arg
                 if pool is None:
@@ -62,7 +80,7 @@ def _run(model, pool=None):
             tokens.setdefault(uids.index(r.uid), []).append(r.token)
         step += 1
         busy = len(gen._unprocessed_sequences) + len(gen._prompt_batch) + len(gen._generation_batch)
-        if step > max(e[0] for e in SCHEDULE) and not busy:
+        if step > max(e[0] for e in schedule) and not busy:
             break
         assert step < 200
     gen.close()
@@ -83,6 +101,21 @@ def test_batch_generator_matches_mlx_lm(arch):
     assert pool.held_blocks() == 0  # only cached prefix blocks remain
     assert pool.released == pool.opened >= 8  # forks (batch splits) count too
     assert store.cache.stats().prefix_hit_tokens >= 20  # the shared system prompt hit
+    assert store.routed_calls > 0  # decode attention answered from the pools
+    store.check_invariants()
+    store.close()
+
+
+def test_many_inserts_and_removals():
+    model = tiny_model("qwen3")
+    schedule = _random_schedule(seed=3)
+    expected = _run(model, schedule=schedule)
+    store = PagedKVStore.for_model(model, num_blocks=160, block_size=4)
+    pool = RequestPool(store)
+    assert _run(model, pool, schedule) == expected
+    gc.collect()
+    pool.reap()
+    assert pool.held_blocks() == 0 and pool.released == pool.opened
     store.check_invariants()
     store.close()
 
