@@ -49,19 +49,37 @@ class Request(Session):
     def __init__(self, pool: RequestPool, seqs, prompt, cached: int) -> None:
         self.store = pool.store
         self.pool = pool
-        self.seqs = list(seqs)
         self.prompt = list(prompt)
         self.cached_tokens = cached
         self.offsets = [cached] * len(pool.store.layer_shapes)
         self.committed = False
         self.closed = False
-        self._release = weakref.finalize(self, pool._dropped.append, tuple(self.seqs))
+        self.max_tokens: int | None = None  # the decode budget admission reserved for
+        self.admitted = False  # admission promised it its whole budget (forks inherit it)
+        self.seqs: list[int] | None = None  # None: queued, not admitted (holds no blocks)
+        if seqs is not None:
+            self.own(seqs)
+
+    def own(self, seqs) -> None:
+        """Takes ownership of the request's sequences (one per group of the store)."""
+        self.seqs = list(seqs)
+        self._release = weakref.finalize(self, self.pool._dropped.append, tuple(self.seqs))
+        self.pool.live.add(self)
+
+    def _require_open(self) -> None:
+        if self.seqs is None:
+            raise OutOfBlocksError(
+                "this request is queued for blocks (admission has not opened it); only a "
+                "generator that admits requests (pagedkv.mlx_lm.admission) may run it."
+            )
+        super()._require_open()
 
     def close(self) -> None:
         """Frees the request's sequences now (its committed blocks stay cached)."""
         if not self.closed:
             self.closed = True
-            self._release()
+            if self.seqs is not None:
+                self._release()
             self.pool.reap()
 
     def __deepcopy__(self, memo) -> Request:
@@ -71,6 +89,7 @@ class Request(Session):
         seqs = [cache.fork(seq) for cache, seq in zip(store.groups, self.seqs)]
         child = Request(self.pool, seqs, self.prompt, self.cached_tokens)
         child.offsets, child.committed = list(self.offsets), self.committed
+        child.max_tokens, child.admitted = self.max_tokens, self.admitted
         self.pool.opened += 1
         memo[id(self)] = child
         return child
@@ -94,6 +113,7 @@ class RequestPool:
             )
         self.store = store
         self._dropped: deque[tuple[int, ...]] = deque()  # appended by finalizers, any thread
+        self.live: weakref.WeakSet[Request] = weakref.WeakSet()  # requests holding sequences
         self.opened = 0  # requests opened or forked
         self.released = 0  # requests freed after mlx-lm dropped (or closed) them
 
@@ -115,6 +135,19 @@ class RequestPool:
         self.reap()
         request = self.adopt(self.store.open(prompt_tokens, namespace))
         return self.caches([request]), request.cached_tokens
+
+    def open_uncached(self, request: Request) -> None:
+        """Opens a queued request with no prefix hit (its caller feeds the whole prompt).
+        Raises OutOfBlocksError; nothing changes then."""
+        self.reap()
+        for cache in self.store.groups:  # every group is checked before any changes
+            if not cache.can_add_sequence(request.prompt, "", 0):
+                raise OutOfBlocksError(
+                    f"a queued request of {len(request.prompt)} tokens does not fit the "
+                    f"{cache.config.num_blocks}-block pool yet; nothing changed."
+                )
+        request.own([cache.add_sequence(request.prompt, "", 0)[0] for cache in self.store.groups])
+        self.opened += 1
 
     def adopt(self, session: Session) -> Request:
         """Takes a store session's sequences over into a Request (the session is left closed
@@ -214,6 +247,8 @@ class _BatchProtocol:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self._pool_of().reap()  # blocks of dropped requests return before this step reserves
         count = keys.shape[2] if isinstance(keys, mx.array) and keys.ndim == 4 else 0
+        for session in self.sessions:
+            _unshare_reserved(session, session.offsets[self.slot], count)
         if self._remaining is None and (len(self.sessions) == 1 or count == 1):
             return super().update_and_fetch(keys, values)
         return self._ragged_update(keys, values)
@@ -304,6 +339,32 @@ class _BatchProtocol:
         keys = gather_batch(storage.keys[self.layer], tables)[:, :k_heads, :length, :k_dim]
         values = gather_batch(storage.values[self.layer], tables)[:, :v_heads, :length, :v_dim]
         return keys, values
+
+
+def _unshare_reserved(request, start: int, count: int) -> None:
+    """Gives a request fresh blocks for reserved, not yet written positions it shares.
+
+    A fork made mid-prompt (mlx-lm deep-copies a prompt batch to split it) shares the blocks
+    reserved for the rest of the prompt with the original. Usually the original is dropped before
+    the next write; if something still holds it, the fork's unwritten positions are trimmed and
+    reserved again (a partial tail is copied), so neither side writes the other's K/V."""
+    if request.seqs is None or request.closed or count < 1:
+        return
+    store = request.store
+    size = store.config.block_size
+    for cache, seq in zip(store.groups, request.seqs):
+        length = cache.sequence_length(seq)
+        stop = min(start + count, length)
+        if start >= stop:
+            continue
+        table = cache.block_table_array(seq)
+        blocks = {int(table[i]) for i in range(start // size, -(-stop // size))}
+        # _writable is the backend's own test (refcount 1, not indexed).
+        if all(b < 0 or cache._writable(b) for b in blocks):
+            continue
+        tokens = list(cache.tokens(seq)[start:length])
+        cache.trim(seq, length - start)
+        cache.extend(seq, tokens)
 
 
 class BatchLayerCache(_BatchProtocol, PagedLayerCache):

@@ -1,0 +1,161 @@
+"""Capacity admission for mlx-lm's batch loop: reserve ahead, so decoding never runs out of blocks.
+
+Policy (docs/adr/0003-admission.md): a request is admitted into `BatchGenerator`'s prompt batch
+only when the pool can promise it every block it may ever need, its prompt plus `max_tokens`
+generated positions plus one block for a copied shared tail, on top of what every admitted request
+was already promised. Admitted requests therefore never meet a full pool mid-prefill or mid-decode,
+and nothing is ever preempted. A request that does not fit waits, first come first served (the
+head of the queue blocks the rest, so a long request is not starved by short ones). A request
+whose promise exceeds the whole pool is admitted with `max_tokens` cut to what fits (it finishes
+with reason "length"); a prompt that alone exceeds the pool can never run and is refused.
+
+    gen = AdmittingBatchGenerator(model, admission=Admission(pool), ...)
+
+`AdmittingBatchGenerator` is mlx-lm's `BatchGenerator` with one step added before each of its
+own: the gate. `pagedkv serve` hands it to mlx-lm's server in place of `BatchGenerator`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mlx_lm.generate import BatchGenerator
+
+from pagedkv.errors import OutOfBlocksError
+from pagedkv.mlx_lm.batch import Request, RequestPool
+
+log = logging.getLogger("pagedkv.serve")
+
+
+class Admission:
+    """Opens requests when their prompt fits, admits them when their whole budget does."""
+
+    def __init__(self, pool: RequestPool) -> None:
+        self.pool = pool
+        self.store = pool.store
+        self.counts = dict(queued=0, admitted=0, preempted=0, clamped=0, refused=0, cancelled=0)
+
+    def open(self, tokens: list[int]) -> Request:
+        """A request for `tokens`: opened now (sharing cached prefix blocks) when its prompt fits
+        beside every promise, else queued with no blocks and no prefix hit (feed it whole)."""
+        pool = self.pool
+        pool.reap()
+        fits = all(
+            cache.can_add_sequence(tokens) and self._free(g) >= self._prompt_blocks(g, tokens)
+            for g, cache in enumerate(self.store.groups)
+        )
+        if fits:
+            try:
+                return pool.adopt(self.store.open(tokens))
+            except OutOfBlocksError:
+                pass
+        self.counts["queued"] += 1
+        return Request(pool, None, tokens, 0)
+
+    def gate(self, queue) -> list:
+        """Splits mlx-lm's queue of unprocessed sequences `(uid, segments, max_tokens, caches,
+        ...)` into those admitted now (in order) and those that wait (returned, in order)."""
+        self.pool.reap()
+        admitted, waiting = [], []
+        for item in queue:
+            request = _request_of(item[3])
+            if waiting or (request is not None and not self._admit(request, item)):
+                waiting.append(item)
+            else:
+                admitted.append(item)
+        return admitted, waiting
+
+    def _admit(self, request: Request, item) -> bool:
+        if request.admitted:
+            return True
+        size = self.store.config.block_size
+        whole = self.store.config.num_blocks
+        max_tokens = item[2]
+        if -(-len(request.prompt) // size) + 1 > whole:
+            self.counts["refused"] += 1
+            raise OutOfBlocksError(
+                f"a {len(request.prompt)}-token prompt can never fit the {whole}-block pool."
+            )
+        cut = min(max_tokens, (whole - 1) * size - len(request.prompt))
+        if cut < max_tokens:
+            self.counts["clamped"] += 1
+            log.warning("pagedkv: max_tokens %d cut to %d to fit the pool", max_tokens, cut)
+            item[2] = cut
+        request.max_tokens = cut
+        if request.seqs is None:
+            if any(self._free(g) < self._need(g, request) for g in range(len(self.store.groups))):
+                return False
+            try:
+                self.pool.open_uncached(request)
+            except OutOfBlocksError:
+                return False
+        elif any(self._free(g) < self._need(g, request) for g in range(len(self.store.groups))):
+            request.max_tokens = None
+            return False
+        request.admitted = True
+        self.counts["admitted"] += 1
+        return True
+
+    def _promised(self, group: int) -> int:
+        live = list(self.pool.live)
+        return sum(self._need(group, r) for r in live if r.admitted and not r.closed)
+
+    def _need(self, group: int, request: Request) -> int:
+        """Blocks `request` may still take in a group: its whole budget, less what it holds."""
+        size = self.store.config.block_size
+        end = len(request.prompt) + (request.max_tokens or 0)
+        if request.seqs is None:
+            return -(-end // size) + 1
+        held = len(self.store.groups[group].block_table_array(request.seqs[group]))
+        return max(0, -(-end // size) + 1 - held)
+
+    def _prompt_blocks(self, group: int, tokens) -> int:
+        cache = self.store.groups[group]
+        return -(-len(tokens) // cache.config.block_size) - cache.prefix_match(tokens) // (
+            cache.config.block_size
+        )
+
+    def _free(self, group: int) -> int:
+        return self.store.groups[group].blocks_available() - self._promised(group)
+
+
+class AdmittingBatchGenerator(BatchGenerator):
+    """mlx-lm's BatchGenerator, admitting paged requests only when the pool can promise them
+    their whole budget (see module docstring). Sequences with other caches pass straight on."""
+
+    def __init__(self, model, *, admission, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self._admission = admission  # an Admission, or a callable returning one (or None)
+
+    @property
+    def admission(self) -> Admission | None:
+        a = self._admission
+        return a if isinstance(a, Admission) or a is None else a()
+
+    def remove(self, uids, return_prompt_caches=False):
+        """mlx-lm's remove (a cancelled request: a client went away); counted as cancelled."""
+        admission = self.admission
+        if admission is not None:
+            admission.counts["cancelled"] += len(self._find_uids(uids))
+        return super().remove(uids, return_prompt_caches)
+
+    def _next(self):
+        admission = self.admission
+        if admission is None or not self._unprocessed_sequences:
+            return super()._next()
+        queue = [list(item) for item in self._unprocessed_sequences]
+        admitted, waiting = admission.gate(queue)
+        self._unprocessed_sequences.clear()
+        self._unprocessed_sequences.extend(tuple(item) for item in admitted)
+        try:
+            return super()._next()
+        finally:
+            self._unprocessed_sequences.extend(tuple(item) for item in waiting)
+
+
+def _request_of(caches) -> Request | None:
+    for cache in caches or ():
+        sessions = getattr(cache, "sessions", None)
+        if sessions and isinstance(sessions[0], Request):
+            return sessions[0]
+    return None
