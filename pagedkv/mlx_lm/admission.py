@@ -28,7 +28,7 @@ log = logging.getLogger("pagedkv.serve")
 
 
 class Admission:
-    """Opens requests when their prompt fits, admits them when their whole budget does."""
+    """Queues requests (no blocks held), opens and admits them when their whole budget fits."""
 
     def __init__(self, pool: RequestPool) -> None:
         self.pool = pool
@@ -36,21 +36,11 @@ class Admission:
         self.counts = dict(queued=0, admitted=0, preempted=0, clamped=0, refused=0, cancelled=0)
 
     def open(self, tokens: list[int]) -> Request:
-        """A request for `tokens`: opened now (sharing cached prefix blocks) when its prompt fits
-        beside every promise, else queued with no blocks and no prefix hit (feed it whole)."""
-        pool = self.pool
-        pool.reap()
-        fits = all(
-            cache.can_add_sequence(tokens) and self._free(g) >= self._prompt_blocks(g, tokens)
-            for g, cache in enumerate(self.store.groups)
-        )
-        if fits:
-            try:
-                return pool.adopt(self.store.open(tokens))
-            except OutOfBlocksError:
-                pass
+        """A queued request for `tokens`, holding no blocks until admitted; its `cached_tokens`
+        is the prefix hit the store offers now (feed the prompt from there)."""
+        self.pool.reap()
         self.counts["queued"] += 1
-        return Request(pool, None, tokens, 0)
+        return self.pool.queue(tokens)
 
     def gate(self, queue) -> list:
         """Splits mlx-lm's queue of unprocessed sequences `(uid, segments, max_tokens, caches,
@@ -82,16 +72,18 @@ class Admission:
             log.warning("pagedkv: max_tokens %d cut to %d to fit the pool", max_tokens, cut)
             item[2] = cut
         request.max_tokens = cut
+        if any(self._free(g) < self._need(g, request) for g in range(len(self.store.groups))):
+            return False
         if request.seqs is None:
-            if any(self._free(g) < self._need(g, request) for g in range(len(self.store.groups))):
-                return False
+            expected = request.cached_tokens
             try:
-                self.pool.open_uncached(request)
+                cached = self.pool.open_queued(request)
             except OutOfBlocksError:
                 return False
-        elif any(self._free(g) < self._need(g, request) for g in range(len(self.store.groups))):
-            request.max_tokens = None
-            return False
+            if cached < expected:  # cached blocks were evicted meanwhile: feed those tokens too
+                item[1][0] = request.prompt[cached:expected] + list(item[1][0])
+                if len(item[4]) == expected:
+                    item[4] = list(item[4])[:cached]
         request.admitted = True
         self.counts["admitted"] += 1
         return True

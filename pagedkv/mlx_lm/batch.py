@@ -136,18 +136,32 @@ class RequestPool:
         request = self.adopt(self.store.open(prompt_tokens, namespace))
         return self.caches([request]), request.cached_tokens
 
-    def open_uncached(self, request: Request) -> None:
-        """Opens a queued request with no prefix hit (its caller feeds the whole prompt).
-        Raises OutOfBlocksError; nothing changes then."""
+    def queue(self, prompt_tokens) -> Request:
+        """A request that holds no blocks yet, expecting the prefix hit the store offers now
+        (`cached_tokens`; feed the prompt from there). `open_queued` opens it later."""
+        tokens = list(prompt_tokens)
+        cached = min(cache.prefix_match(tokens) for cache in self.store.groups)
+        return Request(self, None, tokens, cached)
+
+    def open_queued(self, request: Request) -> int:
+        """Opens a queued request, sharing at most the prefix it expected (less if blocks were
+        evicted meanwhile); returns the prompt tokens now cached. Raises OutOfBlocksError;
+        nothing changes then."""
         self.reap()
-        for cache in self.store.groups:  # every group is checked before any changes
-            if not cache.can_add_sequence(request.prompt, "", 0):
+        prompt, groups = request.prompt, self.store.groups
+        cap = min([request.cached_tokens] + [cache.prefix_match(prompt) for cache in groups])
+        for cache in groups:  # every group is checked before any changes
+            if not cache.can_add_sequence(prompt, "", cap):
                 raise OutOfBlocksError(
-                    f"a queued request of {len(request.prompt)} tokens does not fit the "
+                    f"a queued request of {len(prompt)} tokens does not fit the "
                     f"{cache.config.num_blocks}-block pool yet; nothing changed."
                 )
-        request.own([cache.add_sequence(request.prompt, "", 0)[0] for cache in self.store.groups])
+        added = [cache.add_sequence(prompt, "", cap) for cache in groups]
+        cached = added[0][1]
+        request.cached_tokens, request.offsets = cached, [cached] * len(request.offsets)
+        request.own([seq for seq, _ in added])
         self.opened += 1
+        return cached
 
     def adopt(self, session: Session) -> Request:
         """Takes a store session's sequences over into a Request (the session is left closed
@@ -245,7 +259,11 @@ class _BatchProtocol:
         raise NotImplementedError("a paged cache cannot be restored from a saved mlx-lm state")
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        self._pool_of().reap()  # blocks of dropped requests return before this step reserves
+        pool = self._pool_of()
+        pool.reap()  # blocks of dropped requests return before this step reserves
+        for session in self.sessions:
+            if session.seqs is None:  # queued, run without a gate (mlx-lm's single-request path)
+                _open_now(pool, session)
         count = keys.shape[2] if isinstance(keys, mx.array) and keys.ndim == 4 else 0
         for session in self.sessions:
             _unshare_reserved(session, session.offsets[self.slot], count)
@@ -339,6 +357,15 @@ class _BatchProtocol:
         keys = gather_batch(storage.keys[self.layer], tables)[:, :k_heads, :length, :k_dim]
         values = gather_batch(storage.values[self.layer], tables)[:, :v_heads, :length, :v_dim]
         return keys, values
+
+
+def _open_now(pool: RequestPool, request: Request) -> None:
+    expected = request.cached_tokens
+    if pool.open_queued(request) != expected:
+        request.close()
+        raise OutOfBlocksError(
+            "a queued request's cached prefix was evicted before it ran; send it again."
+        )
 
 
 def _unshare_reserved(request, start: int, count: int) -> None:
