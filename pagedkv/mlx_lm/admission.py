@@ -80,6 +80,11 @@ class Admission:
                 cached = self.pool.open_queued(request)
             except OutOfBlocksError:
                 return False
+            groups = range(len(self.store.groups))
+            if any(self._free(g) < self._need(g, request) for g in groups):
+                # the hit blocks it now pins were counted as evictable: the promise does not hold
+                self.pool.unopen(request, expected)
+                return False
             if cached < expected:  # cached blocks were evicted meanwhile: feed those tokens too
                 item[1][0] = request.prompt[cached:expected] + list(item[1][0])
                 if len(item[4]) == expected:
@@ -96,16 +101,10 @@ class Admission:
         """Blocks `request` may still take in a group: its whole budget, less what it holds."""
         size = self.store.config.block_size
         end = len(request.prompt) + (request.max_tokens or 0)
-        if request.seqs is None:
-            return -(-end // size) + 1
+        if request.seqs is None:  # optimistic: the prefix hit it expects (checked once opened)
+            return -(-end // size) + 1 - request.cached_tokens // size
         held = len(self.store.groups[group].block_table_array(request.seqs[group]))
         return max(0, -(-end // size) + 1 - held)
-
-    def _prompt_blocks(self, group: int, tokens) -> int:
-        cache = self.store.groups[group]
-        return -(-len(tokens) // cache.config.block_size) - cache.prefix_match(tokens) // (
-            cache.config.block_size
-        )
 
     def _free(self, group: int) -> int:
         return self.store.groups[group].blocks_available() - self._promised(group)

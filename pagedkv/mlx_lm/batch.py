@@ -163,6 +163,17 @@ class RequestPool:
         self.opened += 1
         return cached
 
+    def unopen(self, request: Request, cached: int) -> None:
+        """Undoes `open_queued`: frees the request's sequences now and queues it again,
+        expecting `cached` prompt tokens from the prefix index."""
+        request._release.detach()
+        for cache, seq in zip(self.store.groups, request.seqs):
+            cache.free(seq)
+        self.live.discard(request)
+        request.seqs, request.cached_tokens = None, cached
+        request.offsets = [cached] * len(request.offsets)
+        self.opened -= 1
+
     def adopt(self, session: Session) -> Request:
         """Takes a store session's sequences over into a Request (the session is left closed
         without freeing them: they belong to the request now)."""
