@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
             "window",
             "admission",
             "trace",
+            "serve",
             "all",
         ],
     )
