@@ -48,9 +48,8 @@ class Run:
     most_running: int
 
 
-def make_trace(cfg: dict, count: int, seed: int = 0) -> list[tuple[list[int], int]]:
+def make_trace(cfg: dict, count: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    vocab = 1000
     systems = [[rng.randrange(vocab) for _ in range(cfg["system"])] for _ in range(cfg["systems"])]
     trace = []
     for i in range(count):
@@ -117,7 +116,8 @@ def run_trace(model, trace, cfg: dict, paged: bool, arrive_every: int, num_block
 
 def serve_bench(model, cfg: dict) -> list[list]:
     """Rows: (caches, requests, tok/s, TTFT ms, peak K/V MiB, fit at budget, same tokens)."""
-    trace = make_trace(cfg, cfg["requests"])
+    vocab = model.args.vocab_size
+    trace = make_trace(cfg, cfg["requests"], vocab)
     dense = run_trace(model, trace, cfg, paged=False, arrive_every=cfg["arrive_every"])
     paged = run_trace(model, trace, cfg, paged=True, arrive_every=cfg["arrive_every"])
     same = dense.tokens == paged.tokens
@@ -125,7 +125,7 @@ def serve_bench(model, cfg: dict) -> list[list]:
     per_position = _bytes_per_position(model)
     longest = cfg["system"] + cfg["suffix"] + cfg["output"]
     dense_fit = cfg["budget_tokens"] // (-(-longest // 256) * 256)
-    crowd = make_trace(cfg, max(4 * dense_fit, 16), seed=1)
+    crowd = make_trace(cfg, max(8 * dense_fit, 16), vocab, seed=1)
     budget_blocks = cfg["budget_tokens"] // cfg["block_size"]
     fit = run_trace(model, crowd, cfg, paged=True, arrive_every=0, num_blocks=budget_blocks)
     mib = 1 / 2**20

@@ -33,7 +33,15 @@ class Admission:
     def __init__(self, pool: RequestPool) -> None:
         self.pool = pool
         self.store = pool.store
-        self.counts = dict(queued=0, admitted=0, preempted=0, clamped=0, refused=0, cancelled=0)
+        self.counts = dict(
+            queued=0,
+            admitted=0,
+            preempted=0,
+            clamped=0,
+            refused=0,
+            cancelled=0,
+            waited_for_prefix=0,
+        )
 
     def open(self, tokens: list[int]) -> Request:
         """A queued request for `tokens`, holding no blocks until admitted; its `cached_tokens`
@@ -47,13 +55,44 @@ class Admission:
         ...)` into those admitted now (in order) and those that wait (returned, in order)."""
         self.pool.reap()
         admitted, waiting = [], []
+        leaders = [r for r in list(self.pool.live) if r.admitted and not r.committed]
         for item in queue:
             request = _request_of(item[3])
-            if waiting or (request is not None and not self._admit(request, item)):
+            if waiting or (
+                request is not None
+                and (self._follows(request, leaders) or not self._admit(request, item))
+            ):
                 waiting.append(item)
             else:
                 admitted.append(item)
+                if request is not None and not request.committed:
+                    leaders.append(request)
         return admitted, waiting
+
+    def _follows(self, request: Request, leaders: list[Request]) -> bool:
+        """Whether a queued request should wait for a running one to publish its prompt: they
+        share at least one more full block than the store holds now. Admitted together, both
+        would prefill (and hold) that prefix; one step later the second hits it."""
+        if request.seqs is not None or not self.store.prefix_sharing:
+            return False
+        size, prompt = self.store.config.block_size, request.prompt
+        cached = None
+        for leader in leaders:
+            if leader is request:
+                continue
+            shared = 0
+            for a, b in zip(prompt, leader.prompt):
+                if a != b:
+                    break
+                shared += 1
+            if shared < size:
+                continue
+            if cached is None:
+                cached = min(cache.prefix_match(prompt) for cache in self.store.groups)
+            if min(shared, len(prompt) - 1) // size * size > cached:
+                self.counts["waited_for_prefix"] += 1
+                return True
+        return False
 
     def _admit(self, request: Request, item) -> bool:
         if request.admitted:
@@ -85,10 +124,8 @@ class Admission:
                 # the hit blocks it now pins were counted as evictable: the promise does not hold
                 self.pool.unopen(request, expected)
                 return False
-            if cached < expected:  # cached blocks were evicted meanwhile: feed those tokens too
-                item[1][0] = request.prompt[cached:expected] + list(item[1][0])
-                if len(item[4]) == expected:
-                    item[4] = list(item[4])[:cached]
+            if cached != expected:  # the feed mlx-lm holds starts at `expected`: move it
+                _refeed(item, request.prompt, expected, cached)
         request.admitted = True
         self.counts["admitted"] += 1
         return True
@@ -142,6 +179,27 @@ class AdmittingBatchGenerator(BatchGenerator):
             return super()._next()
         finally:
             self._unprocessed_sequences.extend(tuple(item) for item in waiting)
+
+
+def _refeed(item, prompt: list[int], expected: int, cached: int) -> None:
+    """Makes a queued item feed the prompt from `cached` instead of `expected`: tokens put back
+    in front when cached blocks were evicted, dropped from the front when a request admitted
+    earlier published more of this prompt. The last segment (the last prompt token, which mlx-lm
+    feeds when generation starts) is never touched: a prefix hit always leaves a token."""
+    segments = [list(segment) for segment in item[1]]
+    if cached < expected:
+        segments[0] = prompt[cached:expected] + segments[0]
+    else:
+        drop = cached - expected
+        while drop:
+            take = min(drop, len(segments[0]))
+            segments[0] = segments[0][take:]
+            drop -= take
+            if not segments[0]:
+                segments.pop(0)
+    item[1] = segments
+    if len(item[4]) == expected:  # the tokens mlx-lm believes are in the cache
+        item[4] = list(prompt[:cached])
 
 
 def _request_of(caches) -> Request | None:

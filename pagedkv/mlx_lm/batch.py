@@ -143,13 +143,14 @@ class RequestPool:
         cached = min(cache.prefix_match(tokens) for cache in self.store.groups)
         return Request(self, None, tokens, cached)
 
-    def open_queued(self, request: Request) -> int:
-        """Opens a queued request, sharing at most the prefix it expected (less if blocks were
-        evicted meanwhile); returns the prompt tokens now cached. Raises OutOfBlocksError;
-        nothing changes then."""
+    def open_queued(self, request: Request, limit: int | None = None) -> int:
+        """Opens a queued request, sharing the longest cached prefix (at most `limit` tokens);
+        returns the prompt tokens now cached: the caller feeds the prompt from there. Raises
+        OutOfBlocksError; nothing changes then."""
         self.reap()
         prompt, groups = request.prompt, self.store.groups
-        cap = min([request.cached_tokens] + [cache.prefix_match(prompt) for cache in groups])
+        cap = min(cache.prefix_match(prompt) for cache in groups)
+        cap = cap if limit is None else min(cap, limit)
         for cache in groups:  # every group is checked before any changes
             if not cache.can_add_sequence(prompt, "", cap):
                 raise OutOfBlocksError(
@@ -372,7 +373,7 @@ class _BatchProtocol:
 
 def _open_now(pool: RequestPool, request: Request) -> None:
     expected = request.cached_tokens
-    if pool.open_queued(request) != expected:
+    if pool.open_queued(request, limit=expected) != expected:
         request.close()
         raise OutOfBlocksError(
             "a queued request's cached prefix was evicted before it ran; send it again."

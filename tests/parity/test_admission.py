@@ -70,6 +70,9 @@ def test_requests_wait_for_blocks_and_finish_exactly():
     counts = admission.counts
     assert counts["queued"] > 0 and counts["admitted"] == len(REQUESTS)
     assert counts["preempted"] == 0 and counts["clamped"] == 0
+    # Queued before the first request published SYSTEM, the others waited for it and hit it.
+    assert counts["waited_for_prefix"] > 0
+    assert store.cache.stats().prefix_hit_tokens >= 20 * (len(REQUESTS) - 1)
     gen.close()
     del gen
     gc.collect()
