@@ -109,20 +109,30 @@ class PagedPromptCache:
 
     # -- pagedkv's own ---------------------------------------------------------------------------
 
-    def stats(self) -> dict:
-        """Requests, prefix hits, learned reply tokens, admission (queued/admitted/preempted) and
-        the pool's blocks (free, cached, in use)."""
+    def counters(self) -> dict:
+        """The counters only (requests, hits, learned tokens, admission, live requests): safe to
+        read from any thread, changes nothing."""
         out = dict(self.counts)
-        if self.store is not None:
-            self.pool.reap()
-            stats = self.store.cache.stats()
-            out.update(
-                free_blocks=stats.free_blocks,
-                cached_blocks=stats.cached_blocks,
-                in_use_blocks=stats.in_use_blocks,
-                live_requests=self.pool.opened - self.pool.released,
-            )
+        if self.pool is not None:
+            pool = self.pool
+            out["live_requests"] = pool.opened - pool.released - len(pool._dropped)
             out.update(self.admission.counts)
+        return out
+
+    def stats(self) -> dict:
+        """`counters()` and the full-attention pool's blocks (free, cached, in use), after
+        freeing dropped requests. It touches the store: call it on the server's generation
+        thread, or while no request is live (`counters()["live_requests"] == 0`)."""
+        if self.store is None:
+            return self.counters()
+        self.pool.reap()
+        out = self.counters()
+        stats = self.store.cache.stats()
+        out.update(
+            free_blocks=stats.free_blocks,
+            cached_blocks=stats.cached_blocks,
+            in_use_blocks=stats.in_use_blocks,
+        )
         return out
 
     def _pool_for(self, model_key) -> RequestPool | None:

@@ -150,3 +150,28 @@ def test_protocol_edits_and_release():
     assert pool.reap() == 1 and pool.held_blocks() == 0
     store.check_invariants()
     store.close()
+
+
+def test_an_error_mid_step_releases_every_block():
+    """Without admission a step can run out of blocks mid-forward: mlx-lm raises, the batch is
+    dropped, and its requests' blocks all come back; the store's invariants hold throughout."""
+    from pagedkv.errors import OutOfBlocksError
+
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=12, block_size=4)
+    pool = RequestPool(store)
+    gen = BatchGenerator(model, sampler=greedy, prefill_batch_size=4)
+    for seed in range(3):
+        caches, _ = pool.open(prompt_tokens(9, seed=seed))
+        gen.insert([prompt_tokens(9, seed=seed)], [40], caches=[caches])
+    del caches
+    with pytest.raises(OutOfBlocksError):
+        for _ in range(60):
+            gen.next()
+    store.check_invariants()
+    del gen
+    gc.collect()
+    pool.reap()
+    assert pool.held_blocks() == 0 and pool.released == pool.opened
+    store.check_invariants()
+    store.close()

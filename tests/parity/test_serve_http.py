@@ -141,11 +141,11 @@ def test_paged_server_matches_mlx_lm(model_dir):
 
 
 def _idle_stats(server):
-    """The prompt cache's stats once the generation thread holds no request (it frees a
-    cancelled request's blocks at its next step)."""
-    for _ in range(200):
-        stats = server.prompt_cache.stats()
-        if stats["live_requests"] == 0 and stats["cancelled"]:
-            return stats
+    """The prompt cache's stats once no request is live: the counters are read until then (they
+    are safe from any thread), the store only after (nothing runs on the generation thread)."""
+    for _ in range(400):
+        counters = server.prompt_cache.counters()
+        if counters["live_requests"] == 0 and counters["cancelled"]:
+            break
         time.sleep(0.05)
     return server.prompt_cache.stats()
