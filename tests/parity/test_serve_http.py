@@ -45,8 +45,8 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def _chat(port, messages, stream, max_tokens):
-    body = dict(messages=messages, stream=stream, max_tokens=max_tokens, temperature=0.0)
+def _chat(port, messages, stream, max_tokens, **extra):
+    body = dict(messages=messages, stream=stream, max_tokens=max_tokens, temperature=0.0, **extra)
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(body).encode(),
@@ -86,7 +86,8 @@ def _disconnect(port):
 
 
 def _conversation(port):
-    """Three concurrent first turns (two streamed), then a second turn on the first reply."""
+    """Three concurrent first turns (two streamed), a second turn on the first reply, and a
+    request mlx-lm serves on its single-request path."""
     users = ["w50 w51 w52", "w60 w61", "w70 w71 w72 w73"]
     firsts = [
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": u}] for u in users
@@ -107,7 +108,9 @@ def _conversation(port):
         {"role": "user", "content": "w80 w81"},
     ]
     reply, cached = _chat(port, second, False, 10)
-    return [r[0] for r in results] + [reply], cached
+    # A request with a seed is not batchable: mlx-lm serves it alone (stream_generate).
+    alone, _ = _chat(port, firsts[2], False, 6, seed=1)
+    return [r[0] for r in results] + [reply, alone], cached
 
 
 def test_paged_server_matches_mlx_lm(model_dir):
