@@ -53,6 +53,10 @@ class Admission:
     def gate(self, queue) -> list:
         """Splits mlx-lm's queue of unprocessed sequences `(uid, segments, max_tokens, caches,
         ...)` into those admitted now (in order) and those that wait (returned, in order)."""
+        with self.store.lock:
+            return self._gate(queue)
+
+    def _gate(self, queue) -> list:
         self.pool.reap()
         admitted, waiting = [], []
         leaders = [r for r in list(self.pool.live) if r.admitted and not r.committed]

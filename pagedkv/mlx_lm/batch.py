@@ -122,9 +122,10 @@ class RequestPool:
         many requests that was. Called at the start of every batched cache operation."""
         freed = 0
         while self._dropped:
-            seqs = self._dropped.popleft()
-            for cache, seq in zip(self.store.groups, seqs):
-                cache.free(seq)
+            with self.store.lock:  # the store's lock spans changes across its groups
+                seqs = self._dropped.popleft()
+                for cache, seq in zip(self.store.groups, seqs):
+                    cache.free(seq)
             freed += 1
         self.released += freed
         return freed
@@ -149,15 +150,16 @@ class RequestPool:
         OutOfBlocksError; nothing changes then."""
         self.reap()
         prompt, groups = request.prompt, self.store.groups
-        cap = min(cache.prefix_match(prompt) for cache in groups)
-        cap = cap if limit is None else min(cap, limit)
-        for cache in groups:  # every group is checked before any changes
-            if not cache.can_add_sequence(prompt, "", cap):
-                raise OutOfBlocksError(
-                    f"a queued request of {len(prompt)} tokens does not fit the "
-                    f"{cache.config.num_blocks}-block pool yet; nothing changed."
-                )
-        added = [cache.add_sequence(prompt, "", cap) for cache in groups]
+        with self.store.lock:
+            cap = min(cache.prefix_match(prompt) for cache in groups)
+            cap = cap if limit is None else min(cap, limit)
+            for cache in groups:  # every group is checked before any changes
+                if not cache.can_add_sequence(prompt, "", cap):
+                    raise OutOfBlocksError(
+                        f"a queued request of {len(prompt)} tokens does not fit the "
+                        f"{cache.config.num_blocks}-block pool yet; nothing changed."
+                    )
+            added = [cache.add_sequence(prompt, "", cap) for cache in groups]
         cached = added[0][1]
         request.cached_tokens, request.offsets = cached, [cached] * len(request.offsets)
         request.own([seq for seq, _ in added])
@@ -330,6 +332,11 @@ class _BatchProtocol:
                 growing.append((session, length, start + real))
         if not growing:
             return
+        with store.lock:
+            self._reserve_growing(growing)
+
+    def _reserve_growing(self, growing) -> None:
+        store = self.store
         size = store.config.block_size
         for g, cache in enumerate(store.groups):  # an upper bound: a partial tail may be copied
             needed = sum(
@@ -401,9 +408,10 @@ def _unshare_reserved(request, start: int, count: int) -> None:
         # _writable is the backend's own test (refcount 1, not indexed).
         if all(b < 0 or cache._writable(b) for b in blocks):
             continue
-        tokens = list(cache.tokens(seq)[start:length])
-        cache.trim(seq, length - start)
-        cache.extend(seq, tokens)
+        with store.lock:
+            tokens = list(cache.tokens(seq)[start:length])
+            cache.trim(seq, length - start)
+            cache.extend(seq, tokens)
 
 
 class BatchLayerCache(_BatchProtocol, PagedLayerCache):

@@ -70,11 +70,12 @@ class PagedPromptCache:
         prompt = request.prompt
         if written < len(prompt) or tokens[: len(prompt)] != prompt:
             return  # mid-prompt (a segment end): the prompt is published when it completes
-        learned = _learn(self.store, request, tokens)
+        with self.store.lock:
+            learned = _learn(self.store, request, tokens)
+            if self.store.prefix_sharing:
+                for cache, seq in zip(self.store.groups, request.seqs):
+                    cache.commit(seq)
         self.counts["learned_tokens"] += learned
-        if self.store.prefix_sharing:
-            for cache, seq in zip(self.store.groups, request.seqs):
-                cache.commit(seq)
 
     def trim_to(self, *, n_sequences=None, n_bytes=None) -> None:
         """Evicts cached (unreferenced) blocks until the cached bytes are at most `n_bytes`."""
