@@ -394,8 +394,8 @@ def _unshare_reserved(request, start: int, count: int) -> None:
     reserved for the rest of the prompt with the original. Usually the original is dropped before
     the next write; if something still holds it, the fork's unwritten positions are trimmed and
     reserved again (a partial tail is copied), so neither side writes the other's K/V."""
-    if request.seqs is None or request.closed or count < 1:
-        return
+    if start >= len(request.prompt) or request.seqs is None or request.closed or count < 1:
+        return  # past the prompt, positions are reserved as they are written (decode's hot path)
     store = request.store
     size = store.config.block_size
     for cache, seq in zip(store.groups, request.seqs):

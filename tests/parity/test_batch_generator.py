@@ -175,3 +175,25 @@ def test_an_error_mid_step_releases_every_block():
     assert pool.held_blocks() == 0 and pool.released == pool.opened
     store.check_invariants()
     store.close()
+
+
+def test_a_fork_mid_prompt_writes_fresh_blocks():
+    """A deep copy made mid-prompt shares the blocks reserved for the rest of the prompt; while
+    the original lives, each side's next write gets blocks of its own (no NotWritableError, and
+    neither sees the other's K/V)."""
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool = RequestPool(store)
+    prompt = prompt_tokens(11, seed=9)
+    original, _ = pool.open(prompt)
+    model(mx.array([prompt[:6]]), cache=original)
+    fork = copy.deepcopy(original)
+    out_fork = model(mx.array([prompt[6:10]]), cache=fork)
+    out_original = model(mx.array([prompt[6:10]]), cache=original)
+    assert mx.allclose(out_fork, out_original, atol=1e-5).item()
+    assert fork[0].sessions[0].seqs != original[0].sessions[0].seqs
+    store.check_invariants()
+    del fork, original
+    gc.collect()
+    assert pool.reap() == 2 and pool.held_blocks() == 0
+    store.close()
