@@ -9,6 +9,11 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "serve",
+        help="mlx-lm's OpenAI-compatible server on the paged store: pagedkv serve --model PATH "
+        "--num-blocks N [--block-size B] [mlx_lm.server options]",
+    )
     demo = commands.add_parser("demo", help="run the serving scenario and print what paging saved")
     demo.add_argument("--requests", type=int, default=8, help="concurrent requests (default 8)")
     bench = commands.add_parser("bench", help="run a benchmark group (table, CSV and PNG)")
@@ -22,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
             "window",
             "admission",
             "trace",
+            "serve",
             "all",
         ],
     )
@@ -43,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # every other option is mlx-lm's server's own
+        from pagedkv.mlx_lm.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         if args.requests < 1:

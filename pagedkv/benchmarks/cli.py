@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pagedkv.benchmarks.common import device_info
 
-GROUPS = ("gather", "memory", "prefill", "throughput", "window", "admission", "trace")
+GROUPS = ("gather", "memory", "prefill", "throughput", "window", "admission", "trace", "serve")
 
 
 def progress(done: int, total: int, label: str, started: float) -> None:
@@ -154,6 +154,22 @@ def run_window(full: bool, repeats: int):
     rows = [list(r) for r in window_curve(PagedCache, **sweep)]
     progress(1, 1, f"window {sweep['window']}, {sweep['tokens']} tokens", started)
     header = ["tokens", "window_blocks_in_use", "full_blocks_in_use", "bound"]
+    return header, rows
+
+
+def run_serve(full: bool, repeats: int):
+    import mlx.core as mx
+
+    from pagedkv.benchmarks.serve import FULL, QUICK, serve_bench
+    from pagedkv.benchmarks.throughput import LLAMA3_8B, SMALL, build_model
+
+    big = full and mx.default_device().type == mx.gpu
+    model = build_model(LLAMA3_8B, "bfloat16") if big else build_model(SMALL, "float32")
+    started = time.perf_counter()
+    rows = serve_bench(model, FULL if full else QUICK)
+    progress(1, 1, "trace through mlx-lm caches and the paged store", started)
+    header = ["caches", "requests", "out_tok_s", "ttft_ms", "peak_kv_mib", "budget_mib",
+              "fit_at_budget", "same_tokens"]  # fmt: skip
     return header, rows
 
 
@@ -334,6 +350,10 @@ def plot(group: str, header: list[str], rows: list[list], path: Path) -> None:
             title="Serving trace, metadata only",
             ylim=(0, 1.5 * max(r[1] for r in rows)),
         )
+    elif group == "serve":
+        ax.bar([r[0] for r in rows], [r[col["fit_at_budget"]] for r in rows])
+        ax.set(ylabel=f"requests fitting {rows[0][col['budget_mib']]} MiB of K/V",
+               title="Concurrent requests at a fixed K/V budget")  # fmt: skip
     elif group == "prefill":
         ax.barh([f"{r[0]} x{r[1]}" for r in rows], [r[4] for r in rows])
         ax.set(xlabel="prefill tokens avoided (%)", title="Prefill avoided by prefix sharing")
@@ -371,6 +391,7 @@ def main(args) -> int:
         "window": run_window,
         "admission": run_admission,
         "trace": run_trace,
+        "serve": run_serve,
     }
     for group in groups:
         print(f"\n== {group}", flush=True)

@@ -32,3 +32,21 @@ def test_bench_writes_table_csv_and_png(tmp_path, capsys):
 def test_bench_rejects_bad_repeats(capsys):
     assert main(["bench", "gather", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_serve_needs_num_blocks(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", "nowhere"])
+    assert exit_.value.code == 2 and "--num-blocks" in capsys.readouterr().err
+    assert main(["serve", "--model", "nowhere", "--num-blocks", "1"]) == 2
+
+
+@pytest.mark.skipif(not HAVE_MLX, reason="the serve benchmark needs MLX and mlx-lm")
+def test_serve_bench_rows():
+    from pagedkv.benchmarks.serve import QUICK, serve_bench
+    from tests.parity.models import tiny_model
+
+    cfg = dict(QUICK, requests=4, system=24, suffix=4, output=4, block_size=4, budget_tokens=256)
+    rows = serve_bench(tiny_model("llama"), cfg)
+    assert [r[0] for r in rows] == ["mlx-lm", "pagedkv"] and rows[0][-1] is True
+    assert rows[1][6] >= rows[0][6]  # at least as many requests fit the budget when paged
