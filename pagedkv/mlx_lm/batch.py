@@ -31,11 +31,10 @@ from collections import deque
 
 import mlx.core as mx
 
-from pagedkv.errors import InvalidArgumentError, OutOfBlocksError, UnsupportedModelError
+from pagedkv.errors import InvalidArgumentError, OutOfBlocksError
 from pagedkv.mlx_backend.attention import gather_batch, pad_tables
 from pagedkv.mlx_lm.kinds import FULL, WINDOW
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
-from pagedkv.mlx_lm.probe import ragged_batch_is_exact
 from pagedkv.mlx_lm.session import Session
 from pagedkv.mlx_lm.window import WindowLayerCache
 
@@ -99,18 +98,7 @@ class RequestPool:
     """Opens requests on a store for mlx-lm's batch loop and frees the ones mlx-lm dropped."""
 
     def __init__(self, store) -> None:
-        if not store.prefix_sharing:
-            raise UnsupportedModelError(
-                "this model keeps recurrent state (a hybrid), which pagedkv does not merge "
-                "across requests; run it with mlx-lm's own caches."
-            )
-        if store._batch_exact is None:
-            store._batch_exact = ragged_batch_is_exact(store, store._model)
-        if not store._batch_exact:
-            raise UnsupportedModelError(
-                "this model decodes a ragged batch differently from each request alone (it takes "
-                "positions from the key length, not cache.offset); run it with mlx-lm's caches."
-            )
+        store.require_batchable("RequestPool", "run it with mlx-lm's own caches")
         self.store = store
         self._dropped: deque[tuple[int, ...]] = deque()  # appended by finalizers, any thread
         self.live: weakref.WeakSet[Request] = weakref.WeakSet()  # requests holding sequences

@@ -276,20 +276,25 @@ class PagedKVStore:
                     "sessions with store.open()."
                 )
             session._require_open()
+        self.require_batchable("batch", "decode each session through its own session.caches")
+        return self.caches_for(sessions)
+
+    def require_batchable(self, what: str, instead: str) -> None:
+        """Raises UnsupportedModelError (naming `what` and what to do `instead`) unless this
+        model's requests can share one batch: no recurrent layers, and a ragged batch decodes
+        exactly as each request alone (probed once, on a scratch pool)."""
         if not self.prefix_sharing:
             raise UnsupportedModelError(
-                "batch: this model keeps recurrent state (a hybrid), which pagedkv does not "
-                "merge across sessions; decode each session through its own session.caches."
+                f"{what}: this model keeps recurrent state (a hybrid), which pagedkv does not "
+                f"merge across requests; {instead}."
             )
         if self._batch_exact is None:
             self._batch_exact = ragged_batch_is_exact(self, self._model)
         if not self._batch_exact:
             raise UnsupportedModelError(
-                "batch: this model decodes a ragged batch differently from each request alone "
-                "(it takes positions from the key length, not cache.offset); decode each "
-                "session through its own session.caches."
+                f"{what}: this model decodes a ragged batch differently from each request alone "
+                f"(it takes positions from the key length, not cache.offset); {instead}."
             )
-        return self.caches_for(sessions)
 
 
 def _group_name(cache) -> str:
