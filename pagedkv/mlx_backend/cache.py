@@ -10,23 +10,19 @@ int32 arrays.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 
 from pagedkv.config import Config
 from pagedkv.errors import (
     ConfigError,
     InvalidArgumentError,
-    InvalidPositionError,
-    KVShapeError,
-    NotWritableError,
     OutOfBlocksError,
-    StorageDisabledError,
     TrimError,
     UnknownSequenceError,
 )
-from pagedkv.mlx_backend import attention, observe, validate
+from pagedkv.mlx_backend import observe, validate
 from pagedkv.mlx_backend.index import Node, PrefixIndex
+from pagedkv.mlx_backend.kv import KVOperations
 from pagedkv.mlx_backend.pool import BlockPool
 from pagedkv.mlx_backend.storage import KVStorage
 from pagedkv.mlx_backend.threads import locked_methods
@@ -84,7 +80,7 @@ class Sequence:
 
 
 @locked_methods  # one call at a time per cache, from any thread (see threads.py)
-class PagedCache:
+class PagedCache(KVOperations):
     """The MLX implementation. See `pagedkv.spec.PagedCache` for each operation's contract."""
 
     def __init__(self, config: Config) -> None:
@@ -334,120 +330,7 @@ class PagedCache:
         self._drop(old, now)
         self.counts["cow_copies"] += 1
 
-    # ---- write and commit ----------------------------------------------------------------------
-
-    def _storage(self, op: str) -> KVStorage:
-        if self.storage is None:
-            raise StorageDisabledError(
-                f"{op} needs K/V storage but this cache is metadata-only; "
-                "create it with Config(store_kv=True)."
-            )
-        return self.storage
-
-    def write_kv(self, seq_id: int, layer: int, start: int, keys, values) -> None:
-        storage = self._storage("write_kv")
-        seq = self._seq(seq_id)
-        cfg = self.config
-        layer = validate.layer(layer, cfg.num_layers)
-        start = validate.count(start, "start")
-        rows = validate.kv_rows(keys, values, storage.dtype, cfg.num_kv_heads, cfg.head_dim)
-        if start + rows > len(seq.tokens):
-            raise InvalidPositionError(
-                f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
-                f"{len(seq.tokens)} positions; extend it first."
-            )
-        storage.write_rows(layer, self._planned_runs(seq, start, rows), keys, values)
-
-    def _planned_runs(
-        self, seq: Sequence, start: int, rows: int
-    ) -> list[tuple[int, int, int, int]]:
-        """`_runs`, remembered until the clock ticks: every layer of a step writes the same rows,
-        and tables or writability change only through metadata operations, which tick."""
-        key = (self.clock, seq.id, start, rows)
-        runs = self._plans.get(key)
-        if runs is None:
-            if self._plans_clock != self.clock:
-                self._plans.clear()
-                self._plans_clock = self.clock
-            runs = self._plans[key] = self._runs(seq, start, rows)
-        return runs
-
-    def _runs(self, seq: Sequence, start: int, rows: int) -> list[tuple[int, int, int, int]]:
-        """(block, first row, rows, offset) per touched block; raises if one is not writable."""
-        runs, position, size = [], start, self.size
-        while position < start + rows:  # one contiguous run per touched block
-            block = int(seq.table[position // size])
-            if block < 0:
-                raise NotWritableError(
-                    f"write_kv at position {position} of sequence {seq.id}: the sliding window "
-                    "released it (rule 10); released positions are never written."
-                )
-            if not self._writable(block):
-                raise NotWritableError(
-                    f"write_kv into block {block} of sequence {seq.id}, which is shared "
-                    f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
-                    "stored. Write only positions that add_sequence/extend reserved afresh."
-                )
-            count = min(size - position % size, start + rows - position)
-            runs.append((block, position % size, count, position - start))
-            position += count
-        return runs
-
-    def write_kv_batch(self, seq_ids, layer: int, starts, keys, values) -> None:
-        storage = self._storage("write_kv_batch")
-        seqs = [self._seq(s) for s in validate.batch(seq_ids, "write_kv_batch seq_ids")]
-        starts = validate.batch(starts, "write_kv_batch starts")
-        if not seqs or len(set(map(id, seqs))) != len(seqs) or len(starts) != len(seqs):
-            raise InvalidArgumentError(
-                f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
-                f"sequences and {len(starts)} starts."
-            )
-        for name, array in (("keys", keys), ("values", values)):
-            if not isinstance(array, mx.array) or array.ndim != 4 or array.shape[0] != len(seqs):
-                raise KVShapeError(
-                    f"write_kv_batch {name} must be [{len(seqs)}, n, kv_heads, head_dim], got "
-                    f"{getattr(array, 'shape', type(array).__name__)}."
-                )
-        cfg = self.config
-        layer = validate.layer(layer, cfg.num_layers)
-        checked, rows = [], 0
-        for b, (seq, start) in enumerate(zip(seqs, starts)):  # checks in the spec's order
-            start = validate.count(start, "start")
-            if b == 0:  # every sequence gets rows of the same shape and dtype
-                rows = validate.kv_rows(
-                    keys[0], values[0], storage.dtype, cfg.num_kv_heads, cfg.head_dim
-                )
-            if start + rows > len(seq.tokens):
-                raise InvalidPositionError(
-                    f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
-                    f"{len(seq.tokens)} positions; extend it first."
-                )
-            checked.append(start)
-        # Every layer of a step writes the same slots; remembered until the clock ticks.
-        key = (self.clock, "batch", tuple(seq.id for seq in seqs), tuple(checked), rows)
-        slots = self._plans.get(key)
-        if slots is None:
-            slots = self._batch_slots(seqs, checked, rows)
-            if self._plans_clock != self.clock:
-                self._plans.clear()
-                self._plans_clock = self.clock
-            self._plans[key] = slots
-        storage.scatter_rows(
-            layer,
-            *slots,
-            keys.reshape(-1, *keys.shape[2:]),
-            values.reshape(-1, *values.shape[2:]),
-        )
-
-    def _batch_slots(self, seqs: list[Sequence], starts: list[int], rows: int):
-        """(block index, row index) `[n]` int32 of every row a checked batch write touches;
-        raises NotWritableError for a block the sequence does not own exclusively."""
-        blocks, offsets = [], []
-        for seq, start in zip(seqs, starts):
-            for block, row, count, _ in self._runs(seq, start, rows):
-                blocks += [block] * count
-                offsets += range(row, row + count)
-        return mx.array(blocks, dtype=mx.int32), mx.array(offsets, dtype=mx.int32)
+    # ---- commit -----------------------------------------------------------------------------
 
     def commit(self, seq_id: int) -> int:
         seq = self._seq(seq_id)
@@ -564,20 +447,7 @@ class PagedCache:
         seq = self._seq(seq_id)
         return seq.table[: seq.num_blocks]
 
-    def gather(self, seq_id: int, layer: int):
-        storage = self._storage("gather")
-        seq = self._seq(seq_id)
-        layer = validate.layer(layer, self.config.num_layers)
-        blocks = np.maximum(seq.table[: seq.num_blocks], 0)  # holes read block 0, zeroed below
-        keys, values = storage.gather(layer, mx.array(blocks), len(seq.tokens))
-        if seq.holes:  # rule 10: released positions read as zeros
-            held = (mx.arange(len(seq.tokens)) >= seq.holes * self.size)[:, None, None]
-            keys, values = mx.where(held, keys, 0), mx.where(held, values, 0)
-        return keys, values
-
-    # Attention and observation live in their own modules to keep this one short.
-    attention_decode = attention.attention_decode
-    attention_prefill = attention.attention_prefill
+    # Observation lives in its own module (K/V writes, reads and attention in kv.py).
     stats = observe.stats
     snapshot = observe.snapshot
     check_invariants = observe.check_invariants

@@ -14,7 +14,8 @@ from functools import wraps
 
 def locked_methods(cls):
     """Wraps each public method of `cls` in `self._lock`, created by the wrapped __init__."""
-    for name in [n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")]:
+    public = [n for n in dir(cls) if not n.startswith("_")]  # its own and its mixins' (kv.py)
+    for name in [n for n in public if callable(getattr(cls, n))]:
         setattr(cls, name, _with_lock(getattr(cls, name)))
     original_init = cls.__init__
 

@@ -16,8 +16,9 @@ import threading
 def serialised(cls: type) -> type:
     """Class decorator: wraps each public method in `self.lock` (a re-entrant lock, so a method
     may call another)."""
-    for name, method in list(vars(cls).items()):
-        if callable(method) and not name.startswith("_"):
+    for name in dir(cls):  # the class's own methods and those of its mixins (spec/kv.py)
+        method = getattr(cls, name)
+        if callable(method) and not name.startswith("_") and not isinstance(method, type):
             setattr(cls, name, _holding_lock(method))
     init = cls.__init__
 

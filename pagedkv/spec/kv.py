@@ -1,0 +1,229 @@
+"""The K/V half of `PagedCache`: writing rows into reserved blocks, reading them back, attention.
+
+`PagedCache` (in `cache.py`) holds the metadata rules; this mixin adds the operations that touch
+the stored K/V, with the same checks-before-changes discipline. Reads never tick the clock;
+`write_kv` never allocates (rule 2: the blocks were reserved by `add_sequence` / `extend`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceOf
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pagedkv.errors import (
+    InvalidArgumentError,
+    InvalidPositionError,
+    KVShapeError,
+    NotWritableError,
+    StorageDisabledError,
+)
+from pagedkv.spec import checks
+from pagedkv.spec.attention import reference_attention
+from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
+from pagedkv.spec.window import HOLE, leading_holes
+
+if TYPE_CHECKING:
+    from pagedkv.spec.cache import Sequence
+
+
+class KVOperations:
+    """Mixed into `PagedCache`: expects `config`, `storage`, `_sequence` and `_is_writable`."""
+
+    # ---- write ---------------------------------------------------------------------------------
+
+    def _require_storage(self, asked: str) -> KVStorage:
+        if self.storage is None:
+            raise StorageDisabledError(
+                f"{asked} needs K/V storage but this cache is metadata-only; "
+                "create it with Config(store_kv=True)."
+            )
+        return self.storage
+
+    def write_kv(
+        self, seq_id: int, layer: int, start: int, keys: np.ndarray, values: np.ndarray
+    ) -> None:
+        """Stores K/V rows for positions [start, start + n) of a sequence in one layer.
+        keys and values: `[n, kv_heads, head_dim]` of the cache's dtype (bfloat16 as uint16 bits).
+
+        Every touched block must be writable (rule 1): positions served from the prefix index or
+        shared by a fork already hold their K/V. Raises StorageDisabledError, UnknownSequenceError,
+        InvalidArgumentError (layer), KVDtypeError, KVShapeError, InvalidPositionError,
+        NotWritableError.
+        """
+        storage = self._require_storage("write_kv")
+        layer, blocks, rows = self._check_write(self._sequence(seq_id), layer, start, keys, values)
+        storage.write_rows(layer, blocks, rows, keys, values)
+
+    def _check_write(
+        self, seq: Sequence, layer: int, start: int, keys: np.ndarray, values: np.ndarray
+    ) -> tuple[int, np.ndarray, np.ndarray]:
+        """Validates one sequence's write; returns (layer, block of each row, row in its block)."""
+        cfg = self.config
+        layer = checks.as_layer(layer, cfg.num_layers)
+        start = checks.as_count(start, "start")
+        count = checks.check_kv(
+            keys, values, NUMPY_STORAGE_DTYPE[cfg.dtype], cfg.dtype, cfg.num_kv_heads, cfg.head_dim
+        )
+        if start + count > len(seq.tokens):
+            raise InvalidPositionError(
+                f"write_kv of positions [{start}, {start + count}) but sequence {seq.id} has "
+                f"{len(seq.tokens)} positions; extend it first."
+            )
+        positions = np.arange(start, start + count)
+        blocks = np.array(seq.table)[positions // cfg.block_size]
+        for block in sorted(set(blocks.tolist())):
+            if block == HOLE:
+                raise NotWritableError(
+                    f"write_kv at positions [{start}, {start + count}) of sequence {seq.id}: "
+                    "some were released by the sliding window (rule 10) and are never written."
+                )
+            if not self._is_writable(block):
+                raise NotWritableError(
+                    f"write_kv into block {block} of sequence {seq.id}, which is shared "
+                    f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
+                    "stored. Write only positions that add_sequence/extend reserved afresh."
+                )
+        return layer, blocks, positions % cfg.block_size
+
+    def write_kv_batch(
+        self,
+        seq_ids: SequenceOf[int],
+        layer: int,
+        starts: SequenceOf[int],
+        keys: np.ndarray,
+        values: np.ndarray,
+    ) -> None:
+        """`write_kv` for several distinct sequences at once, n rows each: keys[b] and values[b]
+        (`[B, n, kv_heads, head_dim]`) go to positions [starts[b], starts[b] + n) of seq_ids[b].
+        All or nothing: every sequence's rows are checked as `write_kv` checks them before any is
+        written. Raises what `write_kv` raises, and InvalidArgumentError (no sequences, a sequence
+        twice, or not one start per sequence), KVShapeError (not `[B, n, kv_heads, head_dim]`)."""
+        storage = self._require_storage("write_kv_batch")
+        seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "write_kv_batch seq_ids")]
+        starts = checks.as_batch(starts, "write_kv_batch starts")
+        if not seqs or len({s.id for s in seqs}) != len(seqs) or len(starts) != len(seqs):
+            raise InvalidArgumentError(
+                f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
+                f"sequences and {len(starts)} starts."
+            )
+        for name, array in (("keys", keys), ("values", values)):
+            if not isinstance(array, np.ndarray) or array.ndim != 4 or len(array) != len(seqs):
+                raise KVShapeError(
+                    f"write_kv_batch {name} must be [{len(seqs)}, n, kv_heads, head_dim], got "
+                    f"{getattr(array, 'shape', type(array).__name__)}."
+                )
+        plans = [
+            self._check_write(seq, layer, start, keys[b], values[b])
+            for b, (seq, start) in enumerate(zip(seqs, starts))
+        ]
+        for b, (layer_index, blocks, rows) in enumerate(plans):
+            storage.write_rows(layer_index, blocks, rows, keys[b], values[b])
+
+    # ---- reads: gather and attention -----------------------------------------------------------
+
+    def _rows_of(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.arange(len(seq.tokens))
+        blocks = np.array(seq.table, dtype=np.int64)[positions // self.config.block_size]
+        return blocks, positions % self.config.block_size
+
+    def gather(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of every position of the sequence, in order: each `[len, kv_heads, head_dim]`
+        (bfloat16 as uint16 bits). Raises StorageDisabledError, UnknownSequenceError,
+        InvalidArgumentError."""
+        storage = self._require_storage("gather")
+        seq = self._sequence(seq_id)
+        layer = checks.as_layer(layer, self.config.num_layers)
+        return self._read(storage, seq, layer)
+
+    def _read(self, storage: KVStorage, seq: Sequence, layer: int):
+        """Every position's K/V rows; zeros for positions the window released (rule 10)."""
+        blocks, rows = self._rows_of(seq)
+        held = blocks != HOLE
+        keys, values = storage.read_rows(layer, np.where(held, blocks, 0), rows)
+        keys[~held], values[~held] = 0, 0
+        return keys, values
+
+    def _gather_float32(self, seq: Sequence, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        keys, values = self._read(self._require_storage("attention"), seq, layer)
+        return to_float32(keys, self.config.dtype), to_float32(values, self.config.dtype)
+
+    def _require_window_held(
+        self, seq: Sequence, first_query: int, asked: str, window: int | None
+    ) -> None:
+        """Rule 10: a query's window must not reach a released position."""
+        held_from = leading_holes(seq.table) * self.config.block_size
+        start = 0 if window is None else max(first_query - window + 1, 0)
+        if start < held_from:
+            raise InvalidPositionError(
+                f"{asked}: the query at position {first_query} attends from position "
+                f"{start}, but sequence {seq.id} holds K/V from {held_from} on "
+                "(the window released the rest); query later positions only."
+            )
+
+    def attention_decode(
+        self,
+        layer: int,
+        seq_ids: SequenceOf[int],
+        queries: np.ndarray,
+        scale: float | None = None,
+        window: int | None = None,
+        sinks: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """One query per sequence, batched over sequences of ragged lengths: query b (at the last
+        position of seq_ids[b]) attends over that sequence's keys — the last `window` of them for
+        a sliding-window layer — with optional per-head `sinks` logits (see `reference_attention`;
+        `split_k.split_k_decode` computes the same by splits, as the MLX kernels do).
+        queries: `[B, q_heads, head_dim]`. Returns `[B, q_heads, head_dim]` float32.
+        Raises StorageDisabledError, UnknownSequenceError, InvalidArgumentError (layer, scale,
+        window, sinks), KVDtypeError, KVShapeError, InvalidPositionError (an empty sequence)."""
+        self._require_storage("attention_decode")
+        layer = checks.as_layer(layer, self.config.num_layers)
+        seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "attention_decode seq_ids")]
+        queries = checks.check_queries(
+            queries, self.config.num_kv_heads, self.config.head_dim, len(seqs)
+        )
+        scale = checks.as_scale(scale, self.config.head_dim)
+        window = checks.as_window(window)
+        sinks = checks.check_sinks(sinks, queries.shape[1])
+        if window is None:  # rule 10: a windowed cache's layers attend within its window
+            window = self.config.window
+        for seq in seqs:  # every check before the first computation
+            if seq.tokens:
+                self._require_window_held(seq, len(seq.tokens) - 1, "attention_decode", window)
+        outputs = []
+        for b, seq in enumerate(seqs):
+            if not seq.tokens:
+                raise InvalidPositionError(f"attention_decode over empty sequence {seq.id}.")
+            keys, values = self._gather_float32(seq, layer)
+            last = np.array([len(seq.tokens) - 1])
+            outputs.append(
+                reference_attention(queries[b : b + 1], keys, values, last, scale, window, sinks)[0]
+            )
+        return np.stack(outputs) if outputs else np.zeros_like(queries)
+
+    def attention_prefill(
+        self, seq_id: int, layer: int, queries: np.ndarray, scale: float | None = None
+    ) -> np.ndarray:
+        """Causal attention for the last L positions of a sequence (the tokens computed after a
+        cached prefix): the query at position p sees keys 0..p. queries: `[L, q_heads, head_dim]`
+        with 1 <= L <= len. Returns `[L, q_heads, head_dim]` float32."""
+        self._require_storage("attention_prefill")
+        seq = self._sequence(seq_id)
+        layer = checks.as_layer(layer, self.config.num_layers)
+        queries = checks.check_queries(
+            queries, self.config.num_kv_heads, self.config.head_dim, None
+        )
+        count = queries.shape[0]
+        if not 1 <= count <= len(seq.tokens):
+            raise InvalidPositionError(
+                f"attention_prefill with {count} queries but sequence {seq.id} has "
+                f"{len(seq.tokens)} positions; pass 1..len queries."
+            )
+        scale = checks.as_scale(scale, self.config.head_dim)
+        window = self.config.window
+        self._require_window_held(seq, len(seq.tokens) - count, "attention_prefill", window)
+        keys, values = self._gather_float32(seq, layer)
+        positions = np.arange(len(seq.tokens) - count, len(seq.tokens))
+        return reference_attention(queries, keys, values, positions, scale, window)
