@@ -27,6 +27,16 @@ from pagedkv.mlx_lm.batch import Request, RequestPool
 log = logging.getLogger("pagedkv.serve")
 
 
+def require_fits(prompt_tokens: int, block_size: int, num_blocks: int) -> None:
+    """Raises OutOfBlocksError when a prompt alone (plus a block for a copied shared tail) can
+    never fit a pool of `num_blocks` blocks, whatever else is running."""
+    if -(-prompt_tokens // block_size) + 1 > num_blocks:
+        raise OutOfBlocksError(
+            f"a {prompt_tokens}-token prompt can never fit the {num_blocks}-block pool of "
+            f"{block_size}-token blocks; shorten it or start the server with more --num-blocks."
+        )
+
+
 class Admission:
     """Queues requests (no blocks held), opens and admits them when their whole budget fits."""
 
@@ -104,11 +114,11 @@ class Admission:
         size = self.store.config.block_size
         whole = self.store.config.num_blocks
         max_tokens = item[2]
-        if -(-len(request.prompt) // size) + 1 > whole:
+        try:
+            require_fits(len(request.prompt), size, whole)
+        except OutOfBlocksError:
             self.counts["refused"] += 1
-            raise OutOfBlocksError(
-                f"a {len(request.prompt)}-token prompt can never fit the {whole}-block pool."
-            )
+            raise
         cut = min(max_tokens, (whole - 1) * size - len(request.prompt))
         if cut < max_tokens:
             self.counts["clamped"] += 1

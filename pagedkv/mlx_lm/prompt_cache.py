@@ -39,7 +39,9 @@ class PagedPromptCache:
         self.store: PagedKVStore | None = None
         self.pool: RequestPool | None = None
         self.admission: Admission | None = None
-        self.counts = dict(requests=0, unpaged=0, hit_tokens=0, learned_tokens=0, inserts=0)
+        self.counts = dict(
+            requests=0, unpaged=0, hit_tokens=0, learned_tokens=0, inserts=0, refused=0
+        )
 
     # -- LRUPromptCache's interface ------------------------------------------------------------
 
@@ -118,6 +120,8 @@ class PagedPromptCache:
             pool = self.pool
             out["live_requests"] = pool.opened - pool.released - len(pool._dropped)
             out.update(self.admission.counts)
+            # refused before admission (the server's prompt check) and by admission itself
+            out["refused"] = self.counts["refused"] + self.admission.counts["refused"]
         return out
 
     def stats(self) -> dict:

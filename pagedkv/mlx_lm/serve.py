@@ -26,7 +26,8 @@ import mlx_lm.server as mlx_server
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache
 
-from pagedkv.mlx_lm.admission import AdmittingBatchGenerator
+from pagedkv.errors import OutOfBlocksError
+from pagedkv.mlx_lm.admission import AdmittingBatchGenerator, require_fits
 from pagedkv.mlx_lm.prompt_cache import PagedPromptCache
 
 _PAGED: dict[threading.Thread, PagedPromptCache] = {}  # generation thread -> its prompt cache
@@ -41,6 +42,22 @@ def _batch_generator(model, **kwargs):
     return AdmittingBatchGenerator(model, admission=lambda: prompt_cache.admission, **kwargs)
 
 
+class _PagedGenerator(mlx_server.ResponseGenerator):
+    """mlx-lm's ResponseGenerator; a prompt the pool can never hold is refused before it joins
+    the batch. mlx-lm's loop hands that one request the error (its client gets an HTTP error with
+    the message) and keeps serving the others."""
+
+    def _tokenize(self, tokenizer, request, args):
+        tokenized = super()._tokenize(tokenizer, request, args)
+        cache = self.prompt_cache
+        try:
+            require_fits(len(tokenized[0]), cache.block_size, cache.num_blocks)
+        except OutOfBlocksError:
+            cache.counts["refused"] += 1
+            raise
+        return tokenized
+
+
 class Server:
     """One running server: `port`, `prompt_cache`, `generator` (mlx-lm's ResponseGenerator)."""
 
@@ -53,7 +70,8 @@ class Server:
             self.prompt_cache = PagedPromptCache(model_of, num_blocks, block_size)
             mlx_server.BatchGenerator = _batch_generator
         self.provider = provider
-        self.generator = mlx_server.ResponseGenerator(provider, self.prompt_cache)
+        generator_class = mlx_server.ResponseGenerator if num_blocks is None else _PagedGenerator
+        self.generator = generator_class(provider, self.prompt_cache)
         if num_blocks is not None:
             _PAGED[self.generator._generation_thread] = self.prompt_cache
         self.httpd: ThreadingHTTPServer | None = None

@@ -152,3 +152,23 @@ def _idle_stats(server):
             break
         time.sleep(0.05)
     return server.prompt_cache.stats()
+
+
+def test_a_prompt_the_pool_can_never_hold_is_refused_alone(model_dir):
+    """Its client gets an HTTP error that says why; the server keeps serving everyone else."""
+    import urllib.error
+
+    from pagedkv.mlx_lm.serve import Server
+
+    argv = ["--model", model_dir, "--port", "0", "--host", "127.0.0.1", "--log-level", "ERROR"]
+    server = Server(argv, num_blocks=8, block_size=4)  # prompts of up to 28 tokens fit
+    try:
+        huge = " ".join(f"w{10 + i % 200}" for i in range(60))
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _chat(server.port, [{"role": "user", "content": huge}], False, 4)
+        assert "can never fit" in refused.value.read().decode()
+        reply, _ = _chat(server.port, [{"role": "user", "content": "w9 w10"}], False, 3)
+        assert reply
+        assert server.prompt_cache.counters()["refused"] == 1
+    finally:
+        server.stop()
