@@ -11,7 +11,7 @@ import pytest
 from pagedkv import Config
 from pagedkv.mlx_backend import PagedCache as MLXCache
 from pagedkv.spec import PagedCache as SpecCache
-from tests.property.harness import mlx_native, spec_native
+from tests.property.model import mlx_native, spec_native
 
 TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}
 H, D, GROUP = 2, 16, 4  # GQA: 8 query heads over 2 K/V heads

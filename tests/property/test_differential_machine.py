@@ -11,7 +11,8 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
-from tests.property.harness import CacheMachine, SpecImpl, mlx_native
+from tests.property.harness import CacheMachine
+from tests.property.model import SpecImpl, mlx_native
 
 mx = pytest.importorskip("mlx.core", reason="the differential machine needs MLX (pagedkv[mlx])")
 

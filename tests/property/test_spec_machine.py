@@ -3,7 +3,8 @@
 Run longer with HYPOTHESIS_PROFILE=nightly. `make test` uses the ci profile (200 examples x 50 steps).
 """
 
-from tests.property.harness import CacheMachine, SpecImpl
+from tests.property.harness import CacheMachine
+from tests.property.model import SpecImpl
 
 
 class SpecMachine(CacheMachine):

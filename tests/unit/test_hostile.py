@@ -15,7 +15,7 @@ from pagedkv import Config
 from pagedkv import errors as E
 from tests import hostile
 from tests.impls import HAVE_MLX, cache_class
-from tests.property.harness import mlx_native, spec_native
+from tests.property.model import mlx_native, spec_native
 from tests.unit.test_bad_input import observe, populated
 
 IMPLS = ["spec", "mlx"] if HAVE_MLX else ["spec"]

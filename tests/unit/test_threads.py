@@ -15,7 +15,7 @@ import pytest
 from pagedkv import Config
 from pagedkv.errors import OutOfBlocksError
 from tests.impls import HAVE_MLX, IMPLS, cache_class
-from tests.property.harness import SpecImpl, mlx_native, prefix_kv
+from tests.property.model import SpecImpl, mlx_native, prefix_kv
 
 THREADS, ROUNDS = 8, 10
 JOIN_TIMEOUT = 120  # seconds: a hang fails the test instead of stalling the suite
