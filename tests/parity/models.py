@@ -54,3 +54,15 @@ def greedy(logprobs):
 def prompt_tokens(length: int, seed: int) -> list[int]:
     mx.random.seed(1000 + seed)
     return [int(t) for t in mx.random.randint(0, 250, (length,)).tolist()]
+
+
+def assert_all_released(pool, store) -> None:
+    """After every request's caches are dropped: no block held, every opened request released,
+    invariants intact; then the store gives the model its attention back."""
+    import gc
+
+    gc.collect()  # finalizers queue the dropped requests' blocks
+    pool.reap()
+    assert pool.held_blocks() == 0 and pool.released == pool.opened
+    store.check_invariants()
+    store.close()

@@ -4,8 +4,6 @@ tokens mlx-lm's own caches give, nothing is preempted, and the pool ends empty."
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 from mlx_lm.generate import BatchGenerator
 
@@ -13,7 +11,7 @@ from pagedkv.errors import OutOfBlocksError
 from pagedkv.mlx_lm import PagedKVStore
 from pagedkv.mlx_lm.admission import Admission, AdmittingBatchGenerator
 from pagedkv.mlx_lm.batch import RequestPool
-from tests.parity.models import greedy, prompt_tokens, tiny_model
+from tests.parity.models import assert_all_released, greedy, prompt_tokens, tiny_model
 
 SYSTEM = prompt_tokens(21, seed=7)
 REQUESTS = [(SYSTEM + prompt_tokens(1 + i % 5, seed=20 + i), 6 + (3 * i) % 10) for i in range(8)]
@@ -75,11 +73,7 @@ def test_requests_wait_for_blocks_and_finish_exactly():
     assert store.cache.stats().prefix_hit_tokens >= 20 * (len(REQUESTS) - 1)
     gen.close()
     del gen
-    gc.collect()
-    pool.reap()
-    assert pool.held_blocks() == 0 and pool.released == pool.opened
-    store.check_invariants()
-    store.close()
+    assert_all_released(pool, store)
 
 
 def test_a_budget_larger_than_the_pool_is_cut_to_fit():

@@ -15,7 +15,7 @@ from pagedkv.errors import InvalidArgumentError
 from pagedkv.mlx_lm import PagedKVStore
 from pagedkv.mlx_lm.batch import RequestPool
 from tests.parity import zoo
-from tests.parity.models import greedy, prompt_tokens, tiny_model
+from tests.parity.models import assert_all_released, greedy, prompt_tokens, tiny_model
 
 SYSTEM = prompt_tokens(21, seed=7)  # shared by several requests: prefix hits on the paged side
 
@@ -113,11 +113,7 @@ def test_many_inserts_and_removals():
     store = PagedKVStore.for_model(model, num_blocks=160, block_size=4)
     pool = RequestPool(store)
     assert _run(model, pool, schedule) == expected
-    gc.collect()
-    pool.reap()
-    assert pool.held_blocks() == 0 and pool.released == pool.opened
-    store.check_invariants()
-    store.close()
+    assert_all_released(pool, store)
 
 
 def test_protocol_edits_and_release():
@@ -170,11 +166,7 @@ def test_an_error_mid_step_releases_every_block():
             gen.next()
     store.check_invariants()
     del gen
-    gc.collect()
-    pool.reap()
-    assert pool.held_blocks() == 0 and pool.released == pool.opened
-    store.check_invariants()
-    store.close()
+    assert_all_released(pool, store)
 
 
 def test_a_fork_mid_prompt_writes_fresh_blocks():
