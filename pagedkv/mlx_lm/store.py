@@ -18,16 +18,17 @@ from pagedkv.errors import (
     UnsupportedModelError,
 )
 from pagedkv.mlx_backend import PagedCache
-from pagedkv.mlx_backend.attention import decode_batch, pad_tables
-from pagedkv.mlx_backend.kernels.decode import DecodeBatch
+from pagedkv.mlx_backend.attention import pad_tables
 from pagedkv.mlx_lm import routing
 from pagedkv.mlx_lm.kinds import FULL, RECURRENT, SHARED, WINDOW, classify_all, default_caches
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 from pagedkv.mlx_lm.probe import ragged_batch_is_exact
 from pagedkv.mlx_lm.session import Session
 from pagedkv.mlx_lm.shapes import LayerShape, discover_shapes
+from pagedkv.mlx_lm.step import DecodeStep
 from pagedkv.mlx_lm.window import WindowLayerCache
 
+STEP_WAIT_S = 10.0  # how long a new thread waits for the owner's step in flight (see enter)
 UNUSED = "unused"  # a K/V entry the model never updates (e.g. nemotron-nas linear attention)
 
 
@@ -82,7 +83,14 @@ class PagedKVStore:
         # (key, value) pairs, each replaced in one assignment: threads sharing the store never
         # see one step's key with another step's value
         self._tables: tuple = (None, None)
-        self._batch: tuple[tuple | None, DecodeBatch | None] = (None, None)
+        # Per group, the decode step its layers are writing (mlx_lm/step.py): one assignment each.
+        self.steps: list[DecodeStep | None] = [None] * len(self.groups)
+        # Scheduling of decode writes (see `enter`): the one thread using the store leaves the
+        # later layers' writes of a step lazy and schedules them once per step, by group.
+        self.owner: int | None = None  # the first thread to use the store
+        self.shared = False  # a second thread has used it: every write is scheduled at once
+        self.pending: dict[int, list[int]] = {}  # group -> layers the owner wrote, unscheduled
+        self._scheduled = threading.Condition(self.lock)
         self._masks: deque[tuple[mx.array, int | None]] = deque(maxlen=8)  # made by make_mask
         self._routed_modules: list[str] = []
         self._unroute = None
@@ -163,6 +171,7 @@ class PagedKVStore:
             if not mx.issubdtype(prompt_tokens.dtype, mx.integer):
                 raise InvalidTokensError(f"prompt tokens of dtype {prompt_tokens.dtype}: not ids.")
             prompt_tokens = prompt_tokens.tolist()
+        self.enter()
         with self.lock:
             return self._open(prompt_tokens, namespace)
 
@@ -182,6 +191,43 @@ class PagedKVStore:
         added = [cache.add_sequence(prompt_tokens, namespace, cap) for cache in self.groups]
         seqs = [seq for seq, _ in added]
         return Session(self, seqs, list(self.cache.tokens(seqs[0])), added[0][1])
+
+    def enter(self) -> None:
+        """Called by every operation that may touch the pools (open, a step's first layer):
+        makes sure no other thread's writes are left unscheduled.
+
+        MLX records work lazily on the calling thread's stream and only that thread can evaluate
+        it. While one thread uses the store, a decode step's later layers write lazily and the
+        step's last layer schedules them (one `mx.async_eval` per group and step instead of one
+        per layer: per-layer scheduling doubled an H100's batch-8 step). The first time another
+        thread comes, the store becomes shared for good (every write scheduled at once), and the
+        newcomer waits until the owner's step in flight, if any, is scheduled by its next write.
+        Raises InvalidArgumentError if that does not happen within STEP_WAIT_S (the owner thread
+        abandoned a step half-way); nothing changed then."""
+        me = threading.get_ident()
+        if me == self.owner or (self.shared and not self.pending):
+            return
+        with self._scheduled:
+            if self.owner is None:
+                self.owner = me
+                return
+            self.shared = True
+            if not self._scheduled.wait_for(lambda: not self.pending, timeout=STEP_WAIT_S):
+                raise InvalidArgumentError(
+                    "another thread left a decode step half-way (its K/V writes are on its own "
+                    "MLX stream, unscheduled); finish or close its session on that thread first."
+                )
+
+    def scheduled(self, group: int, layers: list[int]) -> None:
+        """The owner scheduled these lazily written layers of a group: threads waiting in `enter`
+        may go on once nothing is pending."""
+        with self._scheduled:
+            left = [layer for layer in self.pending.get(group, ()) if layer not in layers]
+            if left:
+                self.pending[group] = left
+            else:
+                self.pending.pop(group, None)
+            self._scheduled.notify_all()
 
     def padded_tables(self, sessions: Sequence[Session], group: int = 0) -> mx.array:
         """The sessions' block tables in one group's cache, padded to one width, `[B, blocks]`
@@ -211,19 +257,6 @@ class PagedKVStore:
         if self._unroute is not None:
             self._unroute()
             self._unroute = None
-
-    def decode_batch(self, sessions: Sequence[Session], slot: int, group: int, window):
-        """Kernel inputs for one decode step (tables, bounds, longest) of one group's cache,
-        shared by every layer of the group."""
-        cache = self.groups[group]
-        lengths = tuple(s.offsets[slot] for s in sessions)
-        key = (group, cache.clock, tuple(s.seqs[group] for s in sessions), lengths, window)
-        cached_key, batch = self._batch
-        if cached_key != key:
-            tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
-            batch = decode_batch(tables, list(lengths), window)
-            self._batch = (key, batch)
-        return batch
 
     def remember_mask(self, mask: mx.array, window: int | None) -> None:
         """Records a mask that make_mask returned, so routed attention knows what it means."""
