@@ -116,10 +116,12 @@ class PagedLayerCache:
         rows_k = keys.reshape(batch, keys.shape[1], keys.shape[3])  # [B, kv_heads, dim]
         rows_v = values.reshape(batch, values.shape[1], values.shape[3])
         storage, layer, store, group = cache.storage, self.layer, self.store, self.group
-        with store.lock:  # decided with `enter`'s check excluded: a newcomer waits for this write
-            lazy = not store.shared and layer != cache.config.num_layers - 1
-            if lazy:
+        with store.lock:  # decided under `enter`'s lock: a newcomer waits for this write
+            lazy = not store.shared
+            if lazy:  # the caller's evaluation of the step runs it (see store.enter)
                 store.pending.setdefault(group, []).append(layer)
+        if not lazy and store.pending:  # the store just became shared: schedule the step so far
+            store.schedule_pending()
         with cache._lock:  # as every write: a pool is read, updated and replaced
             if batch == 1:  # the storage's one-run write, without building the run list
                 block, row = step.slots
@@ -128,15 +130,8 @@ class PagedLayerCache:
             else:
                 storage.keys[layer][step.slots] = rows_k
                 storage.values[layer][step.slots] = rows_v
-            if not lazy:  # the group's last layer, or threads share the store: see store.enter
-                # Under the cache's lock, as the backend's writes: no other thread builds on an
-                # unscheduled write. Only the owner appends to `pending`, so reading it is safe.
-                layers = [*store.pending.get(group, ()), layer]
-                mx.async_eval(
-                    [storage.keys[i] for i in layers], [storage.values[i] for i in layers]
-                )
-        if not lazy and len(layers) > 1:
-            store.scheduled(group, layers[:-1])
+            if not lazy:  # scheduled under the lock, as the backend's writes are
+                mx.async_eval(storage.keys[layer], storage.values[layer])
         slot = self.slot
         for session in self.sessions:
             session.offsets[slot] += 1

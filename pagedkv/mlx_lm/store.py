@@ -28,7 +28,7 @@ from pagedkv.mlx_lm.shapes import LayerShape, discover_shapes
 from pagedkv.mlx_lm.step import DecodeStep
 from pagedkv.mlx_lm.window import WindowLayerCache
 
-STEP_WAIT_S = 10.0  # how long a new thread waits for the owner's step in flight (see enter)
+STEP_WAIT_S = 1.0  # how long a new thread waits for the owner's step in flight (see enter)
 UNUSED = "unused"  # a K/V entry the model never updates (e.g. nemotron-nas linear attention)
 
 
@@ -193,19 +193,24 @@ class PagedKVStore:
         return Session(self, seqs, list(self.cache.tokens(seqs[0])), added[0][1])
 
     def enter(self) -> None:
-        """Called by every operation that may touch the pools (open, a step's first layer):
-        makes sure no other thread's writes are left unscheduled.
+        """Called by the operations that may touch the pools (open, a step's first layer, close):
+        no thread builds on another thread's unscheduled writes.
 
-        MLX records work lazily on the calling thread's stream and only that thread can evaluate
-        it. While one thread uses the store, a decode step's later layers write lazily and the
-        step's last layer schedules them (one `mx.async_eval` per group and step instead of one
-        per layer: per-layer scheduling doubled an H100's batch-8 step). The first time another
-        thread comes, the store becomes shared for good (every write scheduled at once), and the
-        newcomer waits until the owner's step in flight, if any, is scheduled by its next write.
-        Raises InvalidArgumentError if that does not happen within STEP_WAIT_S (the owner thread
-        abandoned a step half-way); nothing changed then."""
+        MLX records work lazily on the calling thread's stream, and only that thread can
+        evaluate it. While one thread (the owner) uses the store, a decode step's later layers
+        write lazily: the caller's evaluation of the step's output runs them, as with mlx-lm's
+        own caches, and the owner's next operation schedules whatever is left. (Scheduling every
+        write instead cost an H100 up to twice the host time of a batch-8 step.) The first time
+        another thread comes, the store becomes shared for good: every write is scheduled at
+        once, and the newcomer waits for the owner to schedule a step in flight (its next write
+        does). An owner that stays away for STEP_WAIT_S has finished its step and evaluated it;
+        the newcomer goes on."""
         me = threading.get_ident()
-        if me == self.owner or (self.shared and not self.pending):
+        if me == self.owner:
+            if self.pending:
+                self.schedule_pending()
+            return
+        if self.shared and not self.pending:
             return
         with self._scheduled:
             if self.owner is None:
@@ -213,20 +218,18 @@ class PagedKVStore:
                 return
             self.shared = True
             if not self._scheduled.wait_for(lambda: not self.pending, timeout=STEP_WAIT_S):
-                raise InvalidArgumentError(
-                    "another thread left a decode step half-way (its K/V writes are on its own "
-                    "MLX stream, unscheduled); finish or close its session on that thread first."
-                )
+                self.pending.clear()  # the owner is idle: its step was evaluated where it ran
 
-    def scheduled(self, group: int, layers: list[int]) -> None:
-        """The owner scheduled these lazily written layers of a group: threads waiting in `enter`
-        may go on once nothing is pending."""
+    def schedule_pending(self) -> None:
+        """The owner schedules its lazily written layers (every group) and wakes waiting threads.
+        Only the owner calls this: MLX refuses to evaluate another thread's work."""
         with self._scheduled:
-            left = [layer for layer in self.pending.get(group, ()) if layer not in layers]
-            if left:
-                self.pending[group] = left
-            else:
-                self.pending.pop(group, None)
+            for group, layers in self.pending.items():
+                cache = self.groups[group]
+                with cache._lock:
+                    keys, values = cache.storage.keys, cache.storage.values
+                    mx.async_eval([keys[i] for i in layers], [values[i] for i in layers])
+            self.pending.clear()
             self._scheduled.notify_all()
 
     def padded_tables(self, sessions: Sequence[Session], group: int = 0) -> mx.array:
