@@ -244,7 +244,12 @@ class PagedCache(KVOperations):
 
     def can_extend(self, seq_id: int, num_tokens: int) -> bool:
         seq = self._seq(seq_id)
-        cow, grow = self._plan(seq, max(1, validate.count(num_tokens, "num_tokens")))
+        num_tokens = validate.count(num_tokens, "num_tokens")
+        if num_tokens == 0:  # decision D11 of the spec's rules
+            raise InvalidArgumentError(
+                "can_extend num_tokens must be >= 1 (extend takes at least one token), got 0."
+            )
+        cow, grow = self._plan(seq, num_tokens)
         return cow + grow <= self.blocks_available()
 
     def extend(self, seq_id: int, tokens) -> None:

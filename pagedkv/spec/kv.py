@@ -25,7 +25,7 @@ from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
 from pagedkv.spec.window import HOLE, leading_holes
 
 if TYPE_CHECKING:
-    from pagedkv.spec.cache import Sequence
+    from pagedkv.spec.sequence import Sequence
 
 
 class KVOperations:
