@@ -1,7 +1,8 @@
 """PagedCache on MLX: the spec's contract, with metadata written for speed and K/V on the device.
 
-Same operations, names, results and errors as `pagedkv.spec.PagedCache` (see its module docstring
-for the rules and the decisions they fix); none of its code is shared. What differs is how:
+Same operations, names, results and errors as `pagedkv.spec.PagedCache`, whose docstrings are the
+contracts (the rules, decisions and invariants are numbered in `pagedkv.spec.rules`); none of its
+code is shared. What differs is how:
 O(1) free queue, hashed trie lookups, a lazily invalidated LRU heap of evictable leaves, a count of
 reclaimable blocks kept up to date as refcounts change (admission costs O(request), never
 O(cached blocks)), commits that resume from the last committed node, and block tables kept as

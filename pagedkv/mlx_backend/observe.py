@@ -1,4 +1,9 @@
-"""stats(), snapshot() and check_invariants() of the MLX backend (methods of PagedCache)."""
+"""stats(), snapshot() and check_invariants() of the MLX backend (methods of PagedCache).
+
+Same contracts as the spec's (`pagedkv.spec.observe`): the invariants I1..I11 of
+`pagedkv.spec.rules`, checked by this module's own code, then B1..B5 for the backend's own
+structures.
+"""
 
 from __future__ import annotations
 

@@ -311,7 +311,8 @@ class PagedCache(KVOperations):
         Raises:
             InvalidArgumentError: `seq_ids` is not a batch.
             UnknownSequenceError: an element of `seq_ids` is not a live handle.
-            InvalidTokensError: `tokens` is not a token sequence.
+            InvalidTokensError: `tokens` is not a token sequence (so `decode_step([], [])` raises
+                this, D11).
             InvalidArgumentError: an empty batch (D11), a sequence twice, or not one token each.
             OutOfBlocksError: the batch's copies and new blocks do not fit (D2).
         """

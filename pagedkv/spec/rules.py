@@ -109,12 +109,14 @@ The rules leave some choices open; these fix them, and the backend follows them 
   raises NotWritableError, and `trim` refuses to uncover one (TrimError). *Why:* a released block
   may already belong to another sequence, so its rows are never read or written again.
 - **D11 Edge cases of arguments.** `can_extend(s, 0)` raises InvalidArgumentError: `extend` takes at
-  least one token, so there is no operation to ask about. Metadata operations on a batch
-  (`decode_step`, `can_decode_step`, `write_kv_batch`) refuse an empty batch with
-  InvalidArgumentError; `attention_decode` over an empty batch is a read and returns an empty
-  `[0, q_heads, head_dim]` result. *Why:* a changing operation that changes nothing would still
-  tick the clock (D1), and a question should be about an operation that can happen; a read of
-  nothing is well defined.
+  least one token, so there is no operation to ask about. The batched operations that change state,
+  and the question about one (`decode_step`, `write_kv_batch`, `can_decode_step`), refuse an empty
+  batch with InvalidArgumentError (`decode_step([], [])` meets InvalidTokensError first: tokens are
+  checked before the relations between arguments, and no tokens are no token sequence).
+  `attention_decode` over an empty batch is a read and returns an empty `[0, q_heads, head_dim]`
+  result. *Why:* a step of nothing is a caller's bug more often than not, and `decode_step` would
+  tick the clock (D1) for no change; a question mirrors its operation; a read of nothing is well
+  defined.
 
 ## Invariants
 
