@@ -175,3 +175,29 @@ def decisions() -> dict[str, str]:
 def invariants() -> dict[str, str]:
     """Invariant label (I1, ...) -> title."""
     return {k: v.rstrip(".") for k, v in _LABELLED.findall(__doc__ or "") if k.startswith("I")}
+
+
+BEGIN = "<!-- rules: generated from pagedkv/spec/rules.py by `python -m pagedkv.spec.rules` -->"
+END = "<!-- rules: end of the generated section -->"
+
+
+def markdown() -> str:
+    """The Rules, Decisions and Invariants sections of this module's docstring, as docs/spec.md
+    carries them between BEGIN and END."""
+    doc = __doc__ or ""
+    return doc[doc.index("## Rules") :].strip() + "\n"
+
+
+def regenerate(page: str) -> str:
+    """`page` with its generated section replaced by `markdown()`."""
+    head, rest = page.split(BEGIN + "\n", 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n\n{markdown()}\n{END}{tail}"
+
+
+if __name__ == "__main__":  # python -m pagedkv.spec.rules [docs/spec.md]: rewrite the section
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/spec.md")
+    path.write_text(regenerate(path.read_text()))

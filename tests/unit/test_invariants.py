@@ -175,3 +175,9 @@ def test_every_cited_rule_decision_and_invariant_exists():
 def test_the_rules_are_numbered_once_in_order():
     assert list(rules.rules()) == list(range(1, 11))
     assert list(rules.decisions()) == [f"D{n}" for n in range(1, len(rules.decisions()) + 1)]
+
+
+def test_docs_spec_carries_the_rules_module_text():
+    """docs/spec.md shows the rules, decisions and invariants exactly as `rules.py` states them."""
+    page = (ROOT / "docs" / "spec.md").read_text()
+    assert rules.regenerate(page) == page, "docs/spec.md is stale: python -m pagedkv.spec.rules"
