@@ -18,6 +18,7 @@ Modules, in reading order:
 - `checks`: the input contract (D6).
 - `storage`: the K/V arrays in layout A.
 - `cache`: `PagedCache` and its metadata operations; each docstring is the operation's contract.
+- `allocation`: how those operations move blocks: allocate, release, copy-on-write, plans.
 - `kv`: the K/V operations of `PagedCache`: writes, gather, attention.
 - `observe`: stats, the comparable snapshot, and `check_invariants`.
 - `attention`, `split_k`: the float32 reference attention, and the same computed by splits.

@@ -2,7 +2,8 @@
 
 Read `pagedkv.spec.rules` first: it numbers the rules (1..10), the decisions that complete them
 (D1..D11) and the invariants (I1..I11) cited here. Then read this module top to bottom; the K/V
-operations (writes, gather, attention) are in `pagedkv.spec.kv`.
+operations (writes, gather, attention) are in `pagedkv.spec.kv`, and the block mechanics the
+operations share (allocate, release, copy-on-write, plans) in `pagedkv.spec.allocation`.
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ from pagedkv.errors import (
     UnknownSequenceError,
 )
 from pagedkv.spec import checks, observe
+from pagedkv.spec.allocation import Allocation
 from pagedkv.spec.index import PrefixIndex
 from pagedkv.spec.kv import KVOperations
 from pagedkv.spec.pool import BlockPool, blocks_for
 from pagedkv.spec.sequence import Counters, Sequence
 from pagedkv.spec.storage import KVStorage
 from pagedkv.spec.threads import serialised
-from pagedkv.spec.window import HOLE, blocks_before_window, leading_holes, trim_uncovers_hole
+from pagedkv.spec.window import HOLE, leading_holes, trim_uncovers_hole
 from pagedkv.types import Snapshot, Stats
 
 
 @serialised  # every public method holds self.lock: calls from several threads run one at a time
-class PagedCache(KVOperations):
+class PagedCache(Allocation, KVOperations):
     """The executable spec of a paged KV cache.
 
     Each public operation's docstring is its contract: Requires (arguments, as D6 defines them),
@@ -98,43 +100,6 @@ class PagedCache(KVOperations):
                 f"{asked} needs {needed} new blocks but only {available} are free or evictable "
                 f"(of {self.config.num_blocks}); free or trim sequences, or use a larger pool."
             )
-
-    def _allocate(self) -> int:
-        """Rule 5: pop the free queue's head; when it is empty, evict (rule 6) and use that block.
-        Precondition: a block is available (checked by _require_blocks). Returns it at refcount 1."""
-        if self.pool.num_free():
-            block = self.pool.pop_free()
-        else:
-            victim = self.index.lru_leaf(self.pool.refcounts)
-            assert victim is not None, "caller checked availability"
-            self.index.remove_leaf(victim)
-            self.counters.evictions += 1
-            block = victim.block
-        self.pool.incref(block)
-        return block
-
-    def _release(self, block: int, now: int) -> None:
-        """D4: drops one reference. An indexed block stays cached (and is touched); an unindexed
-        block that nobody references any more joins the free queue's tail."""
-        refcount = self.pool.decref(block)
-        node = self.index.node_of_block.get(block)
-        if node is not None:
-            node.last_used = now
-        elif refcount == 0:
-            self.pool.push_free(block)
-
-    def _window_releases(self, seq: Sequence) -> list[int]:
-        """Rule 10: the held blocks wholly before the window of the next query (at len)."""
-        dead = blocks_before_window(len(seq.tokens), self.config.window, self.config.block_size)
-        return [block for block in seq.table[:dead] if block != HOLE]
-
-    def _release_before_window(self, seq: Sequence, now: int) -> None:
-        """Rule 10: releases those blocks, front to back, leaving holes in the table."""
-        dead = blocks_before_window(len(seq.tokens), self.config.window, self.config.block_size)
-        for i in range(dead):
-            if seq.table[i] != HOLE:
-                self._release(seq.table[i], now)
-                seq.table[i] = HOLE
 
     def _prompt_keys(self, tokens: list[int]) -> list[tuple[int, ...]]:
         """Rule 3: the keys of full blocks a prompt may match, leaving at least one token."""
@@ -235,14 +200,6 @@ class PagedCache(KVOperations):
         self.counters.prefix_hit_tokens += cached
         self.counters.prefill_tokens_avoided += cached
         return seq.id, cached
-
-    def _extend_plan(self, seq: Sequence, num_new: int) -> tuple[bool, int]:
-        """(does the tail need copy-on-write, how many blocks past the tail) for num_new tokens."""
-        size = self.config.block_size
-        tail_rows = len(seq.tokens) % size
-        cow = tail_rows != 0 and not self._is_writable(seq.table[-1])
-        grow = blocks_for(len(seq.tokens) + num_new, size) - len(seq.table)
-        return cow, grow
 
     def can_extend(self, seq_id: int, num_tokens: int) -> bool:
         """Whether extend(seq_id, <num_tokens tokens>) would find its blocks now. No tick.
@@ -356,34 +313,6 @@ class PagedCache(KVOperations):
             )
         needed = sum(int(cow) + grow for cow, grow in self._decode_plans(seqs))
         return needed <= self.blocks_available()
-
-    def _decode_plans(self, seqs: list[Sequence]) -> list[tuple[bool, int]]:
-        """(copy the tail, blocks past it) per sequence of a decode step.
-
-        Plans in batch order, as a loop of extends would see it: copying one sequence's shared
-        tail, or releasing blocks before its window, drops references, which can leave a later
-        sequence's tail exclusive (no copy)."""
-        dropped: dict[int, int] = {}
-        plans = []
-        for seq in seqs:
-            for block in self._window_releases(seq):
-                dropped[block] = dropped.get(block, 0) + 1
-            cow, grow = self._extend_plan(seq, 1)
-            if cow and self.pool.refcounts[seq.table[-1]] - dropped.get(seq.table[-1], 0) == 1:
-                cow = seq.table[-1] in self.index.node_of_block  # exclusive now, unless indexed
-            if cow:
-                dropped[seq.table[-1]] = dropped.get(seq.table[-1], 0) + 1
-            plans.append((cow, grow))
-        return plans
-
-    def _copy_on_write_tail(self, seq: Sequence, now: int) -> None:
-        old = seq.table[-1]
-        new = self._allocate()
-        if self.storage is not None:
-            self.storage.copy_rows(old, new, len(seq.tokens) % self.config.block_size)
-        seq.table[-1] = new
-        self._release(old, now)
-        self.counters.cow_copies += 1
 
     # ---- commit -----------------------------------------------------------------------------
 
