@@ -49,8 +49,8 @@ free queue), **cached** (refcount 0, indexed) or **in use** (refcount >= 1, mayb
    failed call is observable only by its exception.
 8. **Trim keeps the new tail.** `trim` drops the last n tokens, releases the blocks past the new
    end, tail first, and keeps the new tail block as it is. *Why:* speculative decoding rejects
-   drafts often and cheaply; the kept tail may be shared or indexed, so instead of touching it the
-   next `extend` copies it (rule 1), and trim never changes what another reader sees.
+   drafts often, so trim must be cheap and must not touch what others read: the kept tail may be
+   shared or indexed, so instead of changing it the next `extend` copies it (rule 1).
 9. **Fork shares everything.** `fork` makes a sequence that shares every block of its parent,
    partial tail included. *Why:* parallel sampling and beam search then cost no copy; whichever
    sequence first writes past the shared tail copies it (rule 1), and only if still shared.
@@ -177,7 +177,7 @@ def invariants() -> dict[str, str]:
     return {k: v.rstrip(".") for k, v in _LABELLED.findall(__doc__ or "") if k.startswith("I")}
 
 
-BEGIN = "<!-- rules: generated from pagedkv/spec/rules.py by `python -m pagedkv.spec.rules` -->"
+BEGIN = "<!-- rules: generated from pagedkv/spec/rules.py by `python -m pagedkv.spec` -->"
 END = "<!-- rules: end of the generated section -->"
 
 
@@ -193,11 +193,3 @@ def regenerate(page: str) -> str:
     head, rest = page.split(BEGIN + "\n", 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n\n{markdown()}\n{END}{tail}"
-
-
-if __name__ == "__main__":  # python -m pagedkv.spec.rules [docs/spec.md]: rewrite the section
-    import sys
-    from pathlib import Path
-
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/spec.md")
-    path.write_text(regenerate(path.read_text()))

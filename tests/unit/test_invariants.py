@@ -180,4 +180,4 @@ def test_the_rules_are_numbered_once_in_order():
 def test_docs_spec_carries_the_rules_module_text():
     """docs/spec.md shows the rules, decisions and invariants exactly as `rules.py` states them."""
     page = (ROOT / "docs" / "spec.md").read_text()
-    assert rules.regenerate(page) == page, "docs/spec.md is stale: python -m pagedkv.spec.rules"
+    assert rules.regenerate(page) == page, "docs/spec.md is stale: run python -m pagedkv.spec"
