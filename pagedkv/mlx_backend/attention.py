@@ -134,7 +134,8 @@ def attention_decode(
 
 
 def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | None = None):
-    """Causal attention for the last L positions: `[L, q_heads, D]` -> `[L, q_heads, D]`."""
+    """Causal attention for the last L positions: `[L, q_heads, D]` -> `[L, q_heads, D]`
+    (queries' dtype). Same contract as the spec's attention_prefill."""
     storage = cache._storage("attention_prefill")
     seq = cache._seq(seq_id)
     cfg = cache.config

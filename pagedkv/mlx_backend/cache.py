@@ -1,7 +1,8 @@
 """PagedCache on MLX: the spec's contract, with metadata written for speed and K/V on the device.
 
-Same operations, names, results and errors as `pagedkv.spec.PagedCache` (see its module docstring
-for the rules and the decisions they fix); none of its code is shared. What differs is how:
+Same operations, names, results and errors as `pagedkv.spec.PagedCache`, whose docstrings are the
+contracts (the rules, decisions and invariants are numbered in `pagedkv.spec.rules`); none of its
+code is shared. What differs is how:
 O(1) free queue, hashed trie lookups, a lazily invalidated LRU heap of evictable leaves, a count of
 reclaimable blocks kept up to date as refcounts change (admission costs O(request), never
 O(cached blocks)), commits that resume from the last committed node, and block tables kept as
@@ -244,7 +245,12 @@ class PagedCache(KVOperations):
 
     def can_extend(self, seq_id: int, num_tokens: int) -> bool:
         seq = self._seq(seq_id)
-        cow, grow = self._plan(seq, max(1, validate.count(num_tokens, "num_tokens")))
+        num_tokens = validate.count(num_tokens, "num_tokens")
+        if num_tokens == 0:  # decision D11 of the spec's rules
+            raise InvalidArgumentError(
+                "can_extend num_tokens must be >= 1 (extend takes at least one token), got 0."
+            )
+        cow, grow = self._plan(seq, num_tokens)
         return cow + grow <= self.blocks_available()
 
     def extend(self, seq_id: int, tokens) -> None:
