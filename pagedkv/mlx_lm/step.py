@@ -33,6 +33,7 @@ class DecodeStep:
 
     key: tuple  # (clock, sequences, starts): see the module docstring
     tables: mx.array  # [B, T] int32 block tables padded with block 0 (holes too: masked)
+    rows: mx.array  # [B, length] int32: each position's row in a pool viewed as [N * S, H, D]
     lengths: tuple[int, ...]  # positions per sequence after this step's write (start + 1)
     slots: tuple  # one row: (block, row) ints; several: (block index, row index) [B] int32
     batches: dict = field(default_factory=dict)  # window -> DecodeBatch for the kernel
@@ -48,7 +49,10 @@ class DecodeStep:
         else:
             slots = (mx.array(blocks, dtype=mx.int32), mx.array(rows, dtype=mx.int32))
         lengths = tuple(s + 1 for s in starts)
-        return DecodeStep(key, pad_tables(tables), lengths, slots)
+        padded = pad_tables(tables)
+        positions = np.arange(max(lengths))
+        rows_of = np.array(padded)[:, positions // block_size] * block_size + positions % block_size
+        return DecodeStep(key, padded, mx.array(rows_of.astype(np.int32)), lengths, slots)
 
     @property
     def length(self) -> int:
