@@ -32,7 +32,7 @@ class PagedLayerCache:
         self.cache = store.groups[group]
         self.slot = store.slot_of[(group, layer)]  # this layer's entry in session.offsets
         # the last decode fetch (lazy keys, values) and its step, for routed attention
-        self._fetched: tuple[mx.array, mx.array, DecodeStep] | None = None
+        self._fetched: tuple | None = None  # (keys, values, DecodeStep, (k_pool, v_pool))
         cfg = self.cache.config
         # rows of exactly the pool's shape (not zero-padded into it): decode's fast path applies
         self._plain = store.layer_shapes[self.slot] == (cfg.num_kv_heads, cfg.head_dim) * 2
@@ -62,12 +62,15 @@ class PagedLayerCache:
         keys, values = self._pool_rows(keys), self._pool_rows(values)  # [B, L, kv_heads, dim]
         self._reserve(count)
         starts = [session.offsets[self.slot] for session in self.sessions]
-        if len(self.sessions) == 1:  # [L, kv_heads, dim]: a reshape, not an index (one op fewer)
-            keys, values = keys.reshape(keys.shape[1:]), values.reshape(values.shape[1:])
-            cache.write_kv(self.sessions[0].seqs[group], self.layer, starts[0], keys, values)
-        else:  # one scatter per pool for the whole batch
-            seqs = [s.seqs[group] for s in self.sessions]
-            cache.write_kv_batch(seqs, self.layer, starts, keys, values)
+        storage, layer = cache.storage, self.layer
+        with cache._lock:  # the pools as this write left them (see _fetch_in)
+            if len(self.sessions) == 1:  # [L, kv_heads, dim]: a reshape, not an index
+                keys, values = keys.reshape(keys.shape[1:]), values.reshape(values.shape[1:])
+                cache.write_kv(self.sessions[0].seqs[group], layer, starts[0], keys, values)
+            else:  # one scatter per pool for the whole batch
+                seqs = [s.seqs[group] for s in self.sessions]
+                cache.write_kv_batch(seqs, layer, starts, keys, values)
+            pools = (storage.keys[layer], storage.values[layer])
         for session, start in zip(self.sessions, starts):
             session.offsets[self.slot] = start + count
         if self.store.prefix_sharing:
@@ -79,7 +82,7 @@ class PagedLayerCache:
         if count > 1:
             return self._fetch()
         step = self._record_step(starts)  # decode: the group's later layers reuse this step
-        return self._fetch_in(step)
+        return self._fetch_in(step, pools)
 
     def _step_for(self, keys, values) -> DecodeStep | None:
         """The group's current decode step if this call is a later layer's part of it: one new
@@ -116,11 +119,12 @@ class PagedLayerCache:
         rows_k = keys.reshape(batch, keys.shape[1], keys.shape[3])  # [B, kv_heads, dim]
         rows_v = values.reshape(batch, values.shape[1], values.shape[3])
         storage, layer, store, group = cache.storage, self.layer, self.store, self.group
+        last = layer == cache.config.num_layers - 1  # the step's last layer in this group
         with store.lock:  # decided under `enter`'s lock: a newcomer waits for this write
-            lazy = not store.shared
-            if lazy:  # the caller's evaluation of the step runs it (see store.enter)
+            lazy = not store.shared and not last
+            if lazy:  # the group's last layer schedules it (see store.enter)
                 store.pending.setdefault(group, []).append(layer)
-        if not lazy and store.pending:  # the store just became shared: schedule the step so far
+        if not lazy and store.pending:  # the step so far (or a shared store's first write)
             store.schedule_pending()
         with cache._lock:  # as every write: a pool is read, updated and replaced
             if batch == 1:  # the storage's one-run write, without building the run list
@@ -132,10 +136,11 @@ class PagedLayerCache:
                 storage.values[layer][step.slots] = rows_v
             if not lazy:  # scheduled under the lock, as the backend's writes are
                 mx.async_eval(storage.keys[layer], storage.values[layer])
+            pools = (storage.keys[layer], storage.values[layer])
         slot = self.slot
         for session in self.sessions:
             session.offsets[slot] += 1
-        return self._fetch_in(step)
+        return self._fetch_in(step, pools)
 
     def _record_step(self, starts: list[int]) -> DecodeStep:
         """Records the decode step this layer just wrote, for the group's later layers."""
@@ -146,19 +151,16 @@ class PagedLayerCache:
         self.store.steps[group] = step  # one assignment: threads never see half a step
         return step
 
-    def _fetch_in(self, step: DecodeStep) -> tuple[mx.array, mx.array]:
-        """The decode fetch: lazy, and left unevaluated when routed attention answers. Three ops
-        per pool (a flat view, one take through the step's row index, a transpose): the same
-        elements as `_gather`, built in fewer calls since every layer of every step builds it."""
-        if not self._plain:
-            keys, values = self._gather(step.tables, step.length)
-        else:
-            storage, layer = self.cache.storage, self.layer
-            keys, values = (
-                mx.take(pool.reshape(-1, *pool.shape[2:]), step.rows, axis=0).transpose(0, 2, 1, 3)
-                for pool in (storage.keys[layer], storage.values[layer])
-            )  # [B, kv_heads, length, head_dim]
-        self._fetched = (keys, values, step)
+    def _fetch_in(self, step: DecodeStep, pools: tuple[mx.array, mx.array]):
+        """The decode fetch, lazy (left unevaluated when routed attention answers), from `pools`:
+        the pool arrays as this layer's write left them. Not `storage.keys[layer]` read later:
+        by then another thread may have replaced it with a write still running on that thread's
+        stream, which this thread cannot wait for (MLX: "There is no Stream ... in current
+        thread"). Three ops per pool (a flat view, one take through the step's row index, a
+        transpose): every layer of every step builds it."""
+        tables = self.store.padded_tables(self.sessions, self.group)
+        keys, values = self._gather(tables, step.length, pools)
+        self._fetched = (keys, values, step, pools)
         return keys, values
 
     def routed_attention(self, queries, keys, values, scale, mask, sinks) -> mx.array | None:
@@ -193,11 +195,11 @@ class PagedLayerCache:
         known, window = self.store.mask_window(mask)
         if not known:
             return None
-        storage = self.cache.storage
+        k_pool, v_pool = fetched[3]  # as this layer's write left them (see _fetch_in)
         out = decode_attention(  # [B, q_heads, 1, D] in and out: no reshaping ops
             queries,
-            storage.keys[self.layer],
-            storage.values[self.layer],
+            k_pool,
+            v_pool,
             fetched[2].batch(window),
             float(scale),
             sinks,
@@ -299,12 +301,13 @@ class PagedLayerCache:
         length = max(s.offsets[self.slot] for s in self.sessions)
         return self._gather(self.store.padded_tables(self.sessions, self.group), length)
 
-    def _gather(self, tables: mx.array, length: int) -> tuple[mx.array, mx.array]:
+    def _gather(self, tables: mx.array, length: int, pools=None) -> tuple[mx.array, mx.array]:
         """`[B, heads, length, dim]` keys and values of this layer through padded tables, lazy."""
         storage, layer = self.cache.storage, self.layer
+        k_pool, v_pool = pools or (storage.keys[layer], storage.values[layer])
         k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
-        keys = gather_batch(storage.keys[layer], tables)[:, :k_heads, :length, :k_dim]
-        values = gather_batch(storage.values[layer], tables)[:, :v_heads, :length, :v_dim]
+        keys = gather_batch(k_pool, tables)[:, :k_heads, :length, :k_dim]
+        values = gather_batch(v_pool, tables)[:, :v_heads, :length, :v_dim]
         return keys, values
 
     def keys_and_values(self) -> tuple[mx.array, mx.array]:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from pagedkv.mlx_backend.attention import pad_tables
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 
 
@@ -49,10 +48,12 @@ class DecodeStep:
         else:
             slots = (mx.array(blocks, dtype=mx.int32), mx.array(rows, dtype=mx.int32))
         lengths = tuple(s + 1 for s in starts)
-        padded = pad_tables(tables)
+        padded = np.zeros((len(tables), max(len(t) for t in tables)), np.int32)
+        for row, table in enumerate(tables):  # holes (-1) and padding read block 0: masked
+            padded[row, : len(table)] = np.maximum(table, 0)
         positions = np.arange(max(lengths))
-        rows_of = np.array(padded)[:, positions // block_size] * block_size + positions % block_size
-        return DecodeStep(key, padded, mx.array(rows_of.astype(np.int32)), lengths, slots)
+        rows_of = padded[:, positions // block_size] * block_size + positions % block_size
+        return DecodeStep(key, mx.array(padded), mx.array(rows_of), lengths, slots)
 
     @property
     def length(self) -> int:

@@ -28,7 +28,7 @@ from pagedkv.mlx_lm.shapes import LayerShape, discover_shapes
 from pagedkv.mlx_lm.step import DecodeStep
 from pagedkv.mlx_lm.window import WindowLayerCache
 
-STEP_WAIT_S = 1.0  # how long a new thread waits for the owner's step in flight (see enter)
+STEP_WAIT_S = 30.0  # how long a new thread waits for the owner's step in flight (see enter)
 UNUSED = "unused"  # a K/V entry the model never updates (e.g. nemotron-nas linear attention)
 
 
@@ -198,16 +198,16 @@ class PagedKVStore:
 
         MLX records work lazily on the calling thread's stream, and only that thread can
         evaluate it. While one thread (the owner) uses the store, a decode step's later layers
-        write lazily: the caller's evaluation of the step's output runs them, as with mlx-lm's
-        own caches, and the owner's next operation schedules whatever is left. (Scheduling every
-        write instead cost an H100 up to twice the host time of a batch-8 step.) The first time
-        another thread comes, the store becomes shared for good: every write is scheduled at
-        once, and the newcomer waits for the owner to schedule a step in flight (its next write
-        does). An owner that stays away for STEP_WAIT_S has finished its step and evaluated it;
-        the newcomer goes on."""
+        write lazily and the step's last layer schedules them all, one `mx.async_eval` per group
+        and step. (One per write cost an H100 twice the host time of a batch-8 step.) The first
+        time another thread comes, the store becomes shared for good: every write is scheduled
+        at once, and the newcomer waits until the owner's step in flight, if any, is scheduled
+        (its next write does it). Raises InvalidArgumentError, changing nothing, if that takes
+        over STEP_WAIT_S: the owner left a step half-way (an error inside the model); the owner's
+        next operation on the store schedules it."""
         me = threading.get_ident()
         if me == self.owner:
-            if self.pending:
+            if self.pending:  # a step left half-way: schedule what it wrote
                 self.schedule_pending()
             return
         if self.shared and not self.pending:
@@ -218,17 +218,25 @@ class PagedKVStore:
                 return
             self.shared = True
             if not self._scheduled.wait_for(lambda: not self.pending, timeout=STEP_WAIT_S):
-                self.pending.clear()  # the owner is idle: its step was evaluated where it ran
+                raise InvalidArgumentError(
+                    "another thread left a decode step of this store half-way; its K/V writes "
+                    "are unscheduled on that thread's MLX stream. Finish or close that thread's "
+                    "session (on that thread) first; nothing changed."
+                )
 
     def schedule_pending(self) -> None:
         """The owner schedules its lazily written layers (every group) and wakes waiting threads.
         Only the owner calls this: MLX refuses to evaluate another thread's work."""
         with self._scheduled:
+            # Handing over to another thread, the writes are also completed: a thread cannot
+            # wait for work still running on another thread's stream (MLX raises "There is no
+            # Stream ... in current thread"). Alone, scheduling keeps the device pipelined.
+            run = mx.eval if self.shared else mx.async_eval
             for group, layers in self.pending.items():
                 cache = self.groups[group]
                 with cache._lock:
                     keys, values = cache.storage.keys, cache.storage.values
-                    mx.async_eval([keys[i] for i in layers], [values[i] for i in layers])
+                    run([keys[i] for i in layers], [values[i] for i in layers])
             self.pending.clear()
             self._scheduled.notify_all()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pagedkv import Config
-from pagedkv.errors import KVShapeError
+from pagedkv.errors import InvalidArgumentError, KVShapeError
 from pagedkv.mlx_lm import store as store_module
 from pagedkv.mlx_lm.store import PagedKVStore
 
@@ -150,17 +150,21 @@ def test_a_thread_coming_while_the_owner_is_mid_step_waits_for_its_writes():
     half_done, newcomer_waiting, results = threading.Event(), threading.Event(), {}
 
     def owner() -> None:
-        with mx.stream(mx.new_stream(mx.default_device())):
-            session = open_and_prefill(store, recorder, [1, 2, 3], seed=0)
-            step(session.caches, recorder, [session], seed=1, layers=[0, 1])  # layer 1 lazy
-            assert store.pending and not store.shared
+        try:
+            with mx.stream(mx.new_stream(mx.default_device())):
+                session = open_and_prefill(store, recorder, [1, 2, 3], seed=0)
+                step(session.caches, recorder, [session], seed=1, layers=[0, 1])  # 1 is lazy
+                results["pending"] = dict(store.pending), store.shared
+                half_done.set()
+                newcomer_waiting.wait(timeout=30)
+                while not store.shared:  # the newcomer has made the store shared and waits
+                    threading.Event().wait(0.001)
+                step(session.caches, recorder, [session], seed=1, layers=[2])  # schedules 1, 2
+                mx.eval(store.cache.storage.keys, store.cache.storage.values)
+                results["owner"] = session
+        except BaseException as error:  # noqa: BLE001 - compared below
+            results["owner"] = error
             half_done.set()
-            newcomer_waiting.wait(timeout=30)
-            while not store.shared:  # the newcomer has made the store shared and waits
-                threading.Event().wait(0.001)
-            step(session.caches, recorder, [session], seed=1, layers=[2])  # schedules 1 and 2
-            mx.eval(store.cache.storage.keys, store.cache.storage.values)
-            results["owner"] = session
 
     def newcomer() -> None:
         half_done.wait(timeout=30)
@@ -179,31 +183,67 @@ def test_a_thread_coming_while_the_owner_is_mid_step_waits_for_its_writes():
     for thread in threads:
         thread.join(timeout=60)
         assert not thread.is_alive()
+    assert results["pending"] == ({0: [1]}, False)  # the owner's layer 1 waited, unscheduled
+    assert not isinstance(results["owner"], BaseException), results["owner"]
     assert not isinstance(results["newcomer"], BaseException), results["newcomer"]
     assert store.shared and not store.pending
     recorder.check(store, results["owner"].seq)
     recorder.check(store, results["newcomer"].seq)
 
 
-def test_a_newcomer_goes_on_when_the_owner_evaluated_its_step_and_left(monkeypatch):
-    monkeypatch.setattr(store_module, "STEP_WAIT_S", 0.05)
+def test_a_whole_step_leaves_nothing_unscheduled_so_a_newcomer_goes_straight_on():
     store, recorder = make_store(), Recorder()
     done = {}
 
     def owner() -> None:
         with mx.stream(mx.new_stream(mx.default_device())):
             session = open_and_prefill(store, recorder, [1, 2, 3], seed=0)
-            mx.eval(step(session.caches, recorder, [session], seed=1))  # evaluated, then idle
+            step(session.caches, recorder, [session], seed=1)  # never evaluated by the owner
             done["owner"] = session
 
     thread = threading.Thread(target=owner, daemon=True)
     thread.start()
     thread.join(timeout=60)
-    assert store.pending  # the owner never came back to schedule them itself
+    assert not store.pending  # the step's last layer scheduled the whole step
     with mx.stream(mx.new_stream(mx.default_device())):
         session = open_and_prefill(store, recorder, [4, 5, 6, 7, 8], seed=9)
         step(session.caches, recorder, [session], seed=2)
         mx.eval(store.cache.storage.keys, store.cache.storage.values)
     assert store.shared and not store.pending
     recorder.check(store, done["owner"].seq)
+    recorder.check(store, session.seq)
+
+
+def test_a_step_left_half_way_makes_a_newcomer_wait_then_refuse_until_the_owner_returns(
+    monkeypatch,
+):
+    monkeypatch.setattr(store_module, "STEP_WAIT_S", 0.05)
+    store, recorder = make_store(), Recorder()
+    half_done, retry, finished = threading.Event(), threading.Event(), threading.Event()
+    done = {}
+
+    def owner() -> None:
+        with mx.stream(mx.new_stream(mx.default_device())):
+            session = open_and_prefill(store, recorder, [1, 2, 3], seed=0)
+            step(session.caches, recorder, [session], seed=1, layers=[0, 1])  # then "fails"
+            done["owner"] = session
+            half_done.set()
+            retry.wait(timeout=30)
+            session.close()  # the owner's next operation schedules what it left
+            finished.set()
+
+    thread = threading.Thread(target=owner, daemon=True)
+    thread.start()
+    half_done.wait(timeout=30)
+    sequences = store.cache.stats().sequences
+    with mx.stream(mx.new_stream(mx.default_device())):
+        with pytest.raises(InvalidArgumentError, match="half-way"):
+            store.open([4, 5, 6, 7, 8])
+        assert store.cache.stats().sequences == sequences  # nothing changed
+        retry.set()
+        finished.wait(timeout=30)
+        session = open_and_prefill(store, recorder, [4, 5, 6, 7, 8], seed=9)
+        mx.eval(store.cache.storage.keys, store.cache.storage.values)
+    thread.join(timeout=60)
+    assert not store.pending
     recorder.check(store, session.seq)
