@@ -156,8 +156,7 @@ class PagedLayerCache:
         the pool arrays as this layer's write left them. Not `storage.keys[layer]` read later:
         by then another thread may have replaced it with a write still running on that thread's
         stream, which this thread cannot wait for (MLX: "There is no Stream ... in current
-        thread"). Three ops per pool (a flat view, one take through the step's row index, a
-        transpose): every layer of every step builds it."""
+        thread"). The tables are the store's, shared by the group's layers under one clock."""
         tables = self.store.padded_tables(self.sessions, self.group)
         keys, values = self._gather(tables, step.length, pools)
         self._fetched = (keys, values, step, pools)

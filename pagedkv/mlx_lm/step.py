@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from pagedkv.mlx_backend.attention import pad_tables
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 
 
@@ -32,7 +33,6 @@ class DecodeStep:
 
     key: tuple  # (clock, sequences, starts): see the module docstring
     tables: mx.array  # [B, T] int32 block tables padded with block 0 (holes too: masked)
-    rows: mx.array  # [B, length] int32: each position's row in a pool viewed as [N * S, H, D]
     lengths: tuple[int, ...]  # positions per sequence after this step's write (start + 1)
     slots: tuple  # one row: (block, row) ints; several: (block index, row index) [B] int32
     batches: dict = field(default_factory=dict)  # window -> DecodeBatch for the kernel
@@ -48,12 +48,7 @@ class DecodeStep:
         else:
             slots = (mx.array(blocks, dtype=mx.int32), mx.array(rows, dtype=mx.int32))
         lengths = tuple(s + 1 for s in starts)
-        padded = np.zeros((len(tables), max(len(t) for t in tables)), np.int32)
-        for row, table in enumerate(tables):  # holes (-1) and padding read block 0: masked
-            padded[row, : len(table)] = np.maximum(table, 0)
-        positions = np.arange(max(lengths))
-        rows_of = padded[:, positions // block_size] * block_size + positions % block_size
-        return DecodeStep(key, mx.array(padded), mx.array(rows_of), lengths, slots)
+        return DecodeStep(key, pad_tables(tables), lengths, slots)
 
     @property
     def length(self) -> int:
