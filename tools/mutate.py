@@ -126,21 +126,21 @@ MUTANTS = [
     ),
     (
         "backend: token 2**31 accepted",
-        "pagedkv/mlx_backend/validate.py",
+        "pagedkv/mlx_backend/checks.py",
         "_TOKEN_LIMIT = 1 << 31",
         "_TOKEN_LIMIT = (1 << 31) + 1",
         UNIT,
     ),
     (
         "backend: deques accepted as tokens",
-        "pagedkv/mlx_backend/validate.py",
+        "pagedkv/mlx_backend/checks.py",
         "_SEQUENCES = (list, tuple, range)",
         "_SEQUENCES = (list, tuple, range, __import__('collections').deque)",
         UNIT,
     ),
     (
         "backend: bool scale accepted",
-        "pagedkv/mlx_backend/validate.py",
+        "pagedkv/mlx_backend/checks.py",
         "if isinstance(value, _BOOL_TYPES) or not isinstance(",
         "if not isinstance(",
         UNIT,
@@ -148,7 +148,7 @@ MUTANTS = [
     (
         "backend: no lock",
         "pagedkv/mlx_backend/threads.py",
-        "        with self._lock:\n            return",
+        "        with self.lock:\n            return",
         "        if True:\n            return",
         "tests/unit/test_threads.py",
     ),
@@ -162,8 +162,8 @@ MUTANTS = [
     (
         "backend: attention ignores scale",
         "pagedkv/mlx_backend/attention.py",
-        "    scale = validate.scale(scale, cfg.head_dim)\n    window",
-        "    scale = validate.scale(None, cfg.head_dim)\n    window",
+        "    scale = checks.as_scale(scale, cfg.head_dim)\n    window",
+        "    scale = checks.as_scale(None, cfg.head_dim)\n    window",
         UNIT,
     ),
     (

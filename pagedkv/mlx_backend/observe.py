@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from pagedkv.errors import InvariantError
-from pagedkv.types import IndexEntry, Snapshot, Stats
+from pagedkv.types import IndexEntry, SequenceEntry, Snapshot, Stats
 
 
 def stats(cache) -> Stats:
@@ -28,7 +30,7 @@ def stats(cache) -> Stats:
         sequences=len(cache.sequences),
         tokens_stored=sum(len(s.tokens) for s in cache.sequences.values()),
         unique_tokens=sum(rows_held.values()),
-        **cache.counts,
+        **asdict(cache.counters),
     )
 
 
@@ -46,7 +48,7 @@ def snapshot(cache) -> Snapshot:
         free_queue=tuple(cache.pool.free_queue),
         refcounts=tuple(cache.pool.refcounts),
         sequences=tuple(
-            (s.id, s.namespace, tuple(s.tokens), tuple(s.blocks()), s.committed)
+            SequenceEntry(s.id, s.namespace, tuple(s.tokens), tuple(s.blocks()), s.committed)
             for s in sorted(cache.sequences.values(), key=lambda s: s.id)
         ),
         index=tuple(entries),

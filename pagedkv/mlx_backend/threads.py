@@ -12,26 +12,26 @@ import threading
 from functools import wraps
 
 
-def locked_methods(cls):
-    """Wraps each public method of `cls` in `self._lock`, created by the wrapped __init__."""
+def serialised(cls):
+    """Wraps each public method of `cls` in `self.lock`, created by the wrapped __init__."""
     public = [n for n in dir(cls) if not n.startswith("_")]  # its own and its mixins' (kv.py)
     for name in [n for n in public if callable(getattr(cls, n))]:
-        setattr(cls, name, _with_lock(getattr(cls, name)))
+        setattr(cls, name, _holding_lock(getattr(cls, name)))
     original_init = cls.__init__
 
     @wraps(original_init)
     def init(self, *args, **kwargs):
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         original_init(self, *args, **kwargs)
 
     cls.__init__ = init
     return cls
 
 
-def _with_lock(method):
+def _holding_lock(method):
     @wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._lock:
+        with self.lock:
             return method(self, *args, **kwargs)
 
     return wrapper

@@ -55,14 +55,8 @@ from __future__ import annotations
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
+from pagedkv import errors
 from pagedkv.config import Config
-from pagedkv.errors import (
-    ConfigError,
-    InvalidArgumentError,
-    OutOfBlocksError,
-    TrimError,
-    UnknownSequenceError,
-)
 from pagedkv.spec import checks, observe
 from pagedkv.spec.index import PrefixIndex
 from pagedkv.spec.kv import KVOperations
@@ -102,7 +96,7 @@ class PagedCache(KVOperations):
 
     def __init__(self, config: Config) -> None:
         if not isinstance(config, Config):
-            raise ConfigError(f"PagedCache needs a pagedkv.Config, got {type(config).__name__}.")
+            raise errors.not_a_config(config)
         self.config = config
         self.pool = BlockPool(config.num_blocks)
         self.index = PrefixIndex()
@@ -118,10 +112,7 @@ class PagedCache(KVOperations):
         is_handle = checks.is_integer(seq_id)
         seq = self.sequences.get(int(seq_id)) if is_handle else None  # type: ignore[arg-type]
         if seq is None:
-            raise UnknownSequenceError(
-                f"sequence {seq_id!r} is unknown or was freed; live sequences: "
-                f"{sorted(self.sequences)[:8]}. Use a handle returned by add_sequence or fork."
-            )
+            raise errors.unknown_sequence(seq_id, self.sequences)
         return seq
 
     def _tick(self) -> int:
@@ -140,10 +131,7 @@ class PagedCache(KVOperations):
     def _require_blocks(self, needed: int, pinned: set[int], asked: str) -> None:
         available = self.blocks_available(pinned)
         if needed > available:
-            raise OutOfBlocksError(
-                f"{asked} needs {needed} new blocks but only {available} are free or evictable "
-                f"(of {self.config.num_blocks}); free or trim sequences, or use a larger pool."
-            )
+            raise errors.out_of_blocks(asked, needed, available, self.config.num_blocks)
 
     def _allocate(self) -> int:
         """Rule 5: pop the free queue's head; when it is empty, evict (rule 6) and use that block.
@@ -292,10 +280,7 @@ class PagedCache(KVOperations):
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "decode_step seq_ids")]
         tokens = checks.as_tokens(tokens, "decode_step")
         if len({seq.id for seq in seqs}) != len(seqs) or len(tokens) != len(seqs) or not seqs:
-            raise InvalidArgumentError(
-                f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
-                f"sequences ({len({seq.id for seq in seqs})} distinct) and {len(tokens)} tokens."
-            )
+            raise errors.not_one_token_each(len(seqs), len({s.id for s in seqs}), len(tokens))
         plans = self._decode_plans(seqs)
         needed = sum(int(cow) + grow for cow, grow in plans)
         self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
@@ -312,10 +297,7 @@ class PagedCache(KVOperations):
         nothing. Raises UnknownSequenceError, InvalidArgumentError (none, or a sequence twice)."""
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "can_decode_step seq_ids")]
         if len({seq.id for seq in seqs}) != len(seqs) or not seqs:
-            raise InvalidArgumentError(
-                f"can_decode_step needs distinct sequences; got {len(seqs)} sequences "
-                f"({len({seq.id for seq in seqs})} distinct)."
-            )
+            raise errors.not_distinct("can_decode_step", len(seqs), len({s.id for s in seqs}))
         needed = sum(int(cow) + grow for cow, grow in self._decode_plans(seqs))
         return needed <= self.blocks_available()
 
@@ -408,18 +390,12 @@ class PagedCache(KVOperations):
         seq = self._sequence(seq_id)
         num_tokens = checks.as_count(num_tokens, "trim num_tokens")
         if num_tokens > len(seq.tokens):
-            raise TrimError(
-                f"trim({num_tokens}) of sequence {seq.id}, which holds {len(seq.tokens)} tokens; "
-                "trim at most its length."
-            )
+            raise errors.trim_too_long(num_tokens, seq.id, len(seq.tokens))
         new_length = len(seq.tokens) - num_tokens
         cfg = self.config
         if trim_uncovers_hole(new_length, leading_holes(seq.table), cfg.window, cfg.block_size):
-            raise TrimError(
-                f"trim({num_tokens}) of sequence {seq.id} would leave its last position a key the "
-                f"sliding window ({cfg.window}) already released (rule 10); trim at most "
-                f"{len(seq.tokens) - leading_holes(seq.table) * cfg.block_size - cfg.window}."
-            )
+            most = len(seq.tokens) - leading_holes(seq.table) * cfg.block_size - cfg.window
+            raise errors.trim_reaches_released(num_tokens, seq.id, cfg.window, most)
         now = self._tick()
         keep = blocks_for(new_length, self.config.block_size)
         for block in reversed(seq.table[keep:]):

@@ -19,6 +19,7 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import make_prompt_cache
 
 from pagedkv.mlx_lm import PagedKVStore, routing
+from pagedkv.models import random_model
 from tests.parity.models import ARCHITECTURES, BASE, prompt_tokens, tiny_model
 
 # Beyond the llama family: sliding-window layers (windows reach the kernel as a first visible
@@ -44,12 +45,7 @@ STEPS = 10
 def build(arch: str):
     if arch in ARCHITECTURES:
         return tiny_model(arch)
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    args = module.ModelArgs.from_dict({"model_type": arch, **EXTRA[arch]})
-    mx.random.seed(0)
-    model = module.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return random_model(EXTRA[arch], arch)
 
 
 def decode_logits(model, caches, prompt, steps=STEPS):
