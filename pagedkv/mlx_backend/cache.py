@@ -10,8 +10,6 @@ int32 arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from pagedkv import errors
@@ -23,6 +21,7 @@ from pagedkv.mlx_backend.pool import BlockPool
 from pagedkv.mlx_backend.storage import KVStorage
 from pagedkv.mlx_backend.threads import serialised
 from pagedkv.mlx_backend.window import HOLE, blocks_before_window, trim_uncovers_hole
+from pagedkv.types import Counters
 
 
 class Sequence:
@@ -74,17 +73,6 @@ class Sequence:
     def held(self) -> list[int]:
         """The table without its holes."""
         return self.table[self.holes : self.num_blocks].tolist()
-
-
-@dataclass(slots=True)
-class Counters:
-    prefix_queries: int = 0
-    prompt_tokens: int = 0
-    prefix_hit_tokens: int = 0
-    prefill_tokens_avoided: int = 0
-    cow_copies: int = 0
-    evictions: int = 0
-    duplicates: int = 0
 
 
 @serialised  # one call at a time per cache, from any thread (see threads.py)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from pagedkv.errors import InvariantError
 from pagedkv.types import IndexEntry, SequenceEntry, Snapshot, Stats
 
@@ -30,7 +28,7 @@ def stats(cache) -> Stats:
         sequences=len(cache.sequences),
         tokens_stored=sum(len(s.tokens) for s in cache.sequences.values()),
         unique_tokens=sum(rows_held.values()),
-        **asdict(cache.counters),
+        **vars(cache.counters),
     )
 
 

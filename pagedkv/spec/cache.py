@@ -64,7 +64,7 @@ from pagedkv.spec.pool import BlockPool, blocks_for
 from pagedkv.spec.storage import KVStorage
 from pagedkv.spec.threads import serialised
 from pagedkv.spec.window import HOLE, blocks_before_window, leading_holes, trim_uncovers_hole
-from pagedkv.types import Snapshot, Stats
+from pagedkv.types import Counters, Snapshot, Stats
 
 
 @dataclass
@@ -77,17 +77,6 @@ class Sequence:
     table: list[int]  # position p lives in block table[p // block_size], row p % block_size;
     # HOLE (-1) for a block released by the window (rule 10)
     committed: int  # leading full blocks already committed (for counting duplicates once)
-
-
-@dataclass
-class Counters:
-    prefix_queries: int = 0
-    prompt_tokens: int = 0
-    prefix_hit_tokens: int = 0
-    prefill_tokens_avoided: int = 0
-    cow_copies: int = 0
-    evictions: int = 0
-    duplicates: int = 0
 
 
 @serialised  # every public method holds self.lock: calls from several threads run one at a time
