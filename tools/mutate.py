@@ -148,7 +148,7 @@ MUTANTS = [
     (
         "backend: no lock",
         "pagedkv/mlx_backend/threads.py",
-        "        with self.lock:\n            return",
+        "        with self._lock:\n            return",
         "        if True:\n            return",
         "tests/unit/test_threads.py",
     ),

@@ -13,7 +13,7 @@ from functools import wraps
 
 
 def serialised(cls):
-    """Wraps each public method of `cls` in `self.lock`, created by the wrapped __init__."""
+    """Wraps each public method of `cls` in `self._lock`, created by the wrapped __init__."""
     public = [n for n in dir(cls) if not n.startswith("_")]  # its own and its mixins' (kv.py)
     for name in [n for n in public if callable(getattr(cls, n))]:
         setattr(cls, name, _holding_lock(getattr(cls, name)))
@@ -21,7 +21,7 @@ def serialised(cls):
 
     @wraps(original_init)
     def init(self, *args, **kwargs):
-        self.lock = threading.RLock()
+        self._lock = threading.RLock()
         original_init(self, *args, **kwargs)
 
     cls.__init__ = init
@@ -31,7 +31,7 @@ def serialised(cls):
 def _holding_lock(method):
     @wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self.lock:
+        with self._lock:
             return method(self, *args, **kwargs)
 
     return wrapper

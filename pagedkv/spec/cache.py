@@ -79,7 +79,7 @@ class Sequence:
     committed: int  # leading full blocks already committed (for counting duplicates once)
 
 
-@serialised  # every public method holds self.lock: calls from several threads run one at a time
+@serialised  # every public method holds self._lock: calls from several threads run one at a time
 class PagedCache(KVOperations):
     """The executable spec of a paged KV cache."""
 
