@@ -36,6 +36,21 @@ def greedy(logprobs):
     return mx.argmax(logprobs, axis=-1)
 
 
+def paged_tokens(session, model, max_tokens: int) -> list[int]:
+    """Greedy tokens of mlx-lm's `generate_step` on a session's paged caches (the part of its
+    prompt that is not cached is fed)."""
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(
+        mx.array(session.remaining_prompt),
+        model,
+        max_tokens=max_tokens,
+        sampler=greedy,
+        prompt_cache=session.caches,
+    )
+    return [t for t, _ in steps]
+
+
 def prompt_tokens(length: int, seed: int) -> list[int]:
     mx.random.seed(1000 + seed)
     return [int(t) for t in mx.random.randint(0, 250, (length,)).tolist()]
