@@ -7,11 +7,10 @@ import mlx.core as mx
 
 from pagedkv.models import TINY, random_model
 
-BASE = TINY
 ARCHITECTURES = {
-    "llama": dict(BASE),
-    "qwen3": dict(BASE, head_dim=16, max_position_embeddings=512, rope_theta=10000.0),
-    "qwen2": dict(BASE, max_position_embeddings=512, rope_theta=10000.0),
+    "llama": dict(TINY),
+    "qwen3": dict(TINY, head_dim=16, max_position_embeddings=512, rope_theta=10000.0),
+    "qwen2": dict(TINY, max_position_embeddings=512, rope_theta=10000.0),
 }
 
 
