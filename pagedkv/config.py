@@ -26,7 +26,7 @@ class Config:
 
     `window` (positions, or None for full attention) makes every layer a sliding-window layer: a
     query at position q attends to keys (q - window, q], and blocks wholly before the window of
-    every present and future query are released (rule 10 in `pagedkv.spec.cache`), so a
+    every present and future query are released (rule 10 in `pagedkv.spec.rules`), so a
     sequence's memory stays bounded by the window plus a block.
     """
 

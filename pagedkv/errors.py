@@ -88,6 +88,12 @@ def out_of_blocks(asked: str, needed: int, available: int, num_blocks: int) -> O
     )
 
 
+def can_extend_zero() -> InvalidArgumentError:
+    return InvalidArgumentError(
+        "can_extend num_tokens must be >= 1 (extend takes at least one token), got 0."
+    )
+
+
 def not_one_token_each(sequences: int, distinct: int, tokens: int) -> InvalidArgumentError:
     return InvalidArgumentError(
         f"decode_step needs distinct sequences and one token each; got {sequences} "

@@ -26,19 +26,6 @@ class Stats:
     duplicates: int  # committed blocks that found an equal block already indexed (rule 4)
 
 
-@dataclass
-class Counters:
-    """The event counters of `Stats`, as a cache keeps them (both implementations)."""
-
-    prefix_queries: int = 0
-    prompt_tokens: int = 0
-    prefix_hit_tokens: int = 0
-    prefill_tokens_avoided: int = 0
-    cow_copies: int = 0
-    evictions: int = 0
-    duplicates: int = 0
-
-
 @dataclass(frozen=True)
 class IndexEntry:
     """One node of the prefix index: the tokens of its whole path, the block it points at."""

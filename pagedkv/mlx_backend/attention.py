@@ -12,6 +12,8 @@ compute-bound, so the gathered copy costs little next to the attention itself.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 
@@ -67,22 +69,37 @@ def gather_decode(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sin
 def decode_attention(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None):
     """Decode attention by the path `PAGEDKV_ATTENTION` and the device choose (kernels.dispatch):
     the fused paged kernel where it is known good, else gather -> SDPA. queries `[B, q_heads, D]`
-    or, as mlx-lm passes them, `[B, q_heads, 1, D]`; the output has the queries' shape."""
+    or, as mlx-lm passes them, `[B, q_heads, 1, D]`; the output has the queries' shape.
+    The choice is remembered per (mode, device, shape): every layer of every step asks."""
+    key = (
+        os.environ.get(dispatch.ENV), decode.backend(), queries.dtype, k_pool.dtype,
+        queries.shape[1], queries.shape[-1], k_pool.shape[1], k_pool.shape[2], sinks is not None,
+    )  # fmt: skip
+    chooser = dispatch.DISPATCHER
+    use_kernel = chooser.choices.get(key)
+    if use_kernel is None:
+        use_kernel = _use_kernel(queries, k_pool, v_pool, batch, scale, sinks)
+        chooser.choices[key] = use_kernel
+    if use_kernel:
+        return decode.paged_decode(queries, k_pool, v_pool, batch, scale, sinks)
+    return gather_decode(queries, k_pool, v_pool, batch, scale, sinks)
+
+
+def _use_kernel(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks) -> bool:
+    """The dispatcher's decision for this shape (runs the self-check where `auto` needs one)."""
     shape = decode.Shape(
         queries.dtype, k_pool.dtype, queries.shape[-1], k_pool.shape[1], k_pool.shape[2],
         queries.shape[1] // k_pool.shape[2], sinks is not None,
     )  # fmt: skip
 
-    def kernel():
-        return decode.paged_decode(queries, k_pool, v_pool, batch, scale, sinks)
-
-    def gather():
-        return gather_decode(queries, k_pool, v_pool, batch, scale, sinks)
-
     def check():
-        return dispatch.self_check(kernel, gather, dispatch.CHECK_TOLERANCE[queries.dtype])
+        return dispatch.self_check(
+            lambda: decode.paged_decode(queries, k_pool, v_pool, batch, scale, sinks),
+            lambda: gather_decode(queries, k_pool, v_pool, batch, scale, sinks),
+            dispatch.CHECK_TOLERANCE[queries.dtype],
+        )
 
-    return kernel() if dispatch.DISPATCHER.use_kernel(shape, check) else gather()
+    return dispatch.DISPATCHER.use_kernel(shape, check)
 
 
 def attention_decode(
@@ -117,7 +134,8 @@ def attention_decode(
 
 
 def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | None = None):
-    """Causal attention for the last L positions: `[L, q_heads, D]` -> `[L, q_heads, D]`."""
+    """Causal attention for the last L positions: `[L, q_heads, D]` -> `[L, q_heads, D]`
+    (queries' dtype). Same contract as the spec's attention_prefill."""
     storage = cache._require_storage("attention_prefill")
     seq = cache._sequence(seq_id)
     cfg = cache.config

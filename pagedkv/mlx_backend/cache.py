@@ -1,7 +1,8 @@
 """PagedCache on MLX: the spec's contract, with metadata written for speed and K/V on the device.
 
-Same operations, names, results and errors as `pagedkv.spec.PagedCache` (see its module docstring
-for the rules and the decisions they fix); none of its code is shared. What differs is how:
+Same operations, names, results and errors as `pagedkv.spec.PagedCache`, whose docstrings are the
+contracts (the rules, decisions and invariants are numbered in `pagedkv.spec.rules`); none of its
+code is shared. What differs is how:
 O(1) free queue, hashed trie lookups, a lazily invalidated LRU heap of evictable leaves, a count of
 reclaimable blocks kept up to date as refcounts change (admission costs O(request), never
 O(cached blocks)), commits that resume from the last committed node, and block tables kept as
@@ -15,68 +16,18 @@ import numpy as np
 from pagedkv import errors
 from pagedkv.config import Config, ceil_div
 from pagedkv.mlx_backend import checks, observe
-from pagedkv.mlx_backend.index import Node, PrefixIndex
+from pagedkv.mlx_backend.allocation import Allocation
+from pagedkv.mlx_backend.index import PrefixIndex
 from pagedkv.mlx_backend.kv import KVOperations
 from pagedkv.mlx_backend.pool import BlockPool
+from pagedkv.mlx_backend.sequence import Counters, Sequence
 from pagedkv.mlx_backend.storage import KVStorage
 from pagedkv.mlx_backend.threads import serialised
-from pagedkv.mlx_backend.window import HOLE, blocks_before_window, trim_uncovers_hole
-from pagedkv.types import Counters
-
-
-class Sequence:
-    __slots__ = (
-        "id",
-        "namespace",
-        "tokens",
-        "table",
-        "num_blocks",
-        "committed",
-        "path",
-        "epoch",
-        "holes",
-    )
-
-    def __init__(
-        self,
-        seq_id: int,
-        namespace: str,
-        tokens: list[int],
-        table: np.ndarray,
-        num_blocks: int,
-        committed: int,
-        path: list[Node],
-        epoch: int,
-        holes: int = 0,
-    ) -> None:
-        self.id = seq_id
-        self.namespace = namespace
-        self.tokens = tokens
-        self.table = table  # int32 buffer with spare capacity; the live part is [:num_blocks]
-        self.num_blocks = num_blocks
-        self.committed = committed
-        self.path = path  # index nodes of the committed blocks, valid while epoch matches
-        self.epoch = epoch
-        self.holes = holes  # leading table entries released by the window (-1), rule 10
-
-    def append_block(self, block: int) -> None:
-        if self.num_blocks == len(self.table):
-            grown = np.empty(max(8, 2 * len(self.table)), np.int32)
-            grown[: self.num_blocks] = self.table[: self.num_blocks]
-            self.table = grown
-        self.table[self.num_blocks] = block
-        self.num_blocks += 1
-
-    def blocks(self) -> list[int]:
-        return self.table[: self.num_blocks].tolist()
-
-    def held(self) -> list[int]:
-        """The table without its holes."""
-        return self.table[self.holes : self.num_blocks].tolist()
+from pagedkv.mlx_backend.window import trim_uncovers_hole
 
 
 @serialised  # one call at a time per cache, from any thread (see threads.py)
-class PagedCache(KVOperations):
+class PagedCache(Allocation, KVOperations):
     """The MLX implementation. See `pagedkv.spec.PagedCache` for each operation's contract."""
 
     def __init__(self, config: Config) -> None:
@@ -123,40 +74,6 @@ class PagedCache(KVOperations):
         available = self.blocks_available(pinned)
         if needed > available:
             raise errors.out_of_blocks(asked, needed, available, self.config.num_blocks)
-
-    def _allocate(self) -> int:
-        refcounts = self.pool.refcounts
-        if self.pool.free_queue:
-            block = self.pool.free_queue.popleft()
-        else:
-            block = self.index.pop_lru_leaf().block
-            self.counters.evictions += 1
-        refcounts[block] = 1
-        return block
-
-    def _release(self, block: int, now: int) -> None:
-        refcounts = self.pool.refcounts
-        refcounts[block] -= 1
-        node = self.index.by_block.get(block)
-        if node is not None:
-            node.last_used = now
-            if refcounts[block] == 0:
-                self.index.released(node)
-        elif refcounts[block] == 0:
-            self.pool.free_queue.append(block)
-
-    def _window_releases(self, seq: Sequence) -> list[int]:
-        """Rule 10: the held blocks wholly before the window of the next query (at len)."""
-        dead = blocks_before_window(len(seq.tokens), self.config.window, self.size)
-        return seq.table[seq.holes : max(dead, seq.holes)].tolist()
-
-    def _release_before_window(self, seq: Sequence, now: int) -> None:
-        """Rule 10: releases those blocks, front to back, leaving holes in the table."""
-        dead = blocks_before_window(len(seq.tokens), self.config.window, self.size)
-        while seq.holes < dead:
-            self._release(seq.table.item(seq.holes), now)
-            seq.table[seq.holes] = HOLE
-            seq.holes += 1
 
     def _prompt_keys(self, tokens: list[int]):
         """Rule 3: the keys of full blocks a prompt may match, leaving at least one token. A
@@ -221,14 +138,12 @@ class PagedCache(KVOperations):
         counters.prefill_tokens_avoided += cached
         return seq.id, cached
 
-    def _extend_plan(self, seq: Sequence, new_tokens: int) -> tuple[bool, int]:
-        length = len(seq.tokens)
-        cow = length % self.size != 0 and not self._is_writable(int(seq.table[seq.num_blocks - 1]))
-        return cow, ceil_div(length + new_tokens, self.size) - seq.num_blocks
-
     def can_extend(self, seq_id: int, num_tokens: int) -> bool:
         seq = self._sequence(seq_id)
-        cow, grow = self._extend_plan(seq, max(1, checks.as_count(num_tokens, "num_tokens")))
+        num_tokens = checks.as_count(num_tokens, "num_tokens")
+        if num_tokens == 0:  # decision D11 of the spec's rules
+            raise errors.can_extend_zero()
+        cow, grow = self._extend_plan(seq, num_tokens)
         return cow + grow <= self.blocks_available()
 
     def extend(self, seq_id: int, tokens) -> None:
@@ -278,39 +193,6 @@ class PagedCache(KVOperations):
             raise errors.not_distinct("can_decode_step", len(seqs), len(set(map(id, seqs))))
         needed = sum(cow + grow for cow, grow in self._decode_plans(seqs))
         return needed <= self.blocks_available()
-
-    def _decode_plans(self, seqs: list[Sequence]) -> list[tuple[bool, int]]:
-        """(copy the tail, blocks past it) per sequence of a decode step, in batch order: copying
-        one sequence's shared tail, or releasing blocks before its window, drops references, which
-        can leave a later sequence's tail exclusive (no copy)."""
-        size, refcounts, indexed = self.size, self.pool.refcounts, self.index.by_block
-        plans, dropped, window = [], None, self.config.window
-        for seq in seqs:  # inline _extend_plan: this loop is the per-token hot path of a server
-            if window is not None:  # blocks this step's window releases drop references too
-                for block in self._window_releases(seq):
-                    dropped = dropped if dropped is not None else {}
-                    dropped[block] = dropped.get(block, 0) + 1
-            if len(seq.tokens) % size:
-                tail = seq.table.item(seq.num_blocks - 1)
-                cow = refcounts[tail] != 1 or tail in indexed
-                if cow:  # a copy earlier in this batch may have left this tail exclusive
-                    dropped = dropped if dropped is not None else {}
-                    cow = refcounts[tail] - dropped.get(tail, 0) != 1 or tail in indexed
-                    if cow:
-                        dropped[tail] = dropped.get(tail, 0) + 1
-                plans.append((cow, 0))
-            else:
-                plans.append((False, 1))  # a fresh block past the full tail
-        return plans
-
-    def _copy_on_write_tail(self, seq: Sequence, now: int) -> None:
-        old = int(seq.table[seq.num_blocks - 1])
-        new = self._allocate()
-        if self.storage is not None:
-            self.storage.copy_rows(old, new, len(seq.tokens) % self.size)
-        seq.table[seq.num_blocks - 1] = new
-        self._release(old, now)
-        self.counters.cow_copies += 1
 
     # ---- commit -----------------------------------------------------------------------------
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError, OutOfBlocksError
 from pagedkv.mlx_backend.attention import decode_attention, gather_batch
+from pagedkv.mlx_lm.step import DecodeStep
 
 if TYPE_CHECKING:
     from pagedkv.mlx_lm.session import Session
@@ -29,9 +31,19 @@ class PagedLayerCache:
         self.group = group  # which of the store's caches holds this layer (one per window size)
         self.cache = store.groups[group]
         self.slot = store.slot_of[(group, layer)]  # this layer's entry in session.offsets
-        self._fetched: tuple[mx.array, mx.array] | None = None  # the last decode fetch, lazy
+        # the last decode fetch (lazy keys, values) and its step, for routed attention
+        self._fetched: tuple[mx.array, mx.array, DecodeStep] | None = None
+        cfg = self.cache.config
+        # rows of exactly the pool's shape (not zero-padded into it): decode's fast path applies
+        self._plain = store.layer_shapes[self.slot] == (cfg.num_kv_heads, cfg.head_dim) * 2
 
     # -- what the model reads --------------------------------------------------------------------
+
+    @property
+    def _row_shape(self) -> tuple[int, int, int, int]:
+        """One decode position per session in the pool's shape: `[B, kv_heads, 1, head_dim]`."""
+        cfg = self.cache.config
+        return (len(self.sessions), cfg.num_kv_heads, 1, cfg.head_dim)
 
     @property
     def offset(self):
@@ -40,7 +52,11 @@ class PagedLayerCache:
         return mx.array([s.offsets[self.slot] for s in self.sessions], dtype=mx.int32)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        step = self._step_for(keys, values)
+        if step is not None:  # a later layer of a decode step: see step.py
+            return self._write_in_step(step, keys, values)
         count = self._validate(keys, values)
+        self.store.enter()  # another thread's lazy writes are scheduled before this one's
         cache, group = self.cache, self.group
         self._fetched = None  # drop the lazy gather of the last step before the pools are written
         keys, values = self._pool_rows(keys), self._pool_rows(values)  # [B, L, kv_heads, dim]
@@ -60,10 +76,90 @@ class PagedLayerCache:
                     for group_cache, seq in zip(self.store.groups, session.seqs):
                         group_cache.commit(seq)
                     session.committed = True
-        fetched = self._fetch()
-        if count == 1:  # decode: routed attention may answer in place, leaving these unevaluated
-            self._fetched = fetched
-        return fetched
+        if count > 1:
+            return self._fetch()
+        step = self._record_step(starts)  # decode: the group's later layers reuse this step
+        return self._fetch_in(step)
+
+    def _step_for(self, keys, values) -> DecodeStep | None:
+        """The group's current decode step if this call is a later layer's part of it: one new
+        position per session at the starts the step wrote, rows of exactly the pool's shape and
+        dtype, every session open and its prompt published. Else None (the full path)."""
+        step = self.store.steps[self.group]
+        if step is None or not self._plain or step.thread != threading.get_ident():
+            return None
+        if not isinstance(keys, mx.array) or not isinstance(values, mx.array):
+            return None
+        sessions, storage = self.sessions, self.cache.storage
+        if keys.shape != self._row_shape or values.shape != keys.shape:
+            return None  # also a batch of another size: _row_shape is [B, kv_heads, 1, dim]
+        if keys.dtype != storage.dtype or values.dtype != storage.dtype:
+            return None
+        for session in sessions:
+            session._require_open()
+            if not session.committed and self.store.prefix_sharing:
+                return None  # the full path publishes the prompt when its last layer is written
+        group, slot = self.group, self.slot
+        if len(sessions) == 1:  # the usual single request, without generator expressions
+            session = sessions[0]
+            key = (self.cache.clock, (session.seqs[group],), (session.offsets[slot],))
+        else:
+            seqs = tuple([s.seqs[group] for s in sessions])
+            key = (self.cache.clock, seqs, tuple([s.offsets[slot] for s in sessions]))
+        return step if key == step.key else None
+
+    def _write_in_step(self, step: DecodeStep, keys, values) -> tuple[mx.array, mx.array]:
+        """This layer's rows to the slots the step's first layer wrote (checked there): one
+        update per pool, under the cache's lock like every write."""
+        self._fetched = None  # the last step's lazy gather would make the write copy the pool
+        cache, batch = self.cache, len(self.sessions)
+        rows_k = keys.reshape(batch, keys.shape[1], keys.shape[3])  # [B, kv_heads, dim]
+        rows_v = values.reshape(batch, values.shape[1], values.shape[3])
+        storage, layer, store, group = cache.storage, self.layer, self.store, self.group
+        with store.lock:  # decided under `enter`'s lock: a newcomer waits for this write
+            lazy = not store.shared
+            if lazy:  # the caller's evaluation of the step runs it (see store.enter)
+                store.pending.setdefault(group, []).append(layer)
+        if not lazy and store.pending:  # the store just became shared: schedule the step so far
+            store.schedule_pending()
+        with cache._lock:  # as every write: a pool is read, updated and replaced
+            if batch == 1:  # the storage's one-run write, without building the run list
+                block, row = step.slots
+                storage.keys[layer][block, row : row + 1] = rows_k
+                storage.values[layer][block, row : row + 1] = rows_v
+            else:
+                storage.keys[layer][step.slots] = rows_k
+                storage.values[layer][step.slots] = rows_v
+            if not lazy:  # scheduled under the lock, as the backend's writes are
+                mx.async_eval(storage.keys[layer], storage.values[layer])
+        slot = self.slot
+        for session in self.sessions:
+            session.offsets[slot] += 1
+        return self._fetch_in(step)
+
+    def _record_step(self, starts: list[int]) -> DecodeStep:
+        """Records the decode step this layer just wrote, for the group's later layers."""
+        cache, group = self.cache, self.group
+        seqs = tuple(s.seqs[group] for s in self.sessions)
+        tables = [cache.block_table_array(seq) for seq in seqs]
+        step = DecodeStep.build((cache.clock, seqs, tuple(starts)), tables, starts, cache.size)
+        self.store.steps[group] = step  # one assignment: threads never see half a step
+        return step
+
+    def _fetch_in(self, step: DecodeStep) -> tuple[mx.array, mx.array]:
+        """The decode fetch: lazy, and left unevaluated when routed attention answers. Three ops
+        per pool (a flat view, one take through the step's row index, a transpose): the same
+        elements as `_gather`, built in fewer calls since every layer of every step builds it."""
+        if not self._plain:
+            keys, values = self._gather(step.tables, step.length)
+        else:
+            storage, layer = self.cache.storage, self.layer
+            keys, values = (
+                mx.take(pool.reshape(-1, *pool.shape[2:]), step.rows, axis=0).transpose(0, 2, 1, 3)
+                for pool in (storage.keys[layer], storage.values[layer])
+            )  # [B, kv_heads, length, head_dim]
+        self._fetched = (keys, values, step)
+        return keys, values
 
     def routed_attention(self, queries, keys, values, scale, mask, sinks) -> mx.array | None:
         """Decode attention straight from the pools (the fused kernel where dispatch allows), for
@@ -76,9 +172,9 @@ class PagedLayerCache:
             return None
         if fetched is None or keys is not fetched[0] or values is not fetched[1]:
             return None
-        cfg = self.cache.config
-        if self.store.layer_shapes[self.slot] != (cfg.num_kv_heads, cfg.head_dim) * 2:
+        if not self._plain:
             return None  # a layer zero-padded into its group's pool: the gather path slices it
+        cfg = self.cache.config
         if (
             queries.ndim != 4
             or queries.shape[0] != len(self.sessions)
@@ -98,12 +194,11 @@ class PagedLayerCache:
         if not known:
             return None
         storage = self.cache.storage
-        batch = self.store.decode_batch(self.sessions, self.slot, self.group, window)
         out = decode_attention(  # [B, q_heads, 1, D] in and out: no reshaping ops
             queries,
             storage.keys[self.layer],
             storage.values[self.layer],
-            batch,
+            fetched[2].batch(window),
             float(scale),
             sinks,
         )
@@ -201,12 +296,15 @@ class PagedLayerCache:
                 cache.extend(seq, session._tokens_for(start, end))
 
     def _fetch(self) -> tuple[mx.array, mx.array]:
-        cache, layer = self.cache, self.layer
         length = max(s.offsets[self.slot] for s in self.sessions)
-        tables = self.store.padded_tables(self.sessions, self.group)
+        return self._gather(self.store.padded_tables(self.sessions, self.group), length)
+
+    def _gather(self, tables: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """`[B, heads, length, dim]` keys and values of this layer through padded tables, lazy."""
+        storage, layer = self.cache.storage, self.layer
         k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
-        keys = gather_batch(cache.storage.keys[layer], tables)[:, :k_heads, :length, :k_dim]
-        values = gather_batch(cache.storage.values[layer], tables)[:, :v_heads, :length, :v_dim]
+        keys = gather_batch(storage.keys[layer], tables)[:, :k_heads, :length, :k_dim]
+        values = gather_batch(storage.values[layer], tables)[:, :v_heads, :length, :v_dim]
         return keys, values
 
     def keys_and_values(self) -> tuple[mx.array, mx.array]:

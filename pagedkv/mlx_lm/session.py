@@ -76,6 +76,7 @@ class Session:
     def close(self) -> None:
         """Frees the sequence; its committed prompt blocks stay cached for later requests."""
         if not self.closed:
+            self.store.enter()  # the owner's lazy writes are scheduled before its blocks free
             for cache, seq in zip(self.store.groups, self.seqs):
                 cache.free(seq)
             self.closed = True

@@ -18,16 +18,17 @@ from pagedkv.errors import (
     UnsupportedModelError,
 )
 from pagedkv.mlx_backend import PagedCache
-from pagedkv.mlx_backend.attention import decode_batch, pad_tables
-from pagedkv.mlx_backend.kernels.decode import DecodeBatch
+from pagedkv.mlx_backend.attention import pad_tables
 from pagedkv.mlx_lm import routing
 from pagedkv.mlx_lm.kinds import FULL, RECURRENT, SHARED, WINDOW, classify_all, default_caches
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 from pagedkv.mlx_lm.probe import ragged_batch_is_exact
 from pagedkv.mlx_lm.session import Session
 from pagedkv.mlx_lm.shapes import LayerShape, discover_shapes
+from pagedkv.mlx_lm.step import DecodeStep
 from pagedkv.mlx_lm.window import WindowLayerCache
 
+STEP_WAIT_S = 1.0  # how long a new thread waits for the owner's step in flight (see enter)
 UNUSED = "unused"  # a K/V entry the model never updates (e.g. nemotron-nas linear attention)
 
 
@@ -82,7 +83,14 @@ class PagedKVStore:
         # (key, value) pairs, each replaced in one assignment: threads sharing the store never
         # see one step's key with another step's value
         self._tables: tuple = (None, None)
-        self._batch: tuple[tuple | None, DecodeBatch | None] = (None, None)
+        # Per group, the decode step its layers are writing (mlx_lm/step.py): one assignment each.
+        self.steps: list[DecodeStep | None] = [None] * len(self.groups)
+        # Scheduling of decode writes (see `enter`): the one thread using the store leaves the
+        # later layers' writes of a step lazy and schedules them once per step, by group.
+        self.owner: int | None = None  # the first thread to use the store
+        self.shared = False  # a second thread has used it: every write is scheduled at once
+        self.pending: dict[int, list[int]] = {}  # group -> layers the owner wrote, unscheduled
+        self._scheduled = threading.Condition(self.lock)
         self._masks: deque[tuple[mx.array, int | None]] = deque(maxlen=8)  # made by make_mask
         self._routed_modules: list[str] = []
         self._unroute = None
@@ -163,6 +171,7 @@ class PagedKVStore:
             if not mx.issubdtype(prompt_tokens.dtype, mx.integer):
                 raise InvalidTokensError(f"prompt tokens of dtype {prompt_tokens.dtype}: not ids.")
             prompt_tokens = prompt_tokens.tolist()
+        self.enter()
         with self.lock:
             return self._open(prompt_tokens, namespace)
 
@@ -182,6 +191,46 @@ class PagedKVStore:
         added = [cache.add_sequence(prompt_tokens, namespace, cap) for cache in self.groups]
         seqs = [seq for seq, _ in added]
         return Session(self, seqs, list(self.cache.tokens(seqs[0])), added[0][1])
+
+    def enter(self) -> None:
+        """Called by the operations that may touch the pools (open, a step's first layer, close):
+        no thread builds on another thread's unscheduled writes.
+
+        MLX records work lazily on the calling thread's stream, and only that thread can
+        evaluate it. While one thread (the owner) uses the store, a decode step's later layers
+        write lazily: the caller's evaluation of the step's output runs them, as with mlx-lm's
+        own caches, and the owner's next operation schedules whatever is left. (Scheduling every
+        write instead cost an H100 up to twice the host time of a batch-8 step.) The first time
+        another thread comes, the store becomes shared for good: every write is scheduled at
+        once, and the newcomer waits for the owner to schedule a step in flight (its next write
+        does). An owner that stays away for STEP_WAIT_S has finished its step and evaluated it;
+        the newcomer goes on."""
+        me = threading.get_ident()
+        if me == self.owner:
+            if self.pending:
+                self.schedule_pending()
+            return
+        if self.shared and not self.pending:
+            return
+        with self._scheduled:
+            if self.owner is None:
+                self.owner = me
+                return
+            self.shared = True
+            if not self._scheduled.wait_for(lambda: not self.pending, timeout=STEP_WAIT_S):
+                self.pending.clear()  # the owner is idle: its step was evaluated where it ran
+
+    def schedule_pending(self) -> None:
+        """The owner schedules its lazily written layers (every group) and wakes waiting threads.
+        Only the owner calls this: MLX refuses to evaluate another thread's work."""
+        with self._scheduled:
+            for group, layers in self.pending.items():
+                cache = self.groups[group]
+                with cache._lock:
+                    keys, values = cache.storage.keys, cache.storage.values
+                    mx.async_eval([keys[i] for i in layers], [values[i] for i in layers])
+            self.pending.clear()
+            self._scheduled.notify_all()
 
     def padded_tables(self, sessions: Sequence[Session], group: int = 0) -> mx.array:
         """The sessions' block tables in one group's cache, padded to one width, `[B, blocks]`
@@ -211,19 +260,6 @@ class PagedKVStore:
         if self._unroute is not None:
             self._unroute()
             self._unroute = None
-
-    def decode_batch(self, sessions: Sequence[Session], slot: int, group: int, window):
-        """Kernel inputs for one decode step (tables, bounds, longest) of one group's cache,
-        shared by every layer of the group."""
-        cache = self.groups[group]
-        lengths = tuple(s.offsets[slot] for s in sessions)
-        key = (group, cache.clock, tuple(s.seqs[group] for s in sessions), lengths, window)
-        cached_key, batch = self._batch
-        if cached_key != key:
-            tables = [cache.block_table_array(s.seqs[group]) for s in sessions]
-            batch = decode_batch(tables, list(lengths), window)
-            self._batch = (key, batch)
-        return batch
 
     def remember_mask(self, mask: mx.array, window: int | None) -> None:
         """Records a mask that make_mask returned, so routed attention knows what it means."""

@@ -1,4 +1,4 @@
-"""Input validation for the spec's public operations: the input contract, in code.
+"""Input validation for the spec's public operations: the input contract (decision D6), in code.
 
 Every check runs before any state changes, so a rejected call leaves the cache untouched. The
 contract (the MLX backend enforces the same one, with its own code):

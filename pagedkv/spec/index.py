@@ -9,7 +9,7 @@ The index holds no reference on a block. A block whose refcount is 0 but which i
 Eviction (rule 6) removes only *leaves* (nodes without children) whose block has refcount 0: the one
 used least recently first, by the logical clock, ties broken by the lowest block id. A node's
 `last_used` tick is set when it is published, when a prompt matches it, and whenever a sequence
-releases its block.
+releases its block (decision D4).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The K/V half of `PagedCache`: writing rows into reserved blocks, reading them back, attention.
 
 `PagedCache` (in `cache.py`) holds the metadata rules; this mixin adds the operations that touch
-the stored K/V, with the same checks-before-changes discipline. Reads never tick the clock;
-`write_kv` never allocates (rule 2: the blocks were reserved by `add_sequence` / `extend`).
+the stored K/V, with the same checks-before-changes discipline (rule 7) and the same contract
+style (see `PagedCache`). None of them ticks the clock (D1); `write_kv` never allocates (D3: the
+blocks were reserved by `add_sequence` / `extend`, rule 2). Rules and decisions are numbered in
+`pagedkv.spec.rules`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
 from pagedkv.spec.window import HOLE, leading_holes
 
 if TYPE_CHECKING:
-    from pagedkv.spec.cache import Sequence
+    from pagedkv.spec.sequence import Sequence
 
 
 class KVOperations:
-    """Mixed into `PagedCache`: expects `config`, `storage`, `_sequence` and `_is_writable`."""
+    """The K/V operations of `PagedCache` (a mixin: expects `config`, `storage`, `pool`,
+    `_sequence` and `_is_writable`)."""
 
     # ---- write ---------------------------------------------------------------------------------
 
@@ -35,13 +38,27 @@ class KVOperations:
     def write_kv(
         self, seq_id: int, layer: int, start: int, keys: np.ndarray, values: np.ndarray
     ) -> None:
-        """Stores K/V rows for positions [start, start + n) of a sequence in one layer.
-        keys and values: `[n, kv_heads, head_dim]` of the cache's dtype (bfloat16 as uint16 bits).
+        """Stores K/V rows for positions [start, start + n) of a sequence in one layer (rule 2).
 
-        Every touched block must be writable (rule 1): positions served from the prefix index or
-        shared by a fork already hold their K/V. Raises StorageDisabledError, UnknownSequenceError,
-        InvalidArgumentError (layer), KVDtypeError, KVShapeError, InvalidPositionError,
-        NotWritableError.
+        Requires:
+            K/V storage (`Config.store_kv`); a live handle; `layer` in [0, num_layers); `start` a
+            count; `keys` and `values` `[n >= 1, kv_heads, head_dim]` of the cache's dtype (bfloat16
+            as uint16 bits); start + n <= len; every touched block held and writable (rule 1):
+            positions served by the prefix index or shared by a fork already hold their K/V.
+
+        Effects:
+            The rows of that layer only. No tick (D1), no allocation (D3), no stats.
+
+        Raises:
+            StorageDisabledError: the cache is metadata-only.
+            UnknownSequenceError: `seq_id` is not a live handle.
+            InvalidArgumentError: `layer` out of range, or `start` not a count.
+            KVDtypeError: `keys` or `values` is not an array of the cache's dtype.
+            KVShapeError: a shape other than `[n >= 1, kv_heads, head_dim]`, or keys and values
+                differ.
+            InvalidPositionError: start + n is past the sequence's length.
+            NotWritableError: a touched block is released by the window (D10), shared or indexed
+                (rule 1).
         """
         storage = self._require_storage("write_kv")
         layer, blocks, rows = self._check_write(self._sequence(seq_id), layer, start, keys, values)
@@ -76,11 +93,30 @@ class KVOperations:
         keys: np.ndarray,
         values: np.ndarray,
     ) -> None:
-        """`write_kv` for several distinct sequences at once, n rows each: keys[b] and values[b]
-        (`[B, n, kv_heads, head_dim]`) go to positions [starts[b], starts[b] + n) of seq_ids[b].
-        All or nothing: every sequence's rows are checked as `write_kv` checks them before any is
-        written. Raises what `write_kv` raises, and InvalidArgumentError (no sequences, a sequence
-        twice, or not one start per sequence), KVShapeError (not `[B, n, kv_heads, head_dim]`)."""
+        """`write_kv` for several distinct sequences at once, n rows each (D8).
+
+        keys[b] and values[b] go to positions [starts[b], starts[b] + n) of seq_ids[b].
+
+        Requires:
+            K/V storage; `seq_ids` a non-empty batch of distinct live handles; `starts` a batch of
+            one count per sequence; `keys` and `values` `[B, n, kv_heads, head_dim]`; for each
+            sequence, what `write_kv` requires.
+
+        Effects:
+            The rows of every sequence, in that layer, once all of them passed their checks. No
+            tick.
+
+        Raises:
+            StorageDisabledError: the cache is metadata-only.
+            InvalidArgumentError: `seq_ids` is not a batch.
+            UnknownSequenceError: an element of `seq_ids` is not a live handle.
+            InvalidArgumentError: `starts` is not a batch; an empty batch (D11), a sequence twice,
+                or not one start each.
+            KVShapeError: `keys` or `values` is not `[B, n, kv_heads, head_dim]`.
+            InvalidArgumentError: then per sequence, in batch order, the checks of `write_kv`
+                after the handle: `layer` out of range or a start not a count; then its
+                KVDtypeError, KVShapeError, InvalidPositionError, NotWritableError.
+        """
         storage = self._require_storage("write_kv_batch")
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "write_kv_batch seq_ids")]
         starts = checks.as_batch(starts, "write_kv_batch starts")
@@ -105,9 +141,20 @@ class KVOperations:
         return blocks, positions % self.config.block_size
 
     def gather(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """K and V of every position of the sequence, in order: each `[len, kv_heads, head_dim]`
-        (bfloat16 as uint16 bits). Raises StorageDisabledError, UnknownSequenceError,
-        InvalidArgumentError."""
+        """K and V of every position of the sequence, in order, for one layer. No tick.
+
+        Requires:
+            K/V storage; a live handle; `layer` in [0, num_layers).
+
+        Returns:
+            (keys, values), each `[len, kv_heads, head_dim]` of the cache's dtype (bfloat16 as
+            uint16 bits); zeros at positions the window released (D10).
+
+        Raises:
+            StorageDisabledError: the cache is metadata-only.
+            UnknownSequenceError: `seq_id` is not a live handle.
+            InvalidArgumentError: `layer` out of range.
+        """
         storage = self._require_storage("gather")
         seq = self._sequence(seq_id)
         layer = checks.as_layer(layer, self.config.num_layers)
@@ -143,13 +190,33 @@ class KVOperations:
         window: int | None = None,
         sinks: np.ndarray | None = None,
     ) -> np.ndarray:
-        """One query per sequence, batched over sequences of ragged lengths: query b (at the last
-        position of seq_ids[b]) attends over that sequence's keys — the last `window` of them for
-        a sliding-window layer — with optional per-head `sinks` logits (see `reference_attention`;
+        """One query per sequence at its last position, batched over ragged lengths. No tick.
+
+        Query b attends over the keys of seq_ids[b], only the last `window` of them for a
+        sliding-window layer, with optional per-head `sinks` logits (`reference_attention`;
         `split_k.split_k_decode` computes the same by splits, as the MLX kernels do).
-        queries: `[B, q_heads, head_dim]`. Returns `[B, q_heads, head_dim]` float32.
-        Raises StorageDisabledError, UnknownSequenceError, InvalidArgumentError (layer, scale,
-        window, sinks), KVDtypeError, KVShapeError, InvalidPositionError (an empty sequence)."""
+
+        Requires:
+            K/V storage; `layer` in [0, num_layers); `seq_ids` a batch of live, non-empty sequences
+            (it may be empty, D11); `queries` a float array `[B, q_heads, head_dim]`, q_heads a
+            multiple of kv_heads; `scale` None (1 / sqrt(head_dim)) or a finite real; `window` None
+            (the cache's `Config.window`) or an int >= 1; `sinks` None or `[q_heads]` finite floats;
+            no query's window reaching a released position (D10).
+
+        Returns:
+            `[B, q_heads, head_dim]` float32; for an empty batch, an empty array of that shape
+            (D11).
+
+        Raises:
+            StorageDisabledError: the cache is metadata-only.
+            InvalidArgumentError: `layer` out of range, or `seq_ids` not a batch.
+            UnknownSequenceError: an element of `seq_ids` is not a live handle.
+            KVDtypeError: `queries` is not a float array.
+            KVShapeError: `queries` is not `[B, q_heads, head_dim]` as required.
+            InvalidArgumentError: a bad `scale`, `window` or `sinks`.
+            InvalidPositionError: a query's window reaches a released position, or a sequence is
+                empty.
+        """
         self._require_storage("attention_decode")
         layer = checks.as_layer(layer, self.config.num_layers)
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "attention_decode seq_ids")]
@@ -178,9 +245,28 @@ class KVOperations:
     def attention_prefill(
         self, seq_id: int, layer: int, queries: np.ndarray, scale: float | None = None
     ) -> np.ndarray:
-        """Causal attention for the last L positions of a sequence (the tokens computed after a
-        cached prefix): the query at position p sees keys 0..p. queries: `[L, q_heads, head_dim]`
-        with 1 <= L <= len. Returns `[L, q_heads, head_dim]` float32."""
+        """Causal attention for the last L positions of a sequence (after a cached prefix). No tick.
+
+        The query at position p sees keys 0..p, or only the last `Config.window` of them.
+
+        Requires:
+            K/V storage; a live handle; `layer` in [0, num_layers); `queries` a float array `[L,
+            q_heads, head_dim]` with 1 <= L <= len and q_heads a multiple of kv_heads; `scale` None
+            or a finite real; the first query's window not reaching a released position (D10).
+
+        Returns:
+            `[L, q_heads, head_dim]` float32.
+
+        Raises:
+            StorageDisabledError: the cache is metadata-only.
+            UnknownSequenceError: `seq_id` is not a live handle.
+            InvalidArgumentError: `layer` out of range.
+            KVDtypeError: `queries` is not a float array.
+            KVShapeError: `queries` is not `[L >= 1, q_heads, head_dim]` as required.
+            InvalidPositionError: L is greater than the sequence's length.
+            InvalidArgumentError: a bad `scale`.
+            InvalidPositionError: the first query's window reaches a released position.
+        """
         self._require_storage("attention_prefill")
         seq = self._sequence(seq_id)
         layer = checks.as_layer(layer, self.config.num_layers)

@@ -1,12 +1,15 @@
 """Observation of the spec's state: stats, a comparable snapshot, and the invariant checks.
 
-These only read. `check_invariants` restates the design brief's invariants over the state kept by
-`pagedkv.spec.cache.PagedCache`.
+These only read. `check_invariants` verifies the invariants I1..I11 listed in
+`pagedkv.spec.rules` over the state kept by `pagedkv.spec.cache.PagedCache`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pagedkv.errors import InvariantError
+from pagedkv.spec import rules
 from pagedkv.spec.pool import blocks_for
 from pagedkv.spec.window import HOLE, blocks_before_window, leading_holes
 from pagedkv.types import IndexEntry, SequenceEntry, Snapshot, Stats
@@ -55,53 +58,104 @@ def snapshot(cache) -> Snapshot:
 
 
 def check_invariants(cache) -> None:
-    """Raises InvariantError naming the first broken invariant of the design brief."""
-    size, refcounts = cache.config.block_size, cache.pool.refcounts
+    """Checks invariants I1..I11 of `pagedkv.spec.rules`, in order.
 
-    def require(ok: bool, message: str) -> None:
+    Raises:
+        InvariantError: for the first that fails; the message starts with its number, e.g.
+            "I4 Refcounts count table entries: ...". Changes nothing either way.
+    """
+    size, refcounts, window = cache.config.block_size, cache.pool.refcounts, cache.config.window
+    titles = rules.invariants()
+
+    def require(ok: bool, label: str, detail: str) -> None:
         if not ok:
-            raise InvariantError(message)
+            raise InvariantError(f"{label} {titles[label]}: {detail}")
 
     counted = [0] * cache.config.num_blocks
     for seq in cache.sequences.values():
+        want = blocks_for(len(seq.tokens), size)
         require(
-            len(seq.table) == blocks_for(len(seq.tokens), size),
-            f"sequence {seq.id}: table length != ceil(len / block_size)",
+            len(seq.table) == want,
+            "I1",
+            f"sequence {seq.id} has {len(seq.tokens)} tokens and {len(seq.table)} table entries, "
+            f"not {want}",
         )
         holes = leading_holes(seq.table)
-        require(HOLE not in seq.table[holes:], f"sequence {seq.id}: a hole after a held block")
+        require(HOLE not in seq.table[holes:], "I2", f"sequence {seq.id} has {seq.table}")
         require(
-            holes <= blocks_before_window(len(seq.tokens), cache.config.window, size),
-            f"sequence {seq.id}: a released block is still inside the window",
+            holes <= blocks_before_window(len(seq.tokens), window, size),
+            "I3",
+            f"sequence {seq.id} ({len(seq.tokens)} tokens, window {window}) has {holes} holes",
         )
         for block in seq.table[holes:]:
             counted[block] += 1
-    require(counted == refcounts, "refcount != occurrences in block tables")
+    for block, (refcount, entries) in enumerate(zip(refcounts, counted)):
+        require(
+            refcount == entries,
+            "I4",
+            f"block {block} has refcount {refcount} but {entries} table entries",
+        )
     queue = list(cache.pool.free_queue)
-    require(len(queue) == len(set(queue)), "free queue holds a block twice")
+    require(len(queue) == len(set(queue)), "I5", f"free queue {queue}")
     indexed = cache.index.node_of_block
     expected_free = {
         b for b in range(cache.config.num_blocks) if refcounts[b] == 0 and b not in indexed
     }
-    require(set(queue) == expected_free, "free queue != unreferenced, unindexed blocks")
+    require(
+        set(queue) == expected_free,
+        "I6",
+        f"free queue {sorted(queue)}, unreferenced unindexed blocks {sorted(expected_free)}",
+    )
     nodes = cache.index.nodes()
-    require(len({n.block for n in nodes}) == len(nodes), "two index nodes share a block")
+    blocks = [n.block for n in nodes]
+    require(len(set(blocks)) == len(blocks), "I7", f"nodes hold blocks {sorted(blocks)}")
     for node in nodes:
-        require(indexed.get(node.block) is node, "node_of_block out of sync")
+        require(len(node.key) == size, "I7", f"block {node.block} has key {node.key}")
+    reachable = _reachable(cache.index)
+    for node in nodes:
+        require(indexed.get(node.block) is node, "I8", f"block {node.block} is registered apart")
         siblings = cache.index.children_of(node.namespace, node.parent)
-        require(siblings.get(node.key) is node, "index node not reachable from its parent")
-        require(len(node.key) == size, "index node key is not a full block")
+        require(siblings.get(node.key) is node, "I8", f"block {node.block} not under its parent")
+    require(
+        len(reachable) == len(nodes),
+        "I8",
+        f"{len(reachable)} nodes reachable from the roots, {len(nodes)} registered",
+    )
     for seq in cache.sequences.values():
         for i, block in enumerate(seq.table):
-            if block == HOLE:
-                continue
-            node = indexed.get(block)
+            node = indexed.get(block) if block != HOLE else None
             end = min(len(seq.tokens), (i + 1) * size)
             require(
                 node is None or node.path_tokens()[:end] == tuple(seq.tokens[:end]),
+                "I9",
                 f"sequence {seq.id} holds indexed block {block} under other tokens",
             )
-    writable_owners = [
+    writable = [
         b for s in cache.sequences.values() for b in s.table if b != HOLE and cache._is_writable(b)
     ]
-    require(len(writable_owners) == len(set(writable_owners)), "a block writable twice")
+    twice = sorted(b for b, n in Counter(writable).items() if n > 1)
+    require(not twice, "I10", f"blocks {twice}")
+    for seq in cache.sequences.values():
+        require(
+            seq.id < cache.next_sequence_id,
+            "I11",
+            f"sequence {seq.id}, next id {cache.next_sequence_id}",
+        )
+        require(
+            seq.committed <= len(seq.tokens) // size,
+            "I11",
+            f"sequence {seq.id} has {seq.committed} committed of {len(seq.tokens) // size} full "
+            "blocks",
+        )
+    late = [n.block for n in nodes if n.last_used > cache.clock]
+    require(not late, "I11", f"blocks {late} used after tick {cache.clock}")
+
+
+def _reachable(index) -> list:
+    """Every node reachable from the namespace roots through children."""
+    found, stack = [], [n for level in index.roots.values() for n in level.values()]
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        stack.extend(node.children.values())
+    return found

@@ -1,4 +1,4 @@
-"""Threads: every public operation of a cache holds the cache's lock.
+"""Threads: every public operation of a cache holds the cache's lock (decision D7).
 
 Calls from several threads therefore run one at a time, each complete before the next starts, so
 the rules and the all-or-nothing guarantee hold exactly as for one thread. The cost is one

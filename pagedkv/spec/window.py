@@ -10,6 +10,8 @@ before n - W is dead: `extend` and `decode_step` release it and leave a *hole* i
 - A hole is never written, committed or matched. A released block that was committed before stays
   cached in the prefix index, with its K/V intact: still a correct prefix for later requests. One
   that was never committed joins the free queue like any released block.
+- When the releases happen within an operation, and how each operation treats a hole, is
+  decision D10 (`pagedkv.spec.rules`).
 - Trim may not uncover a hole: after trimming to length m, the sequence's last position m - 1
   (the query decode attention asks about) needs keys from m - W on, so a trim is refused unless
   those are all still held.

@@ -85,6 +85,9 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self.verdicts: dict[tuple, Verdict] = {}
+        # (mode as set, backend, dtypes, sizes, sinks) -> use the kernel: attention.decode_attention
+        # asks once per layer per step, so the answer is looked up, not re-derived
+        self.choices: dict[tuple, bool] = {}
 
     def use_kernel(
         self,

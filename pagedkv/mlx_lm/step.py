@@ -1,0 +1,70 @@
+"""One decode step of one group, shared by all its layers: where the new rows go, what to read.
+
+A decode step runs every layer of the model once with one new token per session. The first layer
+to reach the step takes the full path of `PagedLayerCache.update_and_fetch`: every check, the
+reservation of the new positions in the cache (which ticks its clock), the write through the
+backend's validated `write_kv` / `write_kv_batch`. It then records a `DecodeStep`: the slots it
+wrote, the padded block tables, the lengths. Every later layer of the group in the same step finds
+the step by its key and only checks its own arrays, writes its rows to the same slots (one update
+per pool) and builds its lazy fetch: no per-layer metadata work, which is most of the host's time
+in a decode step.
+
+Why reusing the step is exact: the key is (the cache's clock, the sequences, each one's start).
+Every metadata operation ticks the clock (add, extend, decode_step, commit, fork, trim, free,
+evict), so under one clock the block tables, lengths and writability are those the first layer
+checked; and the starts say the layer writes the very positions the first layer wrote.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from pagedkv.mlx_backend.attention import pad_tables
+from pagedkv.mlx_backend.kernels.decode import DecodeBatch
+
+
+@dataclass
+class DecodeStep:
+    """What every layer of one group shares in one decode step."""
+
+    key: tuple  # (clock, sequences, starts): see the module docstring
+    tables: mx.array  # [B, T] int32 block tables padded with block 0 (holes too: masked)
+    rows: mx.array  # [B, length] int32: each position's row in a pool viewed as [N * S, H, D]
+    lengths: tuple[int, ...]  # positions per sequence after this step's write (start + 1)
+    slots: tuple  # one row: (block, row) ints; several: (block index, row index) [B] int32
+    batches: dict = field(default_factory=dict)  # window -> DecodeBatch for the kernel
+    thread: int = field(default_factory=threading.get_ident)  # the thread whose step this is
+
+    @staticmethod
+    def build(key: tuple, tables: list[np.ndarray], starts: list[int], block_size: int):
+        """The step whose rows land at `starts` (already written by the step's first layer)."""
+        blocks = [int(t[s // block_size]) for t, s in zip(tables, starts)]
+        rows = [s % block_size for s in starts]
+        if len(starts) == 1:
+            slots = (blocks[0], rows[0])
+        else:
+            slots = (mx.array(blocks, dtype=mx.int32), mx.array(rows, dtype=mx.int32))
+        lengths = tuple(s + 1 for s in starts)
+        padded = pad_tables(tables)
+        positions = np.arange(max(lengths))
+        rows_of = np.array(padded)[:, positions // block_size] * block_size + positions % block_size
+        return DecodeStep(key, padded, mx.array(rows_of.astype(np.int32)), lengths, slots)
+
+    @property
+    def length(self) -> int:
+        """The longest row: the fetched history's length."""
+        return max(self.lengths)
+
+    def batch(self, window: int | None) -> DecodeBatch:
+        """The kernel's inputs for attention over a window (None: every position), built once."""
+        batch = self.batches.get(window)
+        if batch is None:
+            firsts = [max(0, n - window) if window else 0 for n in self.lengths]
+            bounds = np.array([firsts, self.lengths], np.int32).T  # [B, 2]
+            longest = max(n - f for n, f in zip(self.lengths, firsts))
+            batch = self.batches[window] = DecodeBatch(self.tables, mx.array(bounds), longest)
+        return batch
