@@ -91,7 +91,7 @@ MUTANTS = [
     # the backend
     (
         "backend: release does not touch cached blocks",
-        "pagedkv/mlx_backend/cache.py",
+        "pagedkv/mlx_backend/allocation.py",
         "            node.last_used = now\n            if refcounts[block] == 0:",
         "            if refcounts[block] == 0:",
         DIFF,
