@@ -8,8 +8,9 @@ import pytest
 
 pytest.importorskip("mlx.core", reason="the payoff benchmarks need MLX (pagedkv[mlx])")
 from pagedkv.benchmarks.memory import multi_turn_chat, shared_prefix_cell  # noqa: E402
-from pagedkv.benchmarks.throughput import SMALL, build_model, decode_throughput  # noqa: E402
+from pagedkv.benchmarks.throughput import decode_throughput  # noqa: E402
 from pagedkv.mlx_backend import PagedCache  # noqa: E402
+from pagedkv.models import SMALL, random_model  # noqa: E402
 
 
 @pytest.mark.benchmark(group="memory per shared prefix")
@@ -39,7 +40,7 @@ def bench_multi_turn_chat(record_device):
 @pytest.mark.benchmark(group="decode throughput (small model)")
 @pytest.mark.parametrize("batch", [1, 4, 8])
 def bench_decode_throughput(record_device, batch):
-    model = build_model(SMALL, "float32")
+    model = random_model(SMALL)
     steps = 2 if record_device.disabled else 16
     cell = record_device.pedantic(
         decode_throughput, args=(model, "small", batch, 128, steps), rounds=1

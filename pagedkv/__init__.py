@@ -5,7 +5,7 @@ implementation on MLX held to it exactly. Importing `pagedkv` never imports MLX.
 """
 
 from pagedkv.config import Config
-from pagedkv.types import IndexEntry, Snapshot, Stats
+from pagedkv.types import IndexEntry, SequenceEntry, Snapshot, Stats
 
 __version__ = "0.1.0"
-__all__ = ["Config", "IndexEntry", "Snapshot", "Stats", "__version__"]
+__all__ = ["Config", "IndexEntry", "SequenceEntry", "Snapshot", "Stats", "__version__"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pagedkv.benchmarks.groups import GROUPS  # the descriptions only: cheap to import
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedkv", description=__doc__)
@@ -17,20 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the serving scenario and print what paging saved")
     demo.add_argument("--requests", type=int, default=8, help="concurrent requests (default 8)")
     bench = commands.add_parser("bench", help="run a benchmark group (table, CSV and PNG)")
-    bench.add_argument(
-        "group",
-        choices=[
-            "gather",
-            "memory",
-            "prefill",
-            "throughput",
-            "window",
-            "admission",
-            "trace",
-            "serve",
-            "all",
-        ],
-    )
+    bench.add_argument("group", choices=[*GROUPS, "all"])
     bench.add_argument("--full", action="store_true", help="the whole sweep (default: quick)")
     bench.add_argument("--out", default="bench-results", help="folder for CSV and PNG files")
     bench.add_argument(

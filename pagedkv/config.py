@@ -10,6 +10,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def ceil_div(numerator: int, denominator: int) -> int:
+    """ceil(numerator / denominator) for ints, denominator > 0: the one ceiling division of the
+    package (the blocks a number of tokens needs, the splits a number of keys needs, ...)."""
+    return -(-numerator // denominator)
+
+
 @dataclass(frozen=True)
 class Config:
     """Sizes of the block pool.

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from pagedkv.config import Config
+from pagedkv.config import Config, ceil_div
 from pagedkv.types import Stats
 
 SYSTEM_PROMPT = [(7 * i + 3) % 32000 for i in range(512)]
@@ -19,7 +19,7 @@ SYSTEM_PROMPT = [(7 * i + 3) % 32000 for i in range(512)]
 def run_scenario(cache_class: Callable, requests: int = 8, block_size: int = 16) -> tuple:
     """Runs the scenario metadata-only; returns (cache, dense token count, peak blocks in use)."""
     suffix_len, decode_steps = 60, 32
-    per_request_blocks = -(-(len(SYSTEM_PROMPT) + suffix_len + decode_steps) // block_size)
+    per_request_blocks = ceil_div(len(SYSTEM_PROMPT) + suffix_len + decode_steps, block_size)
     # Room for everything shared once, but not for the later, unrelated prompts: they evict.
     num_blocks = per_request_blocks + requests * 8
     cache = cache_class(Config(num_blocks=num_blocks, block_size=block_size, store_kv=False))
@@ -51,7 +51,7 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 
 def summary_rows(stats: Stats, dense_tokens: int, peak: int, block_size: int) -> list:
-    dense_blocks = -(-dense_tokens // block_size)
+    dense_blocks = ceil_div(dense_tokens, block_size)
     return [
         ("blocks in use at peak (paged)", f"{peak}"),
         ("blocks a dense cache would hold", f"{dense_blocks}"),
@@ -98,11 +98,11 @@ def model_scenario(requests: int, new_tokens: int = 24) -> int:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from pagedkv.benchmarks.throughput import SMALL, build_model
     from pagedkv.mlx_lm import PagedKVStore
+    from pagedkv.models import SMALL, random_model
 
     started = time.perf_counter()
-    model = build_model(SMALL, "float32")  # random weights, from mlx-lm's own Llama class
+    model = random_model(SMALL)  # random weights, from mlx-lm's own Llama class
     system = SYSTEM_PROMPT[:256]
     prompts = [
         [t % 1024 for t in system] + [(97 * r + j) % 1024 for j in range(16)]

@@ -37,6 +37,18 @@ class IndexEntry:
 
 
 @dataclass(frozen=True)
+class SequenceEntry:
+    """One live sequence: its handle, tokens and block table (-1 for a block the sliding window
+    released), and how many of its leading full blocks were committed."""
+
+    id: int
+    namespace: str
+    tokens: tuple[int, ...]
+    table: tuple[int, ...]
+    committed: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything observable about the cache's metadata, for comparing two caches exactly."""
 
@@ -44,7 +56,6 @@ class Snapshot:
     next_sequence_id: int
     free_queue: tuple[int, ...]
     refcounts: tuple[int, ...]
-    sequences: tuple[tuple[int, str, tuple[int, ...], tuple[int, ...], int], ...]
-    # (id, namespace, tokens, block table, committed full blocks), sorted by id
+    sequences: tuple[SequenceEntry, ...]  # sorted by id
     index: tuple[IndexEntry, ...]  # sorted by (namespace, path_tokens)
     stats: Stats

@@ -91,12 +91,10 @@ def attention() -> None:
 def step() -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
-    from pagedkv.benchmarks.throughput import build_model
     from pagedkv.mlx_lm import PagedKVStore
+    from pagedkv.models import SMALL, random_model
 
-    shape = dict(hidden_size=256, num_hidden_layers=32, intermediate_size=512,
-                 num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)  # fmt: skip
-    model = build_model(shape, "bfloat16")
+    model = random_model(dict(SMALL, num_hidden_layers=32), dtype="bfloat16")
     prompt = list(range(64))
     token = mx.zeros((1, 1), mx.int32)
     cache = make_prompt_cache(model)

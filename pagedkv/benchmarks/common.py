@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -53,3 +54,12 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def progress(done: int, total: int, label: str, started: float) -> None:
+    """One progress line on stderr: `[done/total] label (seconds since started)`."""
+    print(
+        f"  [{done}/{total}] {label} ({time.perf_counter() - started:.1f}s)",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -26,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pagedkv.config import ceil_div
+
 QUICK = dict(contexts=(1024, 4096), batches=(1, 4), blocks=(16,))
 FULL = dict(contexts=(1024, 4096, 16384, 32768), batches=(1, 4, 16), blocks=(16, 32, 64))
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -102,7 +104,7 @@ def cell_arrays(context: int, batch: int, block: int):
 
     from pagedkv.mlx_backend.kernels import DecodeBatch
 
-    per_seq = -(-context // block)
+    per_seq = ceil_div(context, block)
     pool_blocks = 2 * batch * per_seq  # 2x slack
     mx.random.seed(0)
     shape = (pool_blocks, block, KV_HEADS, HEAD_DIM)

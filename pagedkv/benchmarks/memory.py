@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedkv.config import Config
+from pagedkv.config import Config, ceil_div
+from pagedkv.models import LLAMA3_8B, cache_shape
 
-LLAMA3_8B = dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="float16")
+LLAMA3_8B_KV = cache_shape(LLAMA3_8B, "float16")  # the Config fields of its K/V
 SUFFIX = 64
 QUICK = dict(requests=(1, 4, 16), prefixes=(512, 2048))
 FULL = dict(requests=(1, 2, 4, 8, 16, 32), prefixes=(512, 1024, 2048, 4096, 8192))
@@ -43,9 +44,9 @@ class MemoryCell:
 
 def shared_prefix_cell(cache_class, requests: int, prefix: int, block_size: int = 16) -> MemoryCell:
     """N requests = the same P-token prefix + a private 64-token suffix, all live at once."""
-    per_request = -(-(prefix + SUFFIX) // block_size)
+    per_request = ceil_div(prefix + SUFFIX, block_size)
     config = Config(
-        num_blocks=requests * per_request + 8, block_size=block_size, store_kv=False, **LLAMA3_8B
+        num_blocks=requests * per_request + 8, block_size=block_size, store_kv=False, **LLAMA3_8B_KV
     )
     cache = cache_class(config)
     prefix_tokens = [(31 * i + 7) % 32000 for i in range(prefix)]
@@ -55,7 +56,7 @@ def shared_prefix_cell(cache_class, requests: int, prefix: int, block_size: int 
     stats = cache.stats()
     per_token = config.bytes_per_block // block_size
     step = dense_step()
-    dense = requests * (-(-(prefix + SUFFIX) // step) * step) * per_token
+    dense = requests * (ceil_div(prefix + SUFFIX, step) * step) * per_token
     return MemoryCell(
         requests,
         prefix,
@@ -88,10 +89,10 @@ def multi_turn_chat(
     """One conversation: each turn's prompt is the whole history plus a new user message; the
     answer is decoded into the same sequence and committed, then the request ends."""
     config = Config(
-        num_blocks=-(-(system + turns * (user + answer)) // block_size) * 2 + 8,
+        num_blocks=ceil_div(system + turns * (user + answer), block_size) * 2 + 8,
         block_size=block_size,
         store_kv=False,
-        **LLAMA3_8B,
+        **LLAMA3_8B_KV,
     )
     cache = cache_class(config)
     history = [(13 * i + 5) % 32000 for i in range(system)]

@@ -10,14 +10,14 @@ from __future__ import annotations
 import statistics
 import time
 
-from pagedkv.config import Config
+from pagedkv.config import Config, ceil_div
 
 
 def decode_step_workload(
     cache_class, batch: int, prompt: int = 512, block_size: int = 16, steps: int = 4096
 ):
     """Returns (step function, cache). The pool has room for `steps` decode steps."""
-    per_seq = -(-(prompt + steps + 1) // block_size)
+    per_seq = ceil_div(prompt + steps + 1, block_size)
     cache = cache_class(
         Config(num_blocks=batch * per_seq + 16, block_size=block_size, store_kv=False)
     )

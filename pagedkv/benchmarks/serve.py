@@ -17,26 +17,12 @@ import random
 import time
 from dataclasses import dataclass
 
-QUICK = dict(
-    requests=12,
-    systems=2,
-    system=256,
-    suffix=32,
-    output=32,
-    block_size=16,
-    budget_tokens=4096,
-    arrive_every=2,
-)
-FULL = dict(
-    requests=64,
-    systems=2,
-    system=2048,
-    suffix=128,
-    output=256,
-    block_size=16,
-    budget_tokens=65536,
-    arrive_every=1,
-)
+from pagedkv.config import ceil_div
+
+QUICK = dict(requests=12, systems=2, system=256, suffix=32, output=32, block_size=16,
+             budget_tokens=4096, arrive_every=2)  # fmt: skip
+FULL = dict(requests=64, systems=2, system=2048, suffix=128, output=256, block_size=16,
+            budget_tokens=65536, arrive_every=1)  # fmt: skip
 
 
 @dataclass
@@ -124,7 +110,7 @@ def serve_bench(model, cfg: dict) -> list[list]:
     # Capacity at the budget: arithmetic for mlx-lm's caches, measured for the paged pool.
     per_position = _bytes_per_position(model)
     longest = cfg["system"] + cfg["suffix"] + cfg["output"]
-    dense_fit = cfg["budget_tokens"] // (-(-longest // 256) * 256)
+    dense_fit = cfg["budget_tokens"] // (ceil_div(longest, 256) * 256)
     crowd = make_trace(cfg, max(8 * dense_fit, 16), vocab, seed=1)
     budget_blocks = cfg["budget_tokens"] // cfg["block_size"]
     fit = run_trace(model, crowd, cfg, paged=True, arrive_every=0, num_blocks=budget_blocks)

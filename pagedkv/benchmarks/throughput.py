@@ -15,22 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-SMALL = dict(
-    hidden_size=256,
-    num_hidden_layers=4,
-    intermediate_size=512,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=1024,
-)
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
+from pagedkv.config import ceil_div
 
 
 @dataclass
@@ -48,24 +33,6 @@ class ThroughputCell:
     @property
     def ratio(self) -> float:
         return self.paged_tok_s / self.dense_tok_s
-
-
-def build_model(shape: dict, dtype: str):
-    import mlx.core as mx
-    from mlx_lm.models import llama
-
-    args = llama.ModelArgs(
-        model_type="llama",
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        rope_theta=500000.0,
-        **shape,
-    )
-    mx.random.seed(0)
-    model = llama.Model(args)
-    model.set_dtype(getattr(mx, dtype))
-    mx.eval(model.parameters())
-    return model
 
 
 def pipelined_decode(call, first, steps: int, warmup: int = 3):
@@ -131,7 +98,7 @@ def paged_side(model, prompts, tokens_ahead: int, block_size: int, route: bool):
 
     from pagedkv.mlx_lm import PagedKVStore
 
-    blocks = sum(-(-(len(p) + tokens_ahead) // block_size) for p in prompts) + 8
+    blocks = sum(ceil_div(len(p) + tokens_ahead, block_size) for p in prompts) + 8
     store = PagedKVStore.for_model(
         model, num_blocks=blocks, block_size=block_size, route_attention=route
     )

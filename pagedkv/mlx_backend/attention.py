@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from pagedkv.errors import InvalidPositionError
-from pagedkv.mlx_backend import validate
+from pagedkv.mlx_backend import checks
 from pagedkv.mlx_backend.kernels import decode, dispatch
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 
@@ -107,14 +107,14 @@ def attention_decode(
 ) -> mx.array:
     """One query per sequence, ragged lengths: `[B, q_heads, D]` -> `[B, q_heads, D]`
     (queries' dtype). Same contract as the spec's attention_decode."""
-    storage = cache._storage("attention_decode")
+    storage = cache._require_storage("attention_decode")
     cfg = cache.config
-    layer = validate.layer(layer, cfg.num_layers)
-    seqs = [cache._seq(s) for s in validate.batch(seq_ids, "attention_decode seq_ids")]
-    queries = validate.queries(queries, cfg.num_kv_heads, cfg.head_dim, len(seqs))
-    scale = validate.scale(scale, cfg.head_dim)
-    window = validate.window(window)
-    sinks = validate.sinks(sinks, queries.shape[1])
+    layer = checks.as_layer(layer, cfg.num_layers)
+    seqs = [cache._sequence(s) for s in checks.as_batch(seq_ids, "attention_decode seq_ids")]
+    queries = checks.check_queries(queries, cfg.num_kv_heads, cfg.head_dim, len(seqs))
+    scale = checks.as_scale(scale, cfg.head_dim)
+    window = checks.as_window(window)
+    sinks = checks.check_sinks(sinks, queries.shape[1])
     if window is None:  # rule 10: a windowed cache's layers attend within its window
         window = cfg.window
     for seq in seqs:  # rule 10, checked first as in the spec
@@ -136,18 +136,18 @@ def attention_decode(
 def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | None = None):
     """Causal attention for the last L positions: `[L, q_heads, D]` -> `[L, q_heads, D]`
     (queries' dtype). Same contract as the spec's attention_prefill."""
-    storage = cache._storage("attention_prefill")
-    seq = cache._seq(seq_id)
+    storage = cache._require_storage("attention_prefill")
+    seq = cache._sequence(seq_id)
     cfg = cache.config
-    layer = validate.layer(layer, cfg.num_layers)
-    queries = validate.queries(queries, cfg.num_kv_heads, cfg.head_dim, None)
+    layer = checks.as_layer(layer, cfg.num_layers)
+    queries = checks.check_queries(queries, cfg.num_kv_heads, cfg.head_dim, None)
     count, length = queries.shape[0], len(seq.tokens)
     if not 1 <= count <= length:
         raise InvalidPositionError(
             f"attention_prefill with {count} queries but sequence {seq.id} has {length} "
             "positions; pass 1..len queries."
         )
-    scale = validate.scale(scale, cfg.head_dim)
+    scale = checks.as_scale(scale, cfg.head_dim)
     _require_window_held(cache, seq, length - count, "attention_prefill", cfg.window)
     table = mx.array(np.maximum(seq.table[None, : seq.num_blocks], 0))
     keys = gather_batch(storage.keys[layer], table)[:, :, :length].astype(queries.dtype)

@@ -64,6 +64,19 @@ class PrefixIndex:
     def child(self, namespace: str, parent: Node | None, key: tuple) -> Node | None:
         return self.children.get((namespace if parent is None else parent.block, key))
 
+    def match(self, namespace: str, keys) -> list[Node]:
+        """Follows the keys (any iterable, consumed only up to the first miss) from the root;
+        returns the nodes of the longest indexed chain."""
+        chain: list[Node] = []
+        parent = None
+        for key in keys:
+            node = self.child(namespace, parent, key)
+            if node is None:
+                break
+            chain.append(node)
+            parent = node
+        return chain
+
     def mark_if_evictable(self, node: Node) -> None:
         if node.children == 0 and self.refcounts[node.block] == 0:
             self.evictable.add(node.block)

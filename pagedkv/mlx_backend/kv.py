@@ -18,7 +18,7 @@ from pagedkv.errors import (
     NotWritableError,
     StorageDisabledError,
 )
-from pagedkv.mlx_backend import attention, validate
+from pagedkv.mlx_backend import attention, checks
 from pagedkv.mlx_backend.storage import KVStorage
 
 if TYPE_CHECKING:
@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 
 
 class KVOperations:
-    """Mixed into `PagedCache`: expects `config`, `storage`, `size`, `clock`, `_seq`, `_writable`."""
+    """Mixed into `PagedCache`: expects `config`, `storage`, `size`, `clock`, `_sequence` and
+    `_is_writable`."""
 
     # ---- write ---------------------------------------------------------------------------------
 
-    def _storage(self, op: str) -> KVStorage:
+    def _require_storage(self, op: str) -> KVStorage:
         if self.storage is None:
             raise StorageDisabledError(
                 f"{op} needs K/V storage but this cache is metadata-only; "
@@ -39,12 +40,12 @@ class KVOperations:
         return self.storage
 
     def write_kv(self, seq_id: int, layer: int, start: int, keys, values) -> None:
-        storage = self._storage("write_kv")
-        seq = self._seq(seq_id)
+        storage = self._require_storage("write_kv")
+        seq = self._sequence(seq_id)
         cfg = self.config
-        layer = validate.layer(layer, cfg.num_layers)
-        start = validate.count(start, "start")
-        rows = validate.kv_rows(keys, values, storage.dtype, cfg.num_kv_heads, cfg.head_dim)
+        layer = checks.as_layer(layer, cfg.num_layers)
+        start = checks.as_count(start, "start")
+        rows = checks.check_kv(keys, values, storage.dtype, cfg.num_kv_heads, cfg.head_dim)
         if start + rows > len(seq.tokens):
             raise InvalidPositionError(
                 f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
@@ -76,7 +77,7 @@ class KVOperations:
                     f"write_kv at position {position} of sequence {seq.id}: the sliding window "
                     "released it (rule 10); released positions are never written."
                 )
-            if not self._writable(block):
+            if not self._is_writable(block):
                 raise NotWritableError(
                     f"write_kv into block {block} of sequence {seq.id}, which is shared "
                     f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
@@ -88,9 +89,9 @@ class KVOperations:
         return runs
 
     def write_kv_batch(self, seq_ids, layer: int, starts, keys, values) -> None:
-        storage = self._storage("write_kv_batch")
-        seqs = [self._seq(s) for s in validate.batch(seq_ids, "write_kv_batch seq_ids")]
-        starts = validate.batch(starts, "write_kv_batch starts")
+        storage = self._require_storage("write_kv_batch")
+        seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "write_kv_batch seq_ids")]
+        starts = checks.as_batch(starts, "write_kv_batch starts")
         if not seqs or len(set(map(id, seqs))) != len(seqs) or len(starts) != len(seqs):
             raise InvalidArgumentError(
                 f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
@@ -103,12 +104,12 @@ class KVOperations:
                     f"{getattr(array, 'shape', type(array).__name__)}."
                 )
         cfg = self.config
-        layer = validate.layer(layer, cfg.num_layers)
+        layer = checks.as_layer(layer, cfg.num_layers)
         checked, rows = [], 0
         for b, (seq, start) in enumerate(zip(seqs, starts)):  # checks in the spec's order
-            start = validate.count(start, "start")
+            start = checks.as_count(start, "start")
             if b == 0:  # every sequence gets rows of the same shape and dtype
-                rows = validate.kv_rows(
+                rows = checks.check_kv(
                     keys[0], values[0], storage.dtype, cfg.num_kv_heads, cfg.head_dim
                 )
             if start + rows > len(seq.tokens):
@@ -146,9 +147,9 @@ class KVOperations:
     # ---- reads: gather and attention -----------------------------------------------------------
 
     def gather(self, seq_id: int, layer: int):
-        storage = self._storage("gather")
-        seq = self._seq(seq_id)
-        layer = validate.layer(layer, self.config.num_layers)
+        storage = self._require_storage("gather")
+        seq = self._sequence(seq_id)
+        layer = checks.as_layer(layer, self.config.num_layers)
         blocks = np.maximum(seq.table[: seq.num_blocks], 0)  # holes read block 0, zeroed below
         keys, values = storage.gather(layer, mx.array(blocks), len(seq.tokens))
         if seq.holes:  # rule 10: released positions read as zeros

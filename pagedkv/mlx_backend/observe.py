@@ -7,8 +7,11 @@ structures.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
+from pagedkv.config import ceil_div
 from pagedkv.errors import InvariantError
-from pagedkv.types import IndexEntry, Snapshot, Stats
+from pagedkv.types import IndexEntry, SequenceEntry, Snapshot, Stats
 
 
 def stats(cache) -> Stats:
@@ -33,7 +36,7 @@ def stats(cache) -> Stats:
         sequences=len(cache.sequences),
         tokens_stored=sum(len(s.tokens) for s in cache.sequences.values()),
         unique_tokens=sum(rows_held.values()),
-        **cache.counts,
+        **asdict(cache.counters),
     )
 
 
@@ -51,7 +54,7 @@ def snapshot(cache) -> Snapshot:
         free_queue=tuple(cache.pool.free_queue),
         refcounts=tuple(cache.pool.refcounts),
         sequences=tuple(
-            (s.id, s.namespace, tuple(s.tokens), tuple(s.blocks()), s.committed)
+            SequenceEntry(s.id, s.namespace, tuple(s.tokens), tuple(s.blocks()), s.committed)
             for s in sorted(cache.sequences.values(), key=lambda s: s.id)
         ),
         index=tuple(entries),
@@ -100,7 +103,7 @@ def check_invariants(cache) -> None:
     for seq in cache.sequences.values():
         length = len(seq.tokens)
         need(
-            seq.num_blocks == -(-length // size),
+            seq.num_blocks == ceil_div(length, size),
             "I1",
             f"sequence {seq.id} has {length} tokens and {seq.num_blocks} table entries",
         )
@@ -159,7 +162,7 @@ def check_invariants(cache) -> None:
     writable: dict[int, int] = {}
     for seq in cache.sequences.values():
         for block in seq.held():
-            if cache._writable(block):
+            if cache._is_writable(block):
                 writable[block] = writable.get(block, 0) + 1
     need(max(writable.values(), default=0) <= 1, "I10", f"writable entries {writable}")
     for seq in cache.sequences.values():

@@ -12,11 +12,11 @@ import threading
 from functools import wraps
 
 
-def locked_methods(cls):
+def serialised(cls):
     """Wraps each public method of `cls` in `self._lock`, created by the wrapped __init__."""
     public = [n for n in dir(cls) if not n.startswith("_")]  # its own and its mixins' (kv.py)
     for name in [n for n in public if callable(getattr(cls, n))]:
-        setattr(cls, name, _with_lock(getattr(cls, name)))
+        setattr(cls, name, _holding_lock(getattr(cls, name)))
     original_init = cls.__init__
 
     @wraps(original_init)
@@ -28,7 +28,7 @@ def locked_methods(cls):
     return cls
 
 
-def _with_lock(method):
+def _holding_lock(method):
     @wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:

@@ -21,6 +21,7 @@ import logging
 
 from mlx_lm.generate import BatchGenerator
 
+from pagedkv.config import ceil_div
 from pagedkv.errors import OutOfBlocksError
 from pagedkv.mlx_lm.batch import Request, RequestPool
 
@@ -30,7 +31,7 @@ log = logging.getLogger("pagedkv.serve")
 def require_fits(prompt_tokens: int, block_size: int, num_blocks: int) -> None:
     """Raises OutOfBlocksError when a prompt alone (plus a block for a copied shared tail) can
     never fit a pool of `num_blocks` blocks, whatever else is running."""
-    if -(-prompt_tokens // block_size) + 1 > num_blocks:
+    if ceil_div(prompt_tokens, block_size) + 1 > num_blocks:
         raise OutOfBlocksError(
             f"a {prompt_tokens}-token prompt can never fit the {num_blocks}-block pool of "
             f"{block_size}-token blocks; shorten it or start the server with more --num-blocks."
@@ -153,9 +154,9 @@ class Admission:
         size = self.store.config.block_size
         end = len(request.prompt) + (request.max_tokens or 0)
         if request.seqs is None:  # optimistic: the prefix hit it expects (checked once opened)
-            return -(-end // size) + 1 - request.cached_tokens // size
+            return ceil_div(end, size) + 1 - request.cached_tokens // size
         held = len(self.store.groups[group].block_table_array(request.seqs[group]))
-        return max(0, -(-end // size) + 1 - held)
+        return max(0, ceil_div(end, size) + 1 - held)
 
     def _free(self, group: int) -> int:
         return self.store.groups[group].blocks_available() - self._promised(group)

@@ -31,6 +31,7 @@ from collections import deque
 
 import mlx.core as mx
 
+from pagedkv.config import ceil_div
 from pagedkv.errors import InvalidArgumentError, OutOfBlocksError
 from pagedkv.mlx_backend.attention import gather_batch, pad_tables
 from pagedkv.mlx_lm.kinds import FULL, WINDOW
@@ -328,7 +329,8 @@ class _BatchProtocol:
         size = store.config.block_size
         for g, cache in enumerate(store.groups):  # an upper bound: a partial tail may be copied
             needed = sum(
-                -(-end // size) - len(cache.block_table_array(s.seqs[g])) for s, _, end in growing
+                ceil_div(end, size) - len(cache.block_table_array(s.seqs[g]))
+                for s, _, end in growing
             )
             needed += sum(1 for _, length, _ in growing if length % size)
             if needed > cache.blocks_available():
@@ -356,7 +358,7 @@ class _BatchProtocol:
         cfg = self.cache.config
         tables = [self.cache.block_table_array(s.seqs[self.group]) for s in self.sessions]
         tables = pad_tables(tables)
-        width = -(-length // cfg.block_size)
+        width = ceil_div(length, cfg.block_size)
         if tables.shape[1] < width:
             tables = mx.pad(tables, [(0, 0), (0, width - tables.shape[1])])
         k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
@@ -392,9 +394,9 @@ def _unshare_reserved(request, start: int, count: int) -> None:
         if start >= stop:
             continue
         table = cache.block_table_array(seq)
-        blocks = {int(table[i]) for i in range(start // size, -(-stop // size))}
-        # _writable is the backend's own test (refcount 1, not indexed).
-        if all(b < 0 or cache._writable(b) for b in blocks):
+        blocks = {int(table[i]) for i in range(start // size, ceil_div(stop, size))}
+        # _is_writable is the backend's own test (refcount 1, not indexed).
+        if all(b < 0 or cache._is_writable(b) for b in blocks):
             continue
         with store.lock:
             tokens = list(cache.tokens(seq)[start:length])

@@ -175,11 +175,11 @@ def _learn(store, request: Request, tokens: list[int]) -> int:
     if len(tokens) <= start:
         return 0
     for cache, seq in zip(store.groups, request.seqs):
-        held = cache._seq(seq).tokens  # the backend's own list: no public setter exists yet
+        held = cache._sequence(seq).tokens  # the backend's own list: no public setter exists yet
         if len(held) < len(tokens) or any(t != UNKNOWN_TOKEN for t in held[start : len(tokens)]):
             return 0
     for cache, seq in zip(store.groups, request.seqs):
-        cache._seq(seq).tokens[start : len(tokens)] = tokens[start:]
+        cache._sequence(seq).tokens[start : len(tokens)] = tokens[start:]
     request.prompt.extend(tokens[start:])
     return len(tokens) - start
 

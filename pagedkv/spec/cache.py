@@ -10,14 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
 
+from pagedkv import errors
 from pagedkv.config import Config
-from pagedkv.errors import (
-    ConfigError,
-    InvalidArgumentError,
-    OutOfBlocksError,
-    TrimError,
-    UnknownSequenceError,
-)
 from pagedkv.spec import checks, observe
 from pagedkv.spec.allocation import Allocation
 from pagedkv.spec.index import PrefixIndex
@@ -30,7 +24,7 @@ from pagedkv.spec.window import HOLE, leading_holes, trim_uncovers_hole
 from pagedkv.types import Snapshot, Stats
 
 
-@serialised  # every public method holds self.lock: calls from several threads run one at a time
+@serialised  # every public method holds self._lock: calls from several threads run one at a time
 class PagedCache(Allocation, KVOperations):
     """The executable spec of a paged KV cache.
 
@@ -48,7 +42,7 @@ class PagedCache(Allocation, KVOperations):
 
     def __init__(self, config: Config) -> None:
         if not isinstance(config, Config):
-            raise ConfigError(f"PagedCache needs a pagedkv.Config, got {type(config).__name__}.")
+            raise errors.not_a_config(config)
         self.config = config
         self.pool = BlockPool(config.num_blocks)
         self.index = PrefixIndex()
@@ -64,10 +58,7 @@ class PagedCache(Allocation, KVOperations):
         is_handle = checks.is_integer(seq_id)
         seq = self.sequences.get(int(seq_id)) if is_handle else None  # type: ignore[arg-type]
         if seq is None:
-            raise UnknownSequenceError(
-                f"sequence {seq_id!r} is unknown or was freed; live sequences: "
-                f"{sorted(self.sequences)[:8]}. Use a handle returned by add_sequence or fork."
-            )
+            raise errors.unknown_sequence(seq_id, self.sequences)
         return seq
 
     def _tick(self) -> int:
@@ -96,10 +87,7 @@ class PagedCache(Allocation, KVOperations):
         """D2: OutOfBlocksError unless `needed` blocks are available before the first change."""
         available = self.blocks_available(pinned)
         if needed > available:
-            raise OutOfBlocksError(
-                f"{asked} needs {needed} new blocks but only {available} are free or evictable "
-                f"(of {self.config.num_blocks}); free or trim sequences, or use a larger pool."
-            )
+            raise errors.out_of_blocks(asked, needed, available, self.config.num_blocks)
 
     def _prompt_keys(self, tokens: list[int]) -> list[tuple[int, ...]]:
         """Rule 3: the keys of full blocks a prompt may match, leaving at least one token."""
@@ -218,9 +206,7 @@ class PagedCache(Allocation, KVOperations):
         seq = self._sequence(seq_id)
         num_tokens = checks.as_count(num_tokens, "num_tokens")
         if num_tokens == 0:  # D11: no extend takes 0 tokens, so there is nothing to answer
-            raise InvalidArgumentError(
-                "can_extend num_tokens must be >= 1 (extend takes at least one token), got 0."
-            )
+            raise errors.can_extend_zero()
         cow, grow = self._extend_plan(seq, num_tokens)
         return int(cow) + grow <= self.blocks_available()
 
@@ -276,10 +262,7 @@ class PagedCache(Allocation, KVOperations):
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "decode_step seq_ids")]
         tokens = checks.as_tokens(tokens, "decode_step")
         if len({seq.id for seq in seqs}) != len(seqs) or len(tokens) != len(seqs) or not seqs:
-            raise InvalidArgumentError(
-                f"decode_step needs distinct sequences and one token each; got {len(seqs)} "
-                f"sequences ({len({seq.id for seq in seqs})} distinct) and {len(tokens)} tokens."
-            )
+            raise errors.not_one_token_each(len(seqs), len({s.id for s in seqs}), len(tokens))
         plans = self._decode_plans(seqs)
         needed = sum(int(cow) + grow for cow, grow in plans)
         self._require_blocks(needed, set(), f"decode_step({len(seqs)} sequences)")
@@ -307,10 +290,7 @@ class PagedCache(Allocation, KVOperations):
         """
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "can_decode_step seq_ids")]
         if len({seq.id for seq in seqs}) != len(seqs) or not seqs:
-            raise InvalidArgumentError(
-                f"can_decode_step needs distinct sequences; got {len(seqs)} sequences "
-                f"({len({seq.id for seq in seqs})} distinct)."
-            )
+            raise errors.not_distinct("can_decode_step", len(seqs), len({s.id for s in seqs}))
         needed = sum(int(cow) + grow for cow, grow in self._decode_plans(seqs))
         return needed <= self.blocks_available()
 
@@ -405,18 +385,12 @@ class PagedCache(Allocation, KVOperations):
         seq = self._sequence(seq_id)
         num_tokens = checks.as_count(num_tokens, "trim num_tokens")
         if num_tokens > len(seq.tokens):
-            raise TrimError(
-                f"trim({num_tokens}) of sequence {seq.id}, which holds {len(seq.tokens)} tokens; "
-                "trim at most its length."
-            )
+            raise errors.trim_too_long(num_tokens, seq.id, len(seq.tokens))
         new_length = len(seq.tokens) - num_tokens
         cfg = self.config
         if trim_uncovers_hole(new_length, leading_holes(seq.table), cfg.window, cfg.block_size):
-            raise TrimError(
-                f"trim({num_tokens}) of sequence {seq.id} would leave its last position a key the "
-                f"sliding window ({cfg.window}) already released (rule 10); trim at most "
-                f"{len(seq.tokens) - leading_holes(seq.table) * cfg.block_size - cfg.window}."
-            )
+            most = len(seq.tokens) - leading_holes(seq.table) * cfg.block_size - cfg.window
+            raise errors.trim_reaches_released(num_tokens, seq.id, cfg.window, most)
         now = self._tick()
         keep = blocks_for(new_length, self.config.block_size)
         for block in reversed(seq.table[keep:]):

@@ -28,12 +28,7 @@ import math
 
 import numpy as np
 
-from pagedkv.errors import (
-    InvalidArgumentError,
-    InvalidTokensError,
-    KVDtypeError,
-    KVShapeError,
-)
+from pagedkv import errors
 
 MAX_TOKEN = 2**31 - 1  # token ids must fit int32, the backend's token and table dtype
 
@@ -49,24 +44,18 @@ def as_tokens(tokens: object, what: str) -> list[int]:
     [0, 2**31)."""
     if isinstance(tokens, np.ndarray):
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise InvalidTokensError(
-                f"{what}: a token array must be 1-D of an integer dtype, got {tokens.ndim}-D "
-                f"{tokens.dtype}."
-            )
+            raise errors.token_array(what, tokens.ndim, tokens.dtype)
     elif not isinstance(tokens, (list, tuple, range)):
-        raise InvalidTokensError(
-            f"{what}: tokens must be a list, tuple, range or 1-D integer numpy array of ints, "
-            f"got {type(tokens).__name__}."
-        )
+        raise errors.not_tokens(what, tokens)
     result: list[int] = []
     for token in tokens:
         if not is_integer(token):
-            raise InvalidTokensError(f"{what}: token {token!r} is not an int; pass token ids.")
+            raise errors.token_not_int(what, token)
         if not 0 <= int(token) <= MAX_TOKEN:
-            raise InvalidTokensError(f"{what}: token {int(token)} is outside [0, 2**31).")
+            raise errors.token_out_of_range(what, int(token))
         result.append(int(token))
     if not result:
-        raise InvalidTokensError(f"{what}: needs at least one token, got none.")
+        raise errors.no_tokens(what)
     return result
 
 
@@ -75,34 +64,30 @@ def as_batch(values: object, what: str) -> list:
     if isinstance(values, np.ndarray) and values.ndim == 1:
         return list(values)
     if not isinstance(values, (list, tuple, range)):
-        raise InvalidArgumentError(
-            f"{what} must be a list, tuple, range or 1-D numpy array, got {type(values).__name__}."
-        )
+        raise errors.not_a_batch(what, values)
     return list(values)
 
 
 def as_count(value: object, what: str) -> int:
     """A non-negative integer, else InvalidArgumentError."""
     if not is_integer(value):
-        raise InvalidArgumentError(f"{what} must be an int, got {value!r}.")
+        raise errors.not_an_int(what, value)
     if value < 0:  # type: ignore[operator]
-        raise InvalidArgumentError(f"{what} must be >= 0, got {value}.")
+        raise errors.negative(what, value)
     return int(value)  # type: ignore[arg-type]
 
 
 def as_namespace(namespace: object) -> str:
     if not isinstance(namespace, str):
-        raise InvalidArgumentError(
-            f"namespace must be a str ('' for none), got {type(namespace).__name__}."
-        )
+        raise errors.not_a_namespace(namespace)
     return namespace
 
 
 def as_layer(layer: object, num_layers: int) -> int:
     if not is_integer(layer):
-        raise InvalidArgumentError(f"layer must be an int, got {layer!r}.")
+        raise errors.not_an_int("layer", layer)
     if not 0 <= layer < num_layers:  # type: ignore[operator]
-        raise InvalidArgumentError(f"layer {layer} is outside [0, {num_layers}).")
+        raise errors.layer_out_of_range(layer, num_layers)
     return int(layer)  # type: ignore[arg-type]
 
 
@@ -112,19 +97,15 @@ def check_kv(
     """Both arrays `[n, kv_heads, head_dim]` with n >= 1, of the pool's dtype. Returns n."""
     for name, array in (("keys", keys), ("values", values)):
         if not isinstance(array, np.ndarray):
-            raise KVDtypeError(f"{name} must be a numpy array, got {type(array).__name__}.")
+            raise errors.not_an_array(name, "numpy array", array)
         if array.dtype != storage_dtype:
             hint = " (bfloat16 K/V are passed to the spec as uint16 bit patterns)"
-            raise KVDtypeError(
-                f"{name} has dtype {array.dtype}, the cache stores {dtype_name}"
-                f"{hint if dtype_name == 'bfloat16' else ''}; cast before writing."
-            )
+            hint = hint if dtype_name == "bfloat16" else ""
+            raise errors.kv_dtype(name, array.dtype, dtype_name, hint)
         if array.ndim != 3 or array.shape[0] < 1 or array.shape[1:] != (kv_heads, head_dim):
-            raise KVShapeError(
-                f"{name} has shape {array.shape}; expected [n >= 1, {kv_heads}, {head_dim}]."
-            )
+            raise errors.kv_shape(name, array.shape, kv_heads, head_dim)
     if keys.shape != values.shape:  # type: ignore[union-attr]
-        raise KVShapeError(f"keys {keys.shape} and values {values.shape} differ in shape.")  # type: ignore[union-attr]
+        raise errors.kv_shapes_differ(keys.shape, values.shape)  # type: ignore[union-attr]
     return keys.shape[0]  # type: ignore[union-attr]
 
 
@@ -134,7 +115,7 @@ def check_queries(
     """Queries `[batch_dim, q_heads, head_dim]` of a float dtype, q_heads a multiple of kv_heads.
     batch_dim None accepts any leading size >= 1. Returns them as float32."""
     if not isinstance(queries, np.ndarray) or not np.issubdtype(queries.dtype, np.floating):
-        raise KVDtypeError(f"queries must be a float numpy array, got {type(queries).__name__}.")
+        raise errors.not_an_array("queries", "float numpy array", queries)
     leading_ok = queries.ndim == 3 and (
         queries.shape[0] == batch_dim if batch_dim is not None else queries.shape[0] >= 1
     )
@@ -144,11 +125,7 @@ def check_queries(
         or queries.shape[1] < 1
         or queries.shape[1] % kv_heads
     ):
-        raise KVShapeError(
-            f"queries have shape {queries.shape}; expected [{batch_dim or 'L'}, q_heads, "
-            f"{head_dim}] "
-            f"with q_heads a multiple of {kv_heads}."
-        )
+        raise errors.queries_shape(queries.shape, batch_dim, kv_heads, head_dim)
     return queries.astype(np.float32)
 
 
@@ -158,13 +135,13 @@ def as_scale(scale: object, head_dim: int) -> float:
         return head_dim**-0.5
     real = isinstance(scale, (int, float, np.integer, np.floating))
     if not real or isinstance(scale, (bool, np.bool_)):
-        raise InvalidArgumentError(f"scale must be a finite float or None, got {scale!r}.")
+        raise errors.bad_scale(scale)
     try:
         value = float(scale)  # type: ignore[arg-type]
     except OverflowError:  # an int too large for a float
         value = math.inf
     if not math.isfinite(value):
-        raise InvalidArgumentError(f"scale must be a finite float or None, got {scale!r}.")
+        raise errors.bad_scale(scale)
     return value
 
 
@@ -173,7 +150,7 @@ def as_window(window: object) -> int | None:
     if window is None:
         return None
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise InvalidArgumentError(f"window must be None or an int >= 1, got {window!r}.")
+        raise errors.bad_window(window)
     return int(window)
 
 
@@ -187,8 +164,5 @@ def check_sinks(sinks: object, q_heads: int) -> np.ndarray | None:
         or sinks.shape != (q_heads,)
         or not np.isfinite(sinks).all()
     ):
-        raise InvalidArgumentError(
-            f"sinks must be None or a finite float array of shape ({q_heads},) (one logit per "
-            f"query head), got {getattr(sinks, 'shape', type(sinks).__name__)}."
-        )
+        raise errors.bad_sinks(sinks, q_heads)
     return sinks.astype(np.float32)

@@ -14,13 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pagedkv.errors import (
-    InvalidArgumentError,
-    InvalidPositionError,
-    KVShapeError,
-    NotWritableError,
-    StorageDisabledError,
-)
+from pagedkv import errors
 from pagedkv.spec import checks
 from pagedkv.spec.attention import reference_attention
 from pagedkv.spec.storage import NUMPY_STORAGE_DTYPE, KVStorage, to_float32
@@ -38,10 +32,7 @@ class KVOperations:
 
     def _require_storage(self, asked: str) -> KVStorage:
         if self.storage is None:
-            raise StorageDisabledError(
-                f"{asked} needs K/V storage but this cache is metadata-only; "
-                "create it with Config(store_kv=True)."
-            )
+            raise errors.storage_disabled(asked)
         return self.storage
 
     def write_kv(
@@ -84,24 +75,14 @@ class KVOperations:
             keys, values, NUMPY_STORAGE_DTYPE[cfg.dtype], cfg.dtype, cfg.num_kv_heads, cfg.head_dim
         )
         if start + count > len(seq.tokens):
-            raise InvalidPositionError(
-                f"write_kv of positions [{start}, {start + count}) but sequence {seq.id} has "
-                f"{len(seq.tokens)} positions; extend it first."
-            )
+            raise errors.write_past_end(start, count, seq.id, len(seq.tokens))
         positions = np.arange(start, start + count)
         blocks = np.array(seq.table)[positions // cfg.block_size]
-        for block in sorted(set(blocks.tolist())):
-            if block == HOLE:
-                raise NotWritableError(
-                    f"write_kv at positions [{start}, {start + count}) of sequence {seq.id}: "
-                    "some were released by the sliding window (rule 10) and are never written."
-                )
+        for block in dict.fromkeys(blocks.tolist()):  # each touched block, in position order
+            if block == HOLE:  # holes lead the table: the first touched position is released
+                raise errors.write_released(start, seq.id)
             if not self._is_writable(block):
-                raise NotWritableError(
-                    f"write_kv into block {block} of sequence {seq.id}, which is shared "
-                    f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
-                    "stored. Write only positions that add_sequence/extend reserved afresh."
-                )
+                raise errors.write_shared(block, seq.id, self.pool.refcounts[block])
         return layer, blocks, positions % cfg.block_size
 
     def write_kv_batch(
@@ -140,16 +121,11 @@ class KVOperations:
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "write_kv_batch seq_ids")]
         starts = checks.as_batch(starts, "write_kv_batch starts")
         if not seqs or len({s.id for s in seqs}) != len(seqs) or len(starts) != len(seqs):
-            raise InvalidArgumentError(
-                f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
-                f"sequences and {len(starts)} starts."
-            )
+            raise errors.not_one_start_each(len(seqs), len(starts))
         for name, array in (("keys", keys), ("values", values)):
             if not isinstance(array, np.ndarray) or array.ndim != 4 or len(array) != len(seqs):
-                raise KVShapeError(
-                    f"write_kv_batch {name} must be [{len(seqs)}, n, kv_heads, head_dim], got "
-                    f"{getattr(array, 'shape', type(array).__name__)}."
-                )
+                shape = getattr(array, "shape", type(array).__name__)
+                raise errors.batch_kv_shape(name, len(seqs), shape)
         plans = [
             self._check_write(seq, layer, start, keys[b], values[b])
             for b, (seq, start) in enumerate(zip(seqs, starts))
@@ -203,11 +179,7 @@ class KVOperations:
         held_from = leading_holes(seq.table) * self.config.block_size
         start = 0 if window is None else max(first_query - window + 1, 0)
         if start < held_from:
-            raise InvalidPositionError(
-                f"{asked}: the query at position {first_query} attends from position "
-                f"{start}, but sequence {seq.id} holds K/V from {held_from} on "
-                "(the window released the rest); query later positions only."
-            )
+            raise errors.window_released(asked, first_query, start, seq.id, held_from)
 
     def attention_decode(
         self,
@@ -262,7 +234,7 @@ class KVOperations:
         outputs = []
         for b, seq in enumerate(seqs):
             if not seq.tokens:
-                raise InvalidPositionError(f"attention_decode over empty sequence {seq.id}.")
+                raise errors.empty_sequence(seq.id)
             keys, values = self._gather_float32(seq, layer)
             last = np.array([len(seq.tokens) - 1])
             outputs.append(
@@ -303,10 +275,7 @@ class KVOperations:
         )
         count = queries.shape[0]
         if not 1 <= count <= len(seq.tokens):
-            raise InvalidPositionError(
-                f"attention_prefill with {count} queries but sequence {seq.id} has "
-                f"{len(seq.tokens)} positions; pass 1..len queries."
-            )
+            raise errors.prefill_queries(count, seq.id, len(seq.tokens))
         scale = checks.as_scale(scale, self.config.head_dim)
         window = self.config.window
         self._require_window_held(seq, len(seq.tokens) - count, "attention_prefill", window)

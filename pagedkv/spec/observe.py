@@ -12,7 +12,7 @@ from pagedkv.errors import InvariantError
 from pagedkv.spec import rules
 from pagedkv.spec.pool import blocks_for
 from pagedkv.spec.window import HOLE, blocks_before_window, leading_holes
-from pagedkv.types import IndexEntry, Snapshot, Stats
+from pagedkv.types import IndexEntry, SequenceEntry, Snapshot, Stats
 
 
 def stats(cache) -> Stats:
@@ -49,7 +49,7 @@ def snapshot(cache) -> Snapshot:
         free_queue=tuple(cache.pool.free_queue),
         refcounts=tuple(cache.pool.refcounts),
         sequences=tuple(
-            (s.id, s.namespace, tuple(s.tokens), tuple(s.table), s.committed)
+            SequenceEntry(s.id, s.namespace, tuple(s.tokens), tuple(s.table), s.committed)
             for s in sorted(cache.sequences.values(), key=lambda s: s.id)
         ),
         index=tuple(sorted(entries, key=lambda e: (e.namespace, e.path_tokens))),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections import deque
 
+from pagedkv.config import ceil_div
+
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """ceil(num_tokens / block_size): the table length of a sequence of that many tokens."""
-    return -(-num_tokens // block_size)
+    return ceil_div(num_tokens, block_size)
 
 
 class BlockPool:

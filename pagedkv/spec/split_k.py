@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pagedkv.config import ceil_div
+
 
 @dataclass
 class Partial:
@@ -51,8 +53,8 @@ def split_blocks(first: int, length: int, block_size: int, num_splits: int) -> l
 
     The blocks holding visible keys are dealt out in contiguous runs of ceil(blocks / num_splits);
     the first block is cut at `first`, the last at `length`. Later splits may be empty."""
-    first_block, end_block = first // block_size, -(-length // block_size)
-    per_split = -(-(end_block - first_block) // num_splits)
+    first_block, end_block = first // block_size, ceil_div(length, block_size)
+    per_split = ceil_div(end_block - first_block, num_splits)
     splits = []
     for split in range(num_splits):
         begin_block = first_block + split * per_split
@@ -116,7 +118,9 @@ def split_k_decode(
             parts = []
             for positions in split_blocks(first, length, block_size, num_splits):
                 state = empty_partial(group, head_dim)
-                for index in range(positions.start // block_size, -(-positions.stop // block_size)):
+                for index in range(
+                    positions.start // block_size, ceil_div(positions.stop, block_size)
+                ):
                     start = max(positions.start, index * block_size)  # this block's visible rows
                     stop = min(positions.stop, (index + 1) * block_size)
                     block = tables[b, index]

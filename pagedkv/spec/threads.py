@@ -14,7 +14,7 @@ import threading
 
 
 def serialised(cls: type) -> type:
-    """Class decorator: wraps each public method in `self.lock` (a re-entrant lock, so a method
+    """Class decorator: wraps each public method in `self._lock` (a re-entrant lock, so a method
     may call another)."""
     for name in dir(cls):  # the class's own methods and those of its mixins (spec/kv.py)
         method = getattr(cls, name)
@@ -24,7 +24,7 @@ def serialised(cls: type) -> type:
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        self.lock = threading.RLock()
+        self._lock = threading.RLock()
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__
@@ -34,7 +34,7 @@ def serialised(cls: type) -> type:
 def _holding_lock(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        with self.lock:
+        with self._lock:
             return method(self, *args, **kwargs)
 
     return call

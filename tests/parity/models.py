@@ -1,37 +1,21 @@
-"""Tiny random-weight models from mlx-lm's own model classes (no downloads), and a tokenizer."""
+"""Tiny random-weight models of three architectures (`pagedkv.models.random_model` at the shape
+`TINY`), and a tokenizer."""
 
 from __future__ import annotations
 
-import importlib
-
 import mlx.core as mx
 
-BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=256,
-    tie_word_embeddings=False,
-)
+from pagedkv.models import TINY, random_model
+
 ARCHITECTURES = {
-    "llama": dict(BASE),
-    "qwen3": dict(BASE, head_dim=16, max_position_embeddings=512, rope_theta=10000.0),
-    "qwen2": dict(BASE, max_position_embeddings=512, rope_theta=10000.0),
+    "llama": dict(TINY),
+    "qwen3": dict(TINY, head_dim=16, max_position_embeddings=512, rope_theta=10000.0),
+    "qwen2": dict(TINY, max_position_embeddings=512, rope_theta=10000.0),
 }
 
 
 def tiny_model(arch: str, seed: int = 0, dtype=mx.float32):
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    args = module.ModelArgs.from_dict({"model_type": arch, **ARCHITECTURES[arch]})
-    mx.random.seed(seed)
-    model = module.Model(args)
-    if dtype != mx.float32:
-        model.set_dtype(dtype)
-    mx.eval(model.parameters())
-    return model
+    return random_model(ARCHITECTURES[arch], arch, seed, dtype)
 
 
 def tiny_tokenizer():
@@ -49,6 +33,21 @@ def tiny_tokenizer():
 
 def greedy(logprobs):
     return mx.argmax(logprobs, axis=-1)
+
+
+def paged_tokens(session, model, max_tokens: int) -> list[int]:
+    """Greedy tokens of mlx-lm's `generate_step` on a session's paged caches (the part of its
+    prompt that is not cached is fed)."""
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(
+        mx.array(session.remaining_prompt),
+        model,
+        max_tokens=max_tokens,
+        sampler=greedy,
+        prompt_cache=session.caches,
+    )
+    return [t for t, _ in steps]
 
 
 def prompt_tokens(length: int, seed: int) -> list[int]:

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from pagedkv.config import ceil_div
 from pagedkv.mlx_backend.kernels import decode as kernel
 from pagedkv.spec.split_k import split_k_decode
 
@@ -42,7 +43,7 @@ def log(line: str) -> None:
 def case(dtype, head_dim, block_size, group, lengths, kv_heads=2, window=None, sinks=False, seed=0):
     """Random paged K/V and queries; returns the kernel inputs and float32 NumPy copies."""
     rng = np.random.default_rng(seed)
-    blocks_per_row = [-(-n // block_size) for n in lengths]
+    blocks_per_row = [ceil_div(n, block_size) for n in lengths]
     num_blocks = sum(blocks_per_row) + 7
     order = rng.permutation(num_blocks)  # fragmented: each row's blocks are scattered
     tables = np.zeros((len(lengths), max(blocks_per_row)), np.int32)

@@ -9,7 +9,14 @@ from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from pagedkv.mlx_lm import UNKNOWN_TOKEN, PagedKVStore
-from tests.parity.models import ARCHITECTURES, greedy, prompt_tokens, tiny_model, tiny_tokenizer
+from tests.parity.models import (
+    ARCHITECTURES,
+    greedy,
+    paged_tokens,
+    prompt_tokens,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 TOKENS = 32
 
@@ -25,19 +32,6 @@ def dense_tokens(model, prompt, max_tokens=TOKENS):
     ]
 
 
-def paged_tokens(session, model, max_tokens=TOKENS):
-    return [
-        t
-        for t, _ in generate_step(
-            mx.array(session.remaining_prompt),
-            model,
-            max_tokens=max_tokens,
-            sampler=greedy,
-            prompt_cache=session.caches,
-        )
-    ]
-
-
 def test_cold_and_shared_prefix_requests_match_dense(model):
     store = PagedKVStore.for_model(model, num_blocks=64, block_size=8)
     system = prompt_tokens(37, seed=1)
@@ -45,11 +39,11 @@ def test_cold_and_shared_prefix_requests_match_dense(model):
     second = system + prompt_tokens(9, seed=3)
     cold = store.open(first)
     assert cold.cached_tokens == 0
-    assert paged_tokens(cold, model) == dense_tokens(model, first)
+    assert paged_tokens(cold, model, TOKENS) == dense_tokens(model, first)
     shared = store.open(second)
     assert shared.cached_tokens == 32  # four full blocks of the system prompt
     assert len(shared.remaining_prompt) == len(second) - 32  # only the suffix is prefilled
-    assert paged_tokens(shared, model) == dense_tokens(model, second)
+    assert paged_tokens(shared, model, TOKENS) == dense_tokens(model, second)
     assert store.cache.stats().prefill_tokens_avoided == 32
     cold.close()
     shared.close()

@@ -19,16 +19,17 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import make_prompt_cache
 
 from pagedkv.mlx_lm import PagedKVStore, routing
-from tests.parity.models import ARCHITECTURES, BASE, prompt_tokens, tiny_model
+from pagedkv.models import TINY, random_model
+from tests.parity.models import ARCHITECTURES, prompt_tokens, tiny_model
 
 # Beyond the llama family: sliding-window layers (windows reach the kernel as a first visible
 # position) and attention sinks.
 EXTRA = {
     "gemma3_text": dict(
-        BASE, head_dim=16, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16
+        TINY, head_dim=16, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16
     ),
     "gpt_oss": dict(
-        BASE,
+        TINY,
         head_dim=16,
         sliding_window=8,
         num_local_experts=4,
@@ -44,12 +45,7 @@ STEPS = 10
 def build(arch: str):
     if arch in ARCHITECTURES:
         return tiny_model(arch)
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    args = module.ModelArgs.from_dict({"model_type": arch, **EXTRA[arch]})
-    mx.random.seed(0)
-    model = module.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return random_model(EXTRA[arch], arch)
 
 
 def decode_logits(model, caches, prompt, steps=STEPS):

@@ -8,6 +8,7 @@ blocks before the window (rule 10) as the request decodes, while generation matc
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
+from pagedkv.config import ceil_div
 from pagedkv.mlx_lm import PagedKVStore
 from tests.parity.models import greedy
 from tests.parity.zoo import build
@@ -31,7 +32,7 @@ def test_window_layers_keep_window_plus_one_block_while_full_layers_grow():
         in_use.append((full.stats().in_use_blocks, window.stats().in_use_blocks))
     dense = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=48, sampler=greedy)]
     assert paged == dense
-    bound = -(-8 // BLOCK) + 1
+    bound = ceil_div(8, BLOCK) + 1
     assert all(w <= bound for _, w in in_use[4:])  # past the prompt's first decode steps
-    assert in_use[-1][0] == -(-(len(prompt) + 47) // BLOCK)  # full attention: every block
+    assert in_use[-1][0] == ceil_div(len(prompt) + 47, BLOCK)  # full attention: every block
     store.check_invariants()

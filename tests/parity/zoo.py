@@ -8,11 +8,11 @@ tests decode past them.
 
 from __future__ import annotations
 
-import importlib
 import pkgutil
 
-import mlx.core as mx
 import mlx_lm.models
+
+from pagedkv.models import random_model
 
 H = 64
 SMALL = dict(
@@ -325,9 +325,4 @@ def config(arch: str) -> dict:
 
 def build(arch: str, seed: int = 0):
     """A tiny random-weight float32 model of `arch` (raises whatever mlx-lm raises)."""
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    args = module.ModelArgs.from_dict(config(arch))
-    mx.random.seed(seed)
-    model = module.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return random_model(config(arch), arch, seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from pagedkv.config import ceil_div
 from pagedkv.types import Snapshot
 
 EVENTS: Counter[str] = Counter()
@@ -29,7 +30,7 @@ def record(op: str, args: tuple, before: Snapshot, after: Snapshot, outcome: tup
     if op == "add_sequence" and outcome[1][1]:
         EVENTS["rule 3: prefix hit"] += 1
         seq = outcome[1][0]
-        table = next(s[3] for s in after.sequences if s[0] == seq)
+        table = next(s.table for s in after.sequences if s.id == seq)
         if any(before.refcounts[blk] == 0 for blk in table if blk in indexed_before):
             EVENTS["rule 3: a cached (refcount 0) block reused"] += 1
     if a.cow_copies > b.cow_copies:
@@ -69,7 +70,7 @@ def _pinning_decides(args: tuple, before: Snapshot) -> bool:
         and len(e.path_tokens) <= (len(tokens) - 1) // size * size
         and tokens[: len(e.path_tokens)] == e.path_tokens
     }
-    needed = -(-len(tokens) // size) - len(matched)
+    needed = ceil_div(len(tokens), size) - len(matched)
     free = len(before.free_queue)
     return free + _reclaimable(before, set()) >= needed > free + _reclaimable(before, matched)
 

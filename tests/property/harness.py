@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pagedkv.config import DTYPES, Config
+from pagedkv.config import DTYPES, Config, ceil_div
 from pagedkv.errors import (
     InvalidArgumentError,
     InvalidPositionError,
@@ -34,6 +34,25 @@ STEMS = (
 )
 tokens_strategy = st.lists(st.integers(0, 3), min_size=1, max_size=7)
 OOB = OutOfBlocksError
+
+# Bad calls with one faulty argument, by name: (a live handle, an unknown one) -> (operation,
+# arguments, the error every side must raise).
+BAD_CALLS = {
+    "add_sequence: no tokens": lambda seq, unknown: ("add_sequence", ([],), InvalidTokensError),
+    "add_sequence: negative token": lambda seq, unknown: (
+        "add_sequence", ([1, -1],), InvalidTokensError),
+    "add_sequence: token 2**31": lambda seq, unknown: (
+        "add_sequence", ([1, 2**31],), InvalidTokensError),
+    "add_sequence: namespace not a str": lambda seq, unknown: (
+        "add_sequence", ([1], 7), InvalidArgumentError),
+    "extend: unknown handle": lambda seq, unknown: (
+        "extend", (unknown, [1]), UnknownSequenceError),
+    "commit: unknown handle": lambda seq, unknown: ("commit", (unknown,), UnknownSequenceError),
+    "fork: unknown handle": lambda seq, unknown: ("fork", (unknown,), UnknownSequenceError),
+    "free: unknown handle": lambda seq, unknown: ("free", (unknown,), UnknownSequenceError),
+    "evict: negative count": lambda seq, unknown: ("evict", (-1,), InvalidArgumentError),
+    "trim: negative count": lambda seq, unknown: ("trim", (seq, -1), InvalidArgumentError),
+}  # fmt: skip
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -108,7 +127,7 @@ class CacheMachine(RuleBasedStateMachine):
         """Mostly a tight pool, with room for only `prompts` stem-sized prompts, so that
         allocation runs dry and eviction, reuse and refusals happen often."""
         if prompts is not None:
-            num_blocks = prompts * -(-len(STEMS[0]) // sizes["block_size"])
+            num_blocks = prompts * ceil_div(len(STEMS[0]), sizes["block_size"])
         self.config = Config(num_blocks=num_blocks, **sizes)
         self.caches = [impl.make(self.config) for impl in self.impls]
 
@@ -342,58 +361,49 @@ class CacheMachine(RuleBasedStateMachine):
         released = [b for b in reversed(oracle.table_of(before, seq)) if b != HOLE]
         oracle.check_release(before, self.caches[0].snapshot(), released)
 
-    @rule(count=st.integers(0, 9))
-    def evict_or_clear(self, count):
-        """evict(0..8) mostly; clear_cache() for the largest draw."""
-        if count == 9:
-            assert self.apply("clear_cache")[0] == "ok"
-            return
-
+    @rule(count=st.integers(0, 8))
+    def evict(self, count):
         before = self.caches[0].snapshot()
         status, evicted = self.apply("evict", count)
         assert evicted == oracle.lru_victims(before, count, set(), self.config.block_size)
         assert self.caches[0].snapshot().free_queue == before.free_queue + tuple(evicted)
 
-    def exhaust(self, extra):
+    @rule()
+    def clear_cache(self):
+        assert self.apply("clear_cache")[0] == "ok"
+
+    # ---- bad input: the right error, and nothing changed (apply checks the snapshot) ----------
+
+    @rule(case=st.sampled_from(sorted(BAD_CALLS)))
+    def bad_call(self, case):
+        """One named bad call of BAD_CALLS: the same error class on every side."""
+        live = sorted(self.model)
+        seq = live[0] if live else 0
+        op, args, expected = BAD_CALLS[case](seq, max(live, default=-1) + 1000)
+        if not live and op == "trim":
+            expected = UnknownSequenceError  # no live handle to trim: the handle is refused
+        assert self.apply(op, *args) == ("error", expected)
+
+    @precondition(lambda self: self.model)
+    @rule(past_the_end=st.booleans())
+    def bad_write(self, past_the_end):
+        """write_kv of rows past the end of a sequence, or of a wrong head_dim."""
+        seq, cfg = min(self.model), self.config
+        if past_the_end:
+            good = np.zeros((1, cfg.num_kv_heads, cfg.head_dim), np.float32)
+            end = len(self.model[seq])
+            assert self.write(seq, 0, end, good, good) == ("error", InvalidPositionError)
+        else:
+            bad = np.zeros((1, cfg.num_kv_heads, cfg.head_dim + 1), np.float32)
+            assert self.write(seq, 0, 0, bad, bad) == ("error", KVShapeError)
+
+    @rule(extra=st.integers(1, 3))
+    def prompt_larger_than_the_pool(self, extra):
         """A prompt longer than the whole pool can never fit: it must fail and change nothing."""
         prompt = [0] * (self.config.num_blocks * self.config.block_size + extra)
         assert self.apply("add_sequence", prompt, "") == ("error", OutOfBlocksError)
 
-    # ---- bad input: the right error, and nothing changed (apply checks the snapshot) ----------
-
-    @rule(data=st.data(), case=st.integers(0, 15))
-    def bad_input(self, data, case):
-        if case > 12:
-            return self.hostile_input(data)
-        live = sorted(self.model)
-        seq = live[0] if live else 0
-        unknown = max(live, default=-1) + 1000
-        cfg = self.config
-        good = np.zeros((1, cfg.num_kv_heads, cfg.head_dim), np.float32)
-        cases = [
-            (("add_sequence", []), InvalidTokensError),
-            (("add_sequence", [1, -1]), InvalidTokensError),
-            (("add_sequence", [1, 2**31]), InvalidTokensError),
-            (("add_sequence", [1], 7), InvalidArgumentError),
-            (("extend", unknown, [1]), UnknownSequenceError),
-            (("commit", unknown), UnknownSequenceError),
-            (("fork", unknown), UnknownSequenceError),
-            (("free", unknown), UnknownSequenceError),
-            (("evict", -1), InvalidArgumentError),
-            (("trim", seq, -1), InvalidArgumentError if live else UnknownSequenceError),
-        ]
-        if case < len(cases):
-            (op, *args), expected = cases[case]
-            assert self.apply(op, *args) == ("error", expected)
-        elif case == 12:
-            self.exhaust(1 + case % 3)
-        elif live and case == 10:  # wrong head_dim
-            bad = np.zeros((1, cfg.num_kv_heads, cfg.head_dim + 1), np.float32)
-            assert self.write(seq, 0, 0, bad, bad) == ("error", KVShapeError)
-        elif live:  # past the end of the sequence
-            end = len(self.model[seq])
-            assert self.write(seq, 0, end, good, good) == ("error", InvalidPositionError)
-
+    @rule(data=st.data())
     def hostile_input(self, data):
         """A call that breaks the input contract (tests/hostile.py): an error on every side, the
         same class, nothing changed (apply checks both)."""
@@ -444,7 +454,7 @@ class CacheMachine(RuleBasedStateMachine):
                 stats.free_blocks + stats.cached_blocks + stats.in_use_blocks
                 == self.config.num_blocks
             )
-            assert {s[0]: list(s[2]) for s in snapshot.sequences} == self.model
+            assert {s.id: list(s.tokens) for s in snapshot.sequences} == self.model
             snapshots.append(snapshot)
         for impl, snapshot in zip(self.impls[1:], snapshots[1:]):
             assert snapshot == snapshots[0], (

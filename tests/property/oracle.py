@@ -108,7 +108,7 @@ def expected_extension(
 
 
 def table_of(snapshot: Snapshot, seq: int) -> tuple[int, ...]:
-    return next(s[3] for s in snapshot.sequences if s[0] == seq)
+    return next(s.table for s in snapshot.sequences if s.id == seq)
 
 
 def check_release(before: Snapshot, after: Snapshot, released_tail_first: list[int]) -> None:

@@ -50,3 +50,24 @@ def test_serve_bench_rows():
     rows = serve_bench(tiny_model("llama"), cfg)
     assert [r[0] for r in rows] == ["mlx-lm", "pagedkv"] and rows[0][-1] is True
     assert rows[1][6] >= rows[0][6]  # at least as many requests fit the budget when paged
+
+
+def test_bench_groups_are_described_once(tmp_path):
+    """The command's choices, the table and CSV columns and the plot all come from one
+    description per group (pagedkv/benchmarks/groups.py); every plot reads only its columns."""
+    pytest.importorskip("matplotlib")
+    from pagedkv.__main__ import build_parser
+    from pagedkv.benchmarks.cli import cells, csv_text, plot
+    from pagedkv.benchmarks.groups import GROUPS
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    group_arg = next(a for a in bench._actions if a.dest == "group")
+    assert list(group_arg.choices) == [*GROUPS, "all"]
+    for name, group in GROUPS.items():
+        assert len(set(group.columns)) == len(group.columns), name
+        rows = [dict.fromkeys(group.columns, 1), dict.fromkeys(group.columns, 2)]
+        assert cells(group, rows) == [[1] * len(group.columns), [2] * len(group.columns)]
+        header = csv_text(group, rows, {"device_name": "d", "mlx": "m"}).splitlines()[0]
+        assert header == ",".join(["device", "mlx", *group.columns])
+        plot(group, rows, tmp_path / f"{name}.png")  # a KeyError if it reads another column
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -143,7 +143,7 @@ def test_freeing_everything_and_clearing_returns_every_block(impl):
         cache.commit(seq)
     cache.fork(seqs[0])
     for seq in list(cache.snapshot().sequences):
-        cache.free(seq[0])
+        cache.free(seq.id)
     assert cache.stats().cached_blocks == 3
     assert cache.clear_cache() == 3
     assert cache.stats().free_blocks == 8

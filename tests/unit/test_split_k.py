@@ -8,6 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pagedkv.config import ceil_div
 from pagedkv.spec.attention import reference_attention
 from pagedkv.spec.split_k import split_blocks, split_k_decode
 
@@ -37,7 +38,7 @@ def decode_cases(draw):
 def test_split_k_equals_plain_softmax_attention(case):
     block_size, kv_heads, group, head_dim, lengths, window, splits, dtype, sinks, seed = case
     rng = np.random.default_rng(seed)
-    width = max(-(-n // block_size) for n in lengths)
+    width = max(ceil_div(n, block_size) for n in lengths)
     num_blocks = len(lengths) * width + 3
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_pool = ROUND[dtype](rng.standard_normal(shape))

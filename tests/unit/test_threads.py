@@ -22,6 +22,16 @@ JOIN_TIMEOUT = 120  # seconds: a hang fails the test instead of stalling the sui
 STEM = list(range(100, 112))  # three full blocks shared by every thread's prompts
 
 
+def run_threads(target, args: list) -> None:
+    """One daemon thread per argument, all started, then joined; a hang fails the test."""
+    threads = [threading.Thread(target=target, args=(a,), daemon=True) for a in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=JOIN_TIMEOUT)
+        assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
+
+
 def stream_for(impl: str):
     """A stream of this thread's own (mlx-lm's generation thread records on one like it)."""
     if impl == "spec":
@@ -118,12 +128,7 @@ def test_many_threads_share_one_cache(impl):
         except BaseException as error:  # noqa: BLE001 - reported below
             failures.append(error)
 
-    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=JOIN_TIMEOUT)
-        assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
+    run_threads(run, workers)
     assert not failures, failures
     cache.check_invariants()
     stats = cache.stats()
@@ -142,7 +147,7 @@ def test_mlx_lm_generation_on_its_own_threads_shares_one_store():
     from mlx_lm.generate import generate_step
 
     from pagedkv.mlx_lm import PagedKVStore
-    from tests.parity.models import greedy, prompt_tokens, tiny_model
+    from tests.parity.models import greedy, paged_tokens, prompt_tokens, tiny_model
 
     model = tiny_model("llama")
     system = prompt_tokens(19, seed=1)
@@ -157,24 +162,12 @@ def test_mlx_lm_generation_on_its_own_threads_shares_one_store():
     def serve(i: int) -> None:
         try:
             session = store.open(prompts[i])
-            steps = generate_step(
-                mx.array(session.remaining_prompt),
-                model,
-                max_tokens=8,
-                sampler=greedy,
-                prompt_cache=session.caches,
-            )
-            results[i] = [t for t, _ in steps]
+            results[i] = paged_tokens(session, model, max_tokens=8)
             session.close()
         except BaseException as error:  # noqa: BLE001 - compared below
             results[i] = error
 
-    threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=JOIN_TIMEOUT)
-        assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
+    run_threads(serve, list(range(len(prompts))))
     assert [results[i] for i in range(len(prompts))] == dense
     store.cache.check_invariants()
     assert store.cache.stats().sequences == 0
@@ -185,11 +178,9 @@ def test_threads_sharing_a_store_of_several_groups_under_pressure_leave_no_block
     """A sliding-window model keeps two caches (full and window layers); a step checks both before
     changing either, under the store's lock, so threads racing for a small pool only ever see
     OutOfBlocksError, never a session half-extended in one group."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
 
     from pagedkv.mlx_lm import PagedKVStore
-    from tests.parity.models import greedy, prompt_tokens
+    from tests.parity.models import paged_tokens, prompt_tokens
     from tests.parity.zoo import build
 
     model = build("gemma3_text")
@@ -202,14 +193,7 @@ def test_threads_sharing_a_store_of_several_groups_under_pressure_leave_no_block
             session = None
             try:
                 session = store.open(prompt_tokens(9 + i, seed=20 + i + r))
-                steps = generate_step(
-                    mx.array(session.remaining_prompt),
-                    model,
-                    max_tokens=6,
-                    sampler=greedy,
-                    prompt_cache=session.caches,
-                )
-                outcomes.append(len([t for t, _ in steps]))
+                outcomes.append(len(paged_tokens(session, model, max_tokens=6)))
             except OutOfBlocksError as error:
                 outcomes.append(type(error))
             except BaseException as error:  # noqa: BLE001 - reported below
@@ -218,12 +202,7 @@ def test_threads_sharing_a_store_of_several_groups_under_pressure_leave_no_block
                 if session is not None:
                     session.close()
 
-    threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=JOIN_TIMEOUT)
-        assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
+    run_threads(serve, list(range(4)))
     assert all(o == 6 or o is OutOfBlocksError for o in outcomes), outcomes
     assert 6 in outcomes, outcomes
     for cache in store.groups:
@@ -275,12 +254,7 @@ def test_a_step_never_lands_in_one_group_only_when_threads_race_for_blocks():
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=JOIN_TIMEOUT)
-            assert not thread.is_alive(), "a thread hung (MLX work left unscheduled?)"
+        run_threads(serve, list(range(6)))
     finally:
         sys.setswitchinterval(interval)
     assert not failures, failures[:3]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pagedkv import Config
+from pagedkv.config import ceil_div
 from pagedkv.errors import InvalidPositionError, NotWritableError, TrimError
 from tests.impls import IMPLS, cache_class, kv, to_numpy
 
@@ -40,7 +41,7 @@ def test_blocks_before_the_window_are_released_and_memory_stays_bounded(impl):
     assert cache.stats().in_use_blocks == 2
     for _ in range(200):  # a long generation: in-use blocks never pass window / S + 1
         decode(cache, impl, seq, 1)
-        assert cache.stats().in_use_blocks <= -(-W // S) + 1
+        assert cache.stats().in_use_blocks <= ceil_div(W, S) + 1
     cache.check_invariants()
 
 
@@ -109,4 +110,4 @@ def test_window_benchmark_curve_is_flat_past_the_window():
     rows = window_curve(PagedCache, window=64, block_size=8, prompt=16, tokens=512, every=32)
     past = [r for r in rows if r[0] >= 64 + 8]
     assert past and all(window == past[0][1] <= bound for _, window, _, bound in past)
-    assert rows[-1][2] == -(-rows[-1][0] // 8)  # full attention keeps every block
+    assert rows[-1][2] == ceil_div(rows[-1][0], 8)  # full attention keeps every block
