@@ -17,7 +17,7 @@ import os
 import mlx.core as mx
 import numpy as np
 
-from pagedkv.errors import InvalidPositionError
+from pagedkv import errors
 from pagedkv.mlx_backend import checks
 from pagedkv.mlx_backend.kernels import decode, dispatch
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
@@ -124,7 +124,7 @@ def attention_decode(
         return mx.zeros_like(queries)
     for seq in seqs:
         if not seq.tokens:
-            raise InvalidPositionError(f"attention_decode over empty sequence {seq.id}.")
+            raise errors.empty_sequence(seq.id)
     batch = decode_batch(
         [seq.table[: seq.num_blocks] for seq in seqs], [len(seq.tokens) for seq in seqs], window
     )
@@ -143,10 +143,7 @@ def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | No
     queries = checks.check_queries(queries, cfg.num_kv_heads, cfg.head_dim, None)
     count, length = queries.shape[0], len(seq.tokens)
     if not 1 <= count <= length:
-        raise InvalidPositionError(
-            f"attention_prefill with {count} queries but sequence {seq.id} has {length} "
-            "positions; pass 1..len queries."
-        )
+        raise errors.prefill_queries(count, seq.id, length)
     scale = checks.as_scale(scale, cfg.head_dim)
     _require_window_held(cache, seq, length - count, "attention_prefill", cfg.window)
     table = mx.array(np.maximum(seq.table[None, : seq.num_blocks], 0))
@@ -166,8 +163,4 @@ def _require_window_held(cache, seq, first_query: int, asked: str, window) -> No
     held_from = seq.holes * cache.size
     start = 0 if window is None else max(first_query - window + 1, 0)
     if start < held_from:
-        raise InvalidPositionError(
-            f"{asked}: the query at position {first_query} needs K/V from position "
-            f"{start}, but sequence {seq.id} holds K/V from {held_from} on "
-            "(the sliding window released the rest); query later positions only."
-        )
+        raise errors.window_released(asked, first_query, start, seq.id, held_from)

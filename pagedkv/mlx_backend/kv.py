@@ -11,13 +11,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from pagedkv.errors import (
-    InvalidArgumentError,
-    InvalidPositionError,
-    KVShapeError,
-    NotWritableError,
-    StorageDisabledError,
-)
+from pagedkv import errors
 from pagedkv.mlx_backend import attention, checks
 from pagedkv.mlx_backend.storage import KVStorage
 
@@ -33,10 +27,7 @@ class KVOperations:
 
     def _require_storage(self, op: str) -> KVStorage:
         if self.storage is None:
-            raise StorageDisabledError(
-                f"{op} needs K/V storage but this cache is metadata-only; "
-                "create it with Config(store_kv=True)."
-            )
+            raise errors.storage_disabled(op)
         return self.storage
 
     def write_kv(self, seq_id: int, layer: int, start: int, keys, values) -> None:
@@ -47,10 +38,7 @@ class KVOperations:
         start = checks.as_count(start, "start")
         rows = checks.check_kv(keys, values, storage.dtype, cfg.num_kv_heads, cfg.head_dim)
         if start + rows > len(seq.tokens):
-            raise InvalidPositionError(
-                f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
-                f"{len(seq.tokens)} positions; extend it first."
-            )
+            raise errors.write_past_end(start, rows, seq.id, len(seq.tokens))
         storage.write_rows(layer, self._planned_runs(seq, start, rows), keys, values)
 
     def _planned_runs(
@@ -73,16 +61,9 @@ class KVOperations:
         while position < start + rows:  # one contiguous run per touched block
             block = int(seq.table[position // size])
             if block < 0:
-                raise NotWritableError(
-                    f"write_kv at position {position} of sequence {seq.id}: the sliding window "
-                    "released it (rule 10); released positions are never written."
-                )
+                raise errors.write_released(position, seq.id)
             if not self._is_writable(block):
-                raise NotWritableError(
-                    f"write_kv into block {block} of sequence {seq.id}, which is shared "
-                    f"(refcount {self.pool.refcounts[block]}) or indexed; its K/V is already "
-                    "stored. Write only positions that add_sequence/extend reserved afresh."
-                )
+                raise errors.write_shared(block, seq.id, self.pool.refcounts[block])
             count = min(size - position % size, start + rows - position)
             runs.append((block, position % size, count, position - start))
             position += count
@@ -93,16 +74,11 @@ class KVOperations:
         seqs = [self._sequence(s) for s in checks.as_batch(seq_ids, "write_kv_batch seq_ids")]
         starts = checks.as_batch(starts, "write_kv_batch starts")
         if not seqs or len(set(map(id, seqs))) != len(seqs) or len(starts) != len(seqs):
-            raise InvalidArgumentError(
-                f"write_kv_batch needs distinct sequences and one start each; got {len(seqs)} "
-                f"sequences and {len(starts)} starts."
-            )
+            raise errors.not_one_start_each(len(seqs), len(starts))
         for name, array in (("keys", keys), ("values", values)):
             if not isinstance(array, mx.array) or array.ndim != 4 or array.shape[0] != len(seqs):
-                raise KVShapeError(
-                    f"write_kv_batch {name} must be [{len(seqs)}, n, kv_heads, head_dim], got "
-                    f"{getattr(array, 'shape', type(array).__name__)}."
-                )
+                shape = getattr(array, "shape", type(array).__name__)
+                raise errors.batch_kv_shape(name, len(seqs), shape)
         cfg = self.config
         layer = checks.as_layer(layer, cfg.num_layers)
         checked, rows = [], 0
@@ -113,10 +89,7 @@ class KVOperations:
                     keys[0], values[0], storage.dtype, cfg.num_kv_heads, cfg.head_dim
                 )
             if start + rows > len(seq.tokens):
-                raise InvalidPositionError(
-                    f"write_kv of positions [{start}, {start + rows}) but sequence {seq.id} has "
-                    f"{len(seq.tokens)} positions; extend it first."
-                )
+                raise errors.write_past_end(start, rows, seq.id, len(seq.tokens))
             checked.append(start)
         # Every layer of a step writes the same slots; remembered until the clock ticks.
         key = (self.clock, "batch", tuple(seq.id for seq in seqs), tuple(checked), rows)

@@ -3,8 +3,8 @@
 A `RotatingKVCache` keeps the last W positions, so attention in that layer sees at most W keys
 (the query's own included) whatever mask the model asks for. `WindowLayerCache` keeps the layer's
 whole history in the pool and masks exactly the keys the rotating buffer would have dropped: the
-same keys, so the same output. The pool does not yet free blocks that fall before the window: a window layer holds its
-whole history (memory grows with the sequence, unlike `RotatingKVCache`).
+same keys, so the same output. (The pool holds what the window can still see:) the window group's cache (`Config.window`) releases blocks that
+fall wholly before the window (rule 10), so memory stays bounded as with `RotatingKVCache`.
 """
 
 from __future__ import annotations
