@@ -66,14 +66,24 @@ def gather_decode(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sin
     return out[:, :, 0, :] if single else out
 
 
-def decode_attention(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None):
+def dispatch_setting() -> tuple[str | None, str | None]:
+    """What the path choice depends on besides shapes: the `PAGEDKV_ATTENTION` setting and the
+    device's kernel backend. A decode step reads it once for all its layers."""
+    return os.environ.get(dispatch.ENV), decode.backend()
+
+
+def decode_attention(
+    queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None, setting=None
+):
     """Decode attention by the path `PAGEDKV_ATTENTION` and the device choose (kernels.dispatch):
     the fused paged kernel where it is known good, else gather -> SDPA. queries `[B, q_heads, D]`
     or, as mlx-lm passes them, `[B, q_heads, 1, D]`; the output has the queries' shape.
-    The choice is remembered per (mode, device, shape): every layer of every step asks."""
+    The choice is remembered per (setting, shape): every layer of every step asks. `setting`:
+    `dispatch_setting()` as the caller read it (a decode step, once), else read here."""
+    q_shape, pool_shape = queries.shape, k_pool.shape
     key = (
-        os.environ.get(dispatch.ENV), decode.backend(), queries.dtype, k_pool.dtype,
-        queries.shape[1], queries.shape[-1], k_pool.shape[1], k_pool.shape[2], sinks is not None,
+        setting or dispatch_setting(), queries.dtype, k_pool.dtype, q_shape[1], q_shape[-1],
+        pool_shape[1], pool_shape[2], sinks is not None,
     )  # fmt: skip
     chooser = dispatch.DISPATCHER
     use_kernel = chooser.choices.get(key)

@@ -36,20 +36,21 @@ class PagedLayerCache:
         cfg = self.cache.config
         # rows of exactly the pool's shape (not zero-padded into it): decode's fast path applies
         self._plain = store.layer_shapes[self.slot] == (cfg.num_kv_heads, cfg.head_dim) * 2
+        # one decode position per session in the pool's shape: `[B, kv_heads, 1, head_dim]`
+        self._row_shape = (len(sessions), cfg.num_kv_heads, 1, cfg.head_dim)
 
     # -- what the model reads --------------------------------------------------------------------
-
-    @property
-    def _row_shape(self) -> tuple[int, int, int, int]:
-        """One decode position per session in the pool's shape: `[B, kv_heads, 1, head_dim]`."""
-        cfg = self.cache.config
-        return (len(self.sessions), cfg.num_kv_heads, 1, cfg.head_dim)
 
     @property
     def offset(self):
         if len(self.sessions) == 1:
             return self.sessions[0].offsets[self.slot]
-        return mx.array([s.offsets[self.slot] for s in self.sessions], dtype=mx.int32)
+        offsets = tuple([s.offsets[self.slot] for s in self.sessions])
+        cached, array = self.store._offsets  # one read: another thread may replace the pair
+        if cached != offsets:
+            array = mx.array(offsets, dtype=mx.int32)
+            self.store._offsets = (offsets, array)
+        return array
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         step = self._step_for(keys, values)
@@ -176,32 +177,27 @@ class PagedLayerCache:
         if not self._plain:
             return None  # a layer zero-padded into its group's pool: the gather path slices it
         cfg = self.cache.config
+        shape = queries.shape if isinstance(queries, mx.array) else ()
         if (
-            queries.ndim != 4
-            or queries.shape[0] != len(self.sessions)
-            or queries.shape[2] != 1
-            or queries.shape[3] != cfg.head_dim
-            or queries.shape[1] % cfg.num_kv_heads
+            len(shape) != 4
+            or shape[0] != len(self.sessions)
+            or shape[2] != 1
+            or shape[3] != cfg.head_dim
+            or shape[1] % cfg.num_kv_heads
             or not mx.issubdtype(queries.dtype, mx.floating)
             or isinstance(scale, bool)
             or not isinstance(scale, (int, float))
         ):
             return None
-        if sinks is not None and (
-            not isinstance(sinks, mx.array) or tuple(sinks.shape) != (queries.shape[1],)
-        ):
+        if sinks is not None and (not isinstance(sinks, mx.array) or sinks.shape != (shape[1],)):
             return None
         known, window = self.store.mask_window(mask)
         if not known:
             return None
         k_pool, v_pool = fetched[3]  # as this layer's write left them (see _fetch_in)
+        step = fetched[2]
         out = decode_attention(  # [B, q_heads, 1, D] in and out: no reshaping ops
-            queries,
-            k_pool,
-            v_pool,
-            fetched[2].batch(window),
-            float(scale),
-            sinks,
+            queries, k_pool, v_pool, step.batch(window), float(scale), sinks, step.setting
         )
         self.store.routed_calls += 1
         return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from pagedkv.mlx_backend.attention import pad_tables
+from pagedkv.mlx_backend.attention import dispatch_setting, pad_tables
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 
 
@@ -36,6 +36,7 @@ class DecodeStep:
     lengths: tuple[int, ...]  # positions per sequence after this step's write (start + 1)
     slots: tuple  # one row: (block, row) ints; several: (block index, row index) [B] int32
     batches: dict = field(default_factory=dict)  # window -> DecodeBatch for the kernel
+    setting: tuple = field(default_factory=dispatch_setting)  # the attention path's, read once
     thread: int = field(default_factory=threading.get_ident)  # the thread whose step this is
 
     @staticmethod

@@ -83,6 +83,9 @@ class PagedKVStore:
         # (key, value) pairs, each replaced in one assignment: threads sharing the store never
         # see one step's key with another step's value
         self._tables: tuple = (None, None)
+        # The batch's offsets as one array, (offsets, array): every layer of a step reads the
+        # same ones (mlx-lm's rope takes them), so one array serves them all. One assignment.
+        self._offsets: tuple = (None, None)
         # Per group, the decode step its layers are writing (mlx_lm/step.py): one assignment each.
         self.steps: list[DecodeStep | None] = [None] * len(self.groups)
         # Scheduling of decode writes (see `enter`): the one thread using the store leaves the

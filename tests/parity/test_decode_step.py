@@ -107,6 +107,25 @@ def test_later_layers_of_a_step_reuse_it_and_write_exactly(monkeypatch, batch):
     store.check_invariants()
 
 
+def test_a_batch_offset_is_each_sessions_own_and_shared_by_a_steps_layers():
+    """`offset` of a batched layer (what mlx-lm's rope reads): every session's own offset for that
+    layer, as one array that the layers of a step share, and a new one once any offset moves."""
+    store, recorder = make_store(), Recorder()
+    prompts = ([1, 2, 3], [4, 5, 6, 7, 8])
+    sessions = [open_and_prefill(store, recorder, p, seed=3 * i) for i, p in enumerate(prompts)]
+    caches = store.batch(sessions)
+    first = caches[0].offset
+    assert first.tolist() == [3, 5] and caches[1].offset is first  # one array for the step
+    other = store.batch(sessions[::-1])  # the same offsets in the other order: their own array
+    assert other[0].offset.tolist() == [5, 3]
+    step(caches, recorder, sessions, seed=1, layers=[0])  # layer 0 moves on, layer 1 not yet
+    assert caches[0].offset.tolist() == [4, 6] and caches[1].offset.tolist() == [3, 5]
+    step(caches, recorder, sessions, seed=1, layers=[1, 2])
+    assert [c.offset.tolist() for c in caches] == [[4, 6]] * LAYERS
+    caches[2].trim(2)
+    assert caches[2].offset.tolist() == [2, 4] and caches[0].offset.tolist() == [4, 6]
+
+
 def test_an_operation_between_layers_makes_the_next_layer_take_the_checked_path(monkeypatch):
     """Another session opened in the middle of a step ticks the clock: the step is stale."""
     store, recorder = make_store(), Recorder()
