@@ -363,8 +363,10 @@ class _BatchProtocol:
             tables = mx.pad(tables, [(0, 0), (0, width - tables.shape[1])])
         k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
         storage = self.cache.storage
-        keys = gather_batch(storage.keys[self.layer], tables)[:, :k_heads, :length, :k_dim]
-        values = gather_batch(storage.values[self.layer], tables)[:, :v_heads, :length, :v_dim]
+        with self.cache._lock:  # never in the middle of another thread's write (see layer_cache)
+            k_pool, v_pool = storage.keys[self.layer], storage.values[self.layer]
+        keys = gather_batch(k_pool, tables)[:, :k_heads, :length, :k_dim]
+        values = gather_batch(v_pool, tables)[:, :v_heads, :length, :v_dim]
         return keys, values
 
 

@@ -81,7 +81,7 @@ class PagedLayerCache:
                         group_cache.commit(seq)
                     session.committed = True
         if count > 1:
-            return self._fetch()
+            return self._fetch(pools)
         step = self._record_step(starts)  # decode: the group's later layers reuse this step
         return self._fetch_in(step, pools)
 
@@ -292,14 +292,20 @@ class PagedLayerCache:
             for cache, seq in zip(store.groups, session.seqs):
                 cache.extend(seq, session._tokens_for(start, end))
 
-    def _fetch(self) -> tuple[mx.array, mx.array]:
+    def _fetch(self, pools: tuple[mx.array, mx.array] | None = None) -> tuple[mx.array, mx.array]:
+        """The whole history, lazy, from `pools` (as this layer's write left them) or else the
+        pools as they are now, read under the cache's lock: never in the middle of another
+        thread's write, whose lazy result only that thread can evaluate."""
+        if pools is None:
+            storage, layer = self.cache.storage, self.layer
+            with self.cache._lock:
+                pools = (storage.keys[layer], storage.values[layer])
         length = max(s.offsets[self.slot] for s in self.sessions)
-        return self._gather(self.store.padded_tables(self.sessions, self.group), length)
+        return self._gather(self.store.padded_tables(self.sessions, self.group), length, pools)
 
-    def _gather(self, tables: mx.array, length: int, pools=None) -> tuple[mx.array, mx.array]:
+    def _gather(self, tables: mx.array, length: int, pools) -> tuple[mx.array, mx.array]:
         """`[B, heads, length, dim]` keys and values of this layer through padded tables, lazy."""
-        storage, layer = self.cache.storage, self.layer
-        k_pool, v_pool = pools or (storage.keys[layer], storage.values[layer])
+        k_pool, v_pool = pools
         k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
         keys = gather_batch(k_pool, tables)[:, :k_heads, :length, :k_dim]
         values = gather_batch(v_pool, tables)[:, :v_heads, :length, :v_dim]

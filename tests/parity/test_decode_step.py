@@ -63,6 +63,14 @@ def step(caches, recorder: Recorder, sessions, seed: int, layers=range(LAYERS), 
     return fetched
 
 
+def evaluate_pools(store: PagedKVStore) -> None:
+    """Every pool, read under the cache's lock as the library reads them: never in the middle of
+    another thread's write (its lazy result only that thread can evaluate)."""
+    with store.cache._lock:
+        pools = [*store.cache.storage.keys, *store.cache.storage.values]
+    mx.eval(pools)
+
+
 def open_and_prefill(store: PagedKVStore, recorder: Recorder, prompt: list[int], seed: int):
     session = store.open(prompt)
     for layer, cache in enumerate(session.caches):
@@ -136,7 +144,7 @@ def test_an_operation_between_layers_makes_the_next_layer_take_the_checked_path(
     calls.clear()
     step(session.caches, recorder, [session], seed=1, layers=[1, 2])
     assert calls == ["write_kv"]  # layer 1 re-checked (stale step), layer 2 reused the new one
-    mx.eval(store.cache.storage.keys, store.cache.storage.values)
+    evaluate_pools(store)
     recorder.check(store, session.seq)
     recorder.check(store, other.seq)
 
@@ -179,7 +187,7 @@ def test_a_thread_coming_while_the_owner_is_mid_step_waits_for_its_writes():
                 while not store.shared:  # the newcomer has made the store shared and waits
                     threading.Event().wait(0.001)
                 step(session.caches, recorder, [session], seed=1, layers=[2])  # schedules 1, 2
-                mx.eval(store.cache.storage.keys, store.cache.storage.values)
+                evaluate_pools(store)
                 results["owner"] = session
         except BaseException as error:  # noqa: BLE001 - compared below
             results["owner"] = error
@@ -191,7 +199,7 @@ def test_a_thread_coming_while_the_owner_is_mid_step_waits_for_its_writes():
         with mx.stream(mx.new_stream(mx.default_device())):
             try:
                 session = open_and_prefill(store, recorder, [4, 5, 6, 7, 8], seed=9)
-                mx.eval(store.cache.storage.keys, store.cache.storage.values)
+                evaluate_pools(store)
                 results["newcomer"] = session
             except BaseException as error:  # noqa: BLE001 - compared below
                 results["newcomer"] = error
@@ -227,7 +235,7 @@ def test_a_whole_step_leaves_nothing_unscheduled_so_a_newcomer_goes_straight_on(
     with mx.stream(mx.new_stream(mx.default_device())):
         session = open_and_prefill(store, recorder, [4, 5, 6, 7, 8], seed=9)
         step(session.caches, recorder, [session], seed=2)
-        mx.eval(store.cache.storage.keys, store.cache.storage.values)
+        evaluate_pools(store)
     assert store.shared and not store.pending
     recorder.check(store, done["owner"].seq)
     recorder.check(store, session.seq)
@@ -262,7 +270,7 @@ def test_a_step_left_half_way_makes_a_newcomer_wait_then_refuse_until_the_owner_
         retry.set()
         finished.wait(timeout=30)
         session = open_and_prefill(store, recorder, [4, 5, 6, 7, 8], seed=9)
-        mx.eval(store.cache.storage.keys, store.cache.storage.values)
+        evaluate_pools(store)
     thread.join(timeout=60)
     assert not store.pending
     recorder.check(store, session.seq)
