@@ -30,10 +30,11 @@ SHAPE = dict(SMALL, num_hidden_layers=32)  # 32 layers of the small benchmark mo
 def without_async_eval() -> None:
     import pagedkv.mlx_backend.storage as storage
     import pagedkv.mlx_lm.layer_cache as layer_cache
+    import pagedkv.mlx_lm.store as store
 
     fake = types.SimpleNamespace(**{k: getattr(mx, k) for k in dir(mx) if not k.startswith("__")})
     fake.async_eval = lambda *arrays: None
-    storage.mx = layer_cache.mx = fake
+    storage.mx = layer_cache.mx = store.mx = fake  # the backend's writes, the step's scheduling
 
 
 def main(label: str, flags: list[str]) -> None:

@@ -1,0 +1,142 @@
+"""Where a pipelined decode step's time goes: mlx-lm's caches against the paged store.
+
+    python tools/step_split.py [CELLS] [VARIANT ...] [--small]   e.g.  tools/step_split.py 1,8,8r
+
+A Llama-3-8B-shaped bfloat16 model (random weights), 2048-token prompts as in `pagedkv bench
+throughput` (CELLS: batch sizes, `r` = the ragged batch; default 1,4,8,8r). Each side decodes as
+mlx-lm's generate_step does (build step n+1, `mx.async_eval` it, go on) for 7 rounds of 64 steps,
+the sides in rotated order; per side the median round's milliseconds per step, split into graph
+building (Python, plus whatever evaluation the cache itself starts) and the `async_eval` call.
+
+VARIANTs (experiments on the paged side only, each another paged store in the same run):
+  every=N    the owner schedules a step's lazy writes every N layers instead of once per step
+  lazyfirst  the step's first layer also writes lazily (two evaluations per step instead of three)
+  split=N    the kernel always runs N splits
+`--small`: the 4-layer benchmark model (a CPU smoke run). Run it on the GPU; `MLX_MAX_OPS_PER_BUFFER` (MLX's ops per CUDA graph) is read by MLX at start.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import types
+
+import mlx.core as mx
+
+import pagedkv.mlx_backend.kernels.decode as kernel
+import pagedkv.mlx_backend.storage as storage
+import pagedkv.mlx_lm.layer_cache as layer_cache
+from pagedkv.benchmarks.throughput import dense_side, paged_side, prompts_for
+from pagedkv.models import LLAMA3_8B, SMALL, random_model
+
+ROUNDS, STEPS = 7, 64
+_REAL = {
+    "record": layer_cache.PagedLayerCache._record_step,
+    "write": layer_cache.PagedLayerCache._write_in_step,
+    "split": kernel.split_count,
+}
+
+
+def timed_decode(call, first) -> tuple[float, float, float]:
+    """(ms per step, of which building, of which async_eval) over STEPS pipelined steps."""
+
+    def step(tokens):
+        return mx.argmax(call(tokens[:, None])[:, -1], axis=-1)
+
+    tokens = first
+    for _ in range(3):
+        tokens = step(tokens)
+        mx.eval(tokens)
+    mx.synchronize()
+    build = launch = 0.0
+    start = time.perf_counter()
+    pending = None
+    for _ in range(STEPS):
+        t0 = time.perf_counter()
+        following = step(tokens if pending is None else pending)
+        t1 = time.perf_counter()
+        mx.async_eval(following)
+        launch += time.perf_counter() - t1
+        build += t1 - t0
+        pending = following
+    mx.eval(pending)
+    mx.synchronize()
+    total = time.perf_counter() - start
+    return 1e3 * total / STEPS, 1e3 * build / STEPS, 1e3 * launch / STEPS
+
+
+def apply(variant: str) -> None:
+    """Puts the paged side in `variant` ("" = the shipped code)."""
+    options = dict(part.split("=") if "=" in part else (part, "") for part in variant.split("+"))
+    layer_cache.PagedLayerCache._record_step = _REAL["record"]
+    layer_cache.PagedLayerCache._write_in_step = _REAL["write"]
+    storage.mx = mx
+    kernel.split_count = _REAL["split"]
+    if "split" in options:
+        kernel.split_count = lambda shape, batch, longest, n=int(options["split"]): n
+    if "lazyfirst" in options:
+        quiet = types.SimpleNamespace(**{k: getattr(mx, k) for k in dir(mx) if k[0] != "_"})
+        quiet.async_eval = lambda *arrays: None
+        storage.mx = quiet  # the backend's write leaves it lazy; the step schedules it
+
+        def record(self, starts):
+            step = _REAL["record"](self, starts)
+            with self.store.lock:
+                if not self.store.shared:
+                    self.store.pending.setdefault(self.group, []).append(self.layer)
+            return step
+
+        layer_cache.PagedLayerCache._record_step = record
+    if "every" in options:
+        every = int(options["every"])
+
+        def write(self, step, keys, values):
+            last = self.cache.config.num_layers - 1
+            if (self.layer + 1) % every == 0 and self.layer != last and self.store.pending:
+                self.store.schedule_pending()
+            return _REAL["write"](self, step, keys, values)
+
+        layer_cache.PagedLayerCache._write_in_step = write
+
+
+def main(argv: list[str]) -> None:
+    small = "--small" in argv
+    argv = [a for a in argv if a != "--small"]
+    cells = [
+        (int(c.rstrip("r")), c.endswith("r")) for c in (argv[:1] or ["1,4,8,8r"])[0].split(",")
+    ]
+    variants = [""] + argv[1:]
+    model = random_model(SMALL if small else LLAMA3_8B, dtype="bfloat16")
+    print(f"MLX {mx.__version__} on {mx.default_device()}; model built", flush=True)
+    for batch, ragged in cells:
+        prompts = prompts_for(model.args.vocab_size, batch, 2048, ragged)
+        sides = {"dense": dense_side(model, prompts)}
+        stores = []
+        for variant in variants:
+            apply("")
+            call, first, store = paged_side(model, prompts, ROUNDS * (STEPS + 3) + 8, 16, True)
+            sides["paged " + (variant or "(shipped)")] = (call, first)
+            stores.append(store)
+        rounds: dict[str, list] = {name: [] for name in sides}
+        order = list(sides)
+        for r in range(ROUNDS):
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                apply(name[6:].strip("()").replace("shipped", "") if name != "dense" else "")
+                rounds[name].append(timed_decode(*sides[name]))
+        apply("")
+        dense = statistics.median(x[0] for x in rounds["dense"])
+        print(f"== batch {batch}{' ragged' if ragged else ''}")
+        for name, values in rounds.items():
+            total, build, launch = sorted(values)[ROUNDS // 2]
+            print(
+                f"  {name:24s} {total:6.2f} ms/step  build {build:5.2f}  async_eval {launch:5.2f}"
+                f"  dense/this {dense / total:.3f}",
+                flush=True,
+            )
+        for store in stores:
+            store.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
