@@ -12,6 +12,8 @@ VARIANTs (experiments on the paged side only, each another paged store in the sa
   every=N    the owner schedules a step's lazy writes every N layers instead of once per step
   lazyfirst  the step's first layer also writes lazily (two evaluations per step instead of three)
   split=N    the kernel always runs N splits
+  nofetch    no lazy fetch is built (placeholders that routed attention accepts): an upper bound
+             only, wrong for any model that reads the fetched arrays
 `--small`: the 4-layer benchmark model (a CPU smoke run). Run it on the GPU; `MLX_MAX_OPS_PER_BUFFER` (MLX's ops per CUDA graph) is read by MLX at start.
 """
 
@@ -35,6 +37,7 @@ _REAL = {
     "record": layer_cache.PagedLayerCache._record_step,
     "write": layer_cache.PagedLayerCache._write_in_step,
     "split": kernel.split_count,
+    "fetch": layer_cache.PagedLayerCache._fetch_in,
 }
 
 
@@ -73,6 +76,15 @@ def apply(variant: str) -> None:
     layer_cache.PagedLayerCache._write_in_step = _REAL["write"]
     storage.mx = mx
     kernel.split_count = _REAL["split"]
+    layer_cache.PagedLayerCache._fetch_in = _REAL["fetch"]
+    if "nofetch" in options:
+
+        def no_fetch(self, step, pools):
+            keys, values = mx.zeros((1,)), mx.zeros((1,))
+            self._fetched = (keys, values, step, pools)
+            return keys, values
+
+        layer_cache.PagedLayerCache._fetch_in = no_fetch
     if "split" in options:
         kernel.split_count = lambda shape, batch, longest, n=int(options["split"]): n
     if "lazyfirst" in options:
