@@ -78,8 +78,30 @@ def decode_attention(
     """Decode attention by the path `PAGEDKV_ATTENTION` and the device choose (kernels.dispatch):
     the fused paged kernel where it is known good, else gather -> SDPA. queries `[B, q_heads, D]`
     or, as mlx-lm passes them, `[B, q_heads, 1, D]`; the output has the queries' shape.
-    The choice is remembered per (setting, shape): every layer of every step asks. `setting`:
-    `dispatch_setting()` as the caller read it (a decode step, once), else read here."""
+    `setting`: `dispatch_setting()` as the caller read it (a decode step, once), else read here."""
+    if _kernel_chosen(queries, k_pool, v_pool, batch, scale, sinks, setting):
+        return decode.paged_decode(queries, k_pool, v_pool, batch, scale, sinks)
+    return gather_decode(queries, k_pool, v_pool, batch, scale, sinks)
+
+
+def decode_call(
+    queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None, setting=None
+):
+    """`decode_attention` for every layer of one decode step, decided and prepared once: a call
+    `(queries, k_pool, v_pool, sinks) -> output` for queries and pools of these shapes and dtypes
+    (sinks present or not as here). A step's later layers then only launch."""
+    if _kernel_chosen(queries, k_pool, v_pool, batch, scale, sinks, setting):
+        return decode.prepare(queries, k_pool, batch, scale, sinks is not None)
+
+    def gather(queries, k_pool, v_pool, sinks=None):
+        return gather_decode(queries, k_pool, v_pool, batch, scale, sinks)
+
+    return gather
+
+
+def _kernel_chosen(queries, k_pool, v_pool, batch, scale, sinks, setting) -> bool:
+    """Whether the kernel serves this call. The choice is remembered per (setting, shape): every
+    layer of every step asks."""
     q_shape, pool_shape = queries.shape, k_pool.shape
     key = (
         setting or dispatch_setting(), queries.dtype, k_pool.dtype, q_shape[1], q_shape[-1],
@@ -90,9 +112,7 @@ def decode_attention(
     if use_kernel is None:
         use_kernel = _use_kernel(queries, k_pool, v_pool, batch, scale, sinks)
         chooser.choices[key] = use_kernel
-    if use_kernel:
-        return decode.paged_decode(queries, k_pool, v_pool, batch, scale, sinks)
-    return gather_decode(queries, k_pool, v_pool, batch, scale, sinks)
+    return use_kernel
 
 
 def _use_kernel(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks) -> bool:

@@ -35,7 +35,7 @@ from pagedkv.config import ceil_div
 from pagedkv.errors import InvalidArgumentError, OutOfBlocksError
 from pagedkv.mlx_backend.attention import gather_batch, pad_tables
 from pagedkv.mlx_lm.kinds import FULL, WINDOW
-from pagedkv.mlx_lm.layer_cache import PagedLayerCache
+from pagedkv.mlx_lm.layer_cache import ADAPTER_CODES, PagedLayerCache
 from pagedkv.mlx_lm.session import Session
 from pagedkv.mlx_lm.window import WindowLayerCache
 
@@ -412,3 +412,6 @@ class BatchLayerCache(_BatchProtocol, PagedLayerCache):
 
 class BatchWindowCache(_BatchProtocol, WindowLayerCache):
     """A sliding-window layer of one or more requests, with mlx-lm's batch protocol."""
+
+
+ADAPTER_CODES.add(_BatchProtocol.update_and_fetch.__code__)  # the model's frame is above it

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+from types import CodeType
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError, OutOfBlocksError
-from pagedkv.mlx_backend.attention import decode_attention, gather_batch
+from pagedkv.mlx_backend.attention import gather_batch
+from pagedkv.mlx_lm import routing
+from pagedkv.mlx_lm.callers import HELPER, passes_history_through
 from pagedkv.mlx_lm.step import DecodeStep
 
 if TYPE_CHECKING:
@@ -17,6 +21,12 @@ if TYPE_CHECKING:
 
 
 _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+# What a decode fetch returns to a caller proven to pass it straight to the routed helper
+# (callers.py): two empty arrays, never read. Where the helper cannot answer, it builds the real
+# history in their place; anything else given them fails loudly (wrong shape), never silently.
+UNFETCHED_KEYS, UNFETCHED_VALUES = mx.zeros((0,)), mx.zeros((0,))
+# update_and_fetch methods that call this class's (batch.py's): the model's frame is above them
+ADAPTER_CODES: set[CodeType] = set()
 
 
 class PagedLayerCache:
@@ -55,7 +65,7 @@ class PagedLayerCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         step = self._step_for(keys, values)
         if step is not None:  # a later layer of a decode step: see step.py
-            return self._write_in_step(step, keys, values)
+            return self._write_in_step(step, keys, values, sys._getframe(1))
         count = self._validate(keys, values)
         self.store.enter()  # another thread's lazy writes are scheduled before this one's
         cache, group = self.cache, self.group
@@ -83,7 +93,7 @@ class PagedLayerCache:
         if count > 1:
             return self._fetch(pools)
         step = self._record_step(starts)  # decode: the group's later layers reuse this step
-        return self._fetch_in(step, pools)
+        return self._fetch_in(step, pools, sys._getframe(1))
 
     def _step_for(self, keys, values) -> DecodeStep | None:
         """The group's current decode step if this call is a later layer's part of it: one new
@@ -112,7 +122,7 @@ class PagedLayerCache:
             key = (self.cache.clock, seqs, tuple([s.offsets[slot] for s in sessions]))
         return step if key == step.key else None
 
-    def _write_in_step(self, step: DecodeStep, keys, values) -> tuple[mx.array, mx.array]:
+    def _write_in_step(self, step: DecodeStep, keys, values, caller) -> tuple[mx.array, mx.array]:
         """This layer's rows to the slots the step's first layer wrote (checked there): one
         update per pool, under the cache's lock like every write."""
         self._fetched = None  # the last step's lazy gather would make the write copy the pool
@@ -141,7 +151,7 @@ class PagedLayerCache:
         slot = self.slot
         for session in self.sessions:
             session.offsets[slot] += 1
-        return self._fetch_in(step, pools)
+        return self._fetch_in(step, pools, caller)
 
     def _record_step(self, starts: list[int]) -> DecodeStep:
         """Records the decode step this layer just wrote, for the group's later layers."""
@@ -152,29 +162,58 @@ class PagedLayerCache:
         self.store.steps[group] = step  # one assignment: threads never see half a step
         return step
 
-    def _fetch_in(self, step: DecodeStep, pools: tuple[mx.array, mx.array]):
-        """The decode fetch, lazy (left unevaluated when routed attention answers), from `pools`:
-        the pool arrays as this layer's write left them. Not `storage.keys[layer]` read later:
-        by then another thread may have replaced it with a write still running on that thread's
-        stream, which this thread cannot wait for (MLX: "There is no Stream ... in current
-        thread"). The tables are the store's, shared by the group's layers under one clock."""
-        tables = self.store.padded_tables(self.sessions, self.group)
-        keys, values = self._gather(tables, step.length, pools)
+    def _fetch_in(self, step: DecodeStep, pools: tuple[mx.array, mx.array], caller):
+        """The decode fetch from `pools`: the pool arrays as this layer's write left them. Not
+        `storage.keys[layer]` read later: by then another thread may have replaced it with a
+        write still running on that thread's stream, which this thread cannot wait for (MLX:
+        "There is no Stream ... in current thread"). A caller proven to hand the history straight
+        to the routed helper (`caller`: the model's frame) gets placeholders, which the helper
+        answers from `pools` (callers.py); any other caller gets the lazy history, left
+        unevaluated when routed attention answers."""
+        if self._history_unread(caller):
+            self._fetched = (UNFETCHED_KEYS, UNFETCHED_VALUES, step, pools)
+            return UNFETCHED_KEYS, UNFETCHED_VALUES
+        keys, values = self._gather(step.tables, step.length, pools)
         self._fetched = (keys, values, step, pools)
         return keys, values
 
-    def routed_attention(self, queries, keys, values, scale, mask, sinks) -> mx.array | None:
+    def _history_unread(self, frame) -> bool:
+        """Whether the model function at `frame` (this call's caller) passes the fetched history
+        only to the routed helper, which this store answers (callers.py)."""
+        if not self._plain or not self.store.routes_attention:
+            return False
+        while frame.f_code in ADAPTER_CODES:
+            frame = frame.f_back
+        if frame.f_globals.get(HELPER) is not routing.paged_sdpa:
+            return False
+        return passes_history_through(frame.f_code)
+
+    def routed_attention(self, queries, keys, values, scale, mask, sinks, extra=False):
         """Decode attention straight from the pools (the fused kernel where dispatch allows), for
-        `routing.paged_sdpa`. Answers only the exact call it can: the keys and values this cache
-        just returned, one query per session, a float scale, a mask this cache made (or none),
-        sinks of one logit per query head. Otherwise returns None and the model attends over the
-        fetched history as before."""
+        `routing.paged_sdpa`. Returns (output, keys, values). It answers only the exact call it
+        can: the keys and values this cache just returned, one query per session, a float scale,
+        a mask this cache made (or none), sinks of one logit per query head, no `extra` keyword
+        arguments. Otherwise the output is None and keys/values are what the model's own
+        attention must use: the arguments, with placeholders replaced by the real history.
+        Raises InvalidArgumentError for placeholders this cache did not just hand out."""
         fetched, self._fetched = self._fetched, None
-        if not self.store.routes_attention:
-            return None
         if fetched is None or keys is not fetched[0] or values is not fetched[1]:
-            return None
-        if not self._plain:
+            if keys is UNFETCHED_KEYS or values is UNFETCHED_VALUES:
+                raise InvalidArgumentError(
+                    "attention got a paged cache's placeholder history that is not the one "
+                    "this cache's last update_and_fetch returned; pass update_and_fetch's "
+                    "result straight to scaled_dot_product_attention."
+                )
+            return None, keys, values
+        out = None if extra else self._attend(fetched, queries, scale, mask, sinks)
+        if out is None and keys is UNFETCHED_KEYS:  # the history the model must read after all
+            step, pools = fetched[2], fetched[3]
+            keys, values = self._gather(step.tables, step.length, pools)
+        return out, keys, values
+
+    def _attend(self, fetched, queries, scale, mask, sinks) -> mx.array | None:
+        """The routed output for `routed_attention`, or None where the call is not one it answers."""
+        if not self.store.routes_attention or not self._plain:
             return None  # a layer zero-padded into its group's pool: the gather path slices it
         cfg = self.cache.config
         shape = queries.shape if isinstance(queries, mx.array) else ()
@@ -194,11 +233,8 @@ class PagedLayerCache:
         known, window = self.store.mask_window(mask)
         if not known:
             return None
-        k_pool, v_pool = fetched[3]  # as this layer's write left them (see _fetch_in)
-        step = fetched[2]
-        out = decode_attention(  # [B, q_heads, 1, D] in and out: no reshaping ops
-            queries, k_pool, v_pool, step.batch(window), float(scale), sinks, step.setting
-        )
+        step, (k_pool, v_pool) = fetched[2], fetched[3]  # as this layer's write left them
+        out = step.attend(queries, k_pool, v_pool, window, float(scale), sinks)
         self.store.routed_calls += 1
         return out
 
@@ -396,3 +432,6 @@ def _out_of_blocks(cache, asked: str) -> None:
         f"{'window-' + str(cache.config.window) if cache.config.window else 'full-attention'} "
         "layers has free or evictable; nothing changed. Close sessions or use more blocks."
     )
+
+
+ADAPTER_CODES.add(PagedLayerCache.update_and_fetch.__code__)

@@ -31,8 +31,8 @@ _USERS: dict[str, int] = {}  # module name -> routed models using it
 def paged_sdpa(queries, keys, values, cache=None, scale=None, mask=None, sinks=None, **extra):
     """mlx-lm's `scaled_dot_product_attention`, answered in place for paged decode."""
     routed = getattr(cache, "routed_attention", None)
-    if routed is not None and not extra:
-        out = routed(queries, keys, values, scale, mask, sinks)
+    if routed is not None:
+        out, keys, values = routed(queries, keys, values, scale, mask, sinks, bool(extra))
         if out is not None:
             return out
     return _ORIGINAL(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from pagedkv.mlx_backend.attention import dispatch_setting, pad_tables
+from pagedkv.mlx_backend.attention import decode_call, dispatch_setting, pad_tables
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 
 
@@ -36,6 +36,7 @@ class DecodeStep:
     lengths: tuple[int, ...]  # positions per sequence after this step's write (start + 1)
     slots: tuple  # one row: (block, row) ints; several: (block index, row index) [B] int32
     batches: dict = field(default_factory=dict)  # window -> DecodeBatch for the kernel
+    calls: dict = field(default_factory=dict)  # (window, query dtype, heads, scale, sinks?) -> call
     setting: tuple = field(default_factory=dispatch_setting)  # the attention path's, read once
     thread: int = field(default_factory=threading.get_ident)  # the thread whose step this is
 
@@ -65,3 +66,14 @@ class DecodeStep:
             longest = max(n - f for n, f in zip(self.lengths, firsts))
             batch = self.batches[window] = DecodeBatch(self.tables, mx.array(bounds), longest)
         return batch
+
+    def attend(self, queries, k_pool, v_pool, window: int | None, scale: float, sinks):
+        """Decode attention of one layer (`attention.decode_attention`), its path chosen and its
+        launch prepared once per step for each kind of call (the layers of a model share one)."""
+        key = (window, queries.dtype, queries.shape[1], scale, sinks is None)
+        call = self.calls.get(key)
+        if call is None:
+            batch = self.batch(window)
+            call = decode_call(queries, k_pool, v_pool, batch, scale, sinks, self.setting)
+            self.calls[key] = call
+        return call(queries, k_pool, v_pool, sinks)

@@ -206,6 +206,64 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
     return plan
 
 
+@dataclass(frozen=True)
+class Launch:
+    """The kernel call for one decode step and one query shape, prepared once (plan, split count,
+    grid, the step's tables and bounds) and made per layer with that layer's queries and pools."""
+
+    plan: Plan
+    splits: int
+    grid: tuple[int, int, int]
+    step_inputs: tuple  # (tables, bounds, scale): the same for every layer of the step
+    queries_shape: tuple
+    queries_dtype: mx.Dtype
+
+    def __call__(self, queries, k_pool, v_pool, sinks=None) -> mx.array:
+        """`queries` of the prepared shape and dtype; pools of the prepared pool's shape."""
+        sinks = _scalar(0.0) if sinks is None else sinks.astype(mx.float32)
+        inputs = [queries, k_pool, v_pool, *self.step_inputs, sinks]
+        plan, shape = self.plan, self.queries_shape
+        if self.splits == 1:
+            (out,) = plan.final(
+                inputs=inputs, template=plan.template, grid=self.grid,
+                threadgroup=(THREADS, 1, 1), output_shapes=[shape],
+                output_dtypes=[self.queries_dtype],
+            )  # fmt: skip
+            return out
+        rows, q_heads, head_dim = shape[0], shape[1], shape[-1]
+        o_acc, o_ml = plan.split(
+            inputs=inputs, template=plan.template, grid=self.grid, threadgroup=(THREADS, 1, 1),
+            output_shapes=[(rows * q_heads, self.splits, head_dim), (rows * q_heads, self.splits, 2)],
+            output_dtypes=[mx.float32, mx.float32],
+        )  # fmt: skip
+        (out,) = plan.reduce(
+            inputs=[o_acc, o_ml, sinks], template=plan.reduce_template,
+            grid=(rows * q_heads * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[shape], output_dtypes=[self.queries_dtype],
+        )  # fmt: skip
+        return out
+
+
+def prepare(
+    queries: mx.array,  # [B, q_heads, head_dim] or [B, q_heads, 1, head_dim] (same memory)
+    k_pool: mx.array,  # [blocks, block_size, kv_heads, head_dim]
+    batch: DecodeBatch,
+    scale: float,
+    has_sinks: bool,
+    num_splits: int | None = None,
+    backend_name: str | None = None,
+) -> Launch:
+    """The launch of `paged_decode` for queries and pools of these shapes and dtypes."""
+    plan = plan_for(queries, k_pool, has_sinks, backend_name or backend())
+    rows = queries.shape[0]
+    splits = num_splits or split_count(plan.shape, rows, batch.longest)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
+    grid = (splits * THREADS, plan.heads_grid, rows)
+    step_inputs = (batch.tables, batch.bounds, _scalar(float(scale)))
+    return Launch(plan, splits, grid, step_inputs, tuple(queries.shape), queries.dtype)
+
+
 def paged_decode(
     queries: mx.array,  # [B, q_heads, head_dim] or [B, q_heads, 1, head_dim] (same memory)
     k_pool: mx.array,  # [blocks, block_size, kv_heads, head_dim]
@@ -218,28 +276,5 @@ def paged_decode(
 ) -> mx.array:  # queries' shape and dtype
     """Decode attention of one query per row over its paged K/V, with no gathered copy.
     Inputs are trusted (the callers validate them); see `pagedkv.spec.split_k` for the math."""
-    plan = plan_for(queries, k_pool, sinks is not None, backend_name or backend())
-    rows, q_heads, head_dim = queries.shape[0], queries.shape[1], queries.shape[-1]
-    splits = num_splits or split_count(plan.shape, rows, batch.longest)
-    if not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
-    sinks = _scalar(0.0) if sinks is None else sinks.astype(mx.float32)
-    inputs = [queries, k_pool, v_pool, batch.tables, batch.bounds, _scalar(float(scale)), sinks]
-    grid = (splits * THREADS, plan.heads_grid, rows)
-    if splits == 1:
-        (out,) = plan.final(
-            inputs=inputs, template=plan.template, grid=grid, threadgroup=(THREADS, 1, 1),
-            output_shapes=[queries.shape], output_dtypes=[queries.dtype],
-        )  # fmt: skip
-        return out
-    o_acc, o_ml = plan.split(
-        inputs=inputs, template=plan.template, grid=grid, threadgroup=(THREADS, 1, 1),
-        output_shapes=[(rows * q_heads, splits, head_dim), (rows * q_heads, splits, 2)],
-        output_dtypes=[mx.float32, mx.float32],
-    )  # fmt: skip
-    (out,) = plan.reduce(
-        inputs=[o_acc, o_ml, sinks], template=plan.reduce_template,
-        grid=(rows * q_heads * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[queries.shape], output_dtypes=[queries.dtype],
-    )  # fmt: skip
-    return out
+    launch = prepare(queries, k_pool, batch, scale, sinks is not None, num_splits, backend_name)
+    return launch(queries, k_pool, v_pool, sinks)

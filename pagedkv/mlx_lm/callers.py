@@ -1,0 +1,216 @@
+"""Which attention functions pass the fetched history straight to the routed helper.
+
+During decode a routed model's attention normally never reads the history `update_and_fetch`
+returns: it hands it to `scaled_dot_product_attention`, which the routing answers in place from the
+pools. Building that history (a lazy gather per pool) is then pure host time, the largest part of
+a layer's. So a cache hands out the history only to callers that may read it: when the calling
+function is *proven* to pass it straight on, it gets two placeholders instead, and the routed helper
+builds the real history itself if it cannot answer (see `routing.paged_sdpa`).
+
+The proof reads the caller's source once per code object (`passes_history_through`). The function
+must contain, outside any loop and nested scope:
+
+    <a>, <b> = <cache>.update_and_fetch(...)              # the only update_and_fetch call
+    ... scaled_dot_product_attention(<q>, <a>, <b>, ..., cache=<cache>, ...)
+
+and after that assignment read `<a>` and `<b>` nowhere but as that call's 2nd and 3rd positional
+arguments, never rebind `<cache>`, and neither shadow the helper's name nor call `locals`, `vars`,
+`eval` or `exec`. The source must compile to the running bytecode (a file edited after import is
+not trusted). At each call the cache also checks that the caller's module still routes the helper.
+Anything else (a function that transforms the keys, returns them, reads them in a loop, calls
+`mx.fast` directly) gets the real lazy history, as every caller did before.
+"""
+
+from __future__ import annotations
+
+import ast
+import dis
+import inspect
+import textwrap
+import threading
+from types import CodeType
+
+HELPER = "scaled_dot_product_attention"
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_LOOPS = (ast.For, ast.AsyncFor, ast.While)
+_INTROSPECTION = {"locals", "vars", "eval", "exec"}
+
+_SAME_OPERATION = {"LOAD_METHOD": "LOAD_ATTR"}  # 3.11 compiles `a.f(...)` either way
+_PROOFS: dict[CodeType, bool] = {}  # code object -> proven (read once, then looked up)
+_LOCK = threading.Lock()
+
+
+def passes_history_through(code: CodeType) -> bool:
+    """Whether the function with this code passes `update_and_fetch`'s result only to the routed
+    helper (the module docstring's rule). Cached per code object; never raises."""
+    proven = _PROOFS.get(code)
+    if proven is None:
+        try:
+            proven = _prove(code)
+        except Exception:  # noqa: BLE001 - no source, a syntax MLX-lm never has: not proven
+            proven = False
+        with _LOCK:
+            _PROOFS[code] = proven
+    return proven
+
+
+def _prove(code: CodeType) -> bool:
+    function = _function_node(code)
+    return function is not None and _passes_through(function)
+
+
+def _function_node(code: CodeType) -> ast.FunctionDef | None:
+    """The function's syntax tree, if its source compiles to exactly this bytecode."""
+    lines, _ = inspect.getsourcelines(code)
+    source = textwrap.dedent("".join(lines))
+    tree = ast.parse(source)
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return None
+    compiled = compile(tree, code.co_filename, "exec")
+    body = next((c for c in compiled.co_consts if isinstance(c, CodeType)), None)
+    same = body is not None and _instructions(body) == _instructions(code)
+    return tree.body[0] if same else None
+
+
+def _instructions(code: CodeType) -> list[tuple]:
+    """The bytecode as (operation, operand) pairs, blind to what differs between compilations
+    of the same source (method-call forms, jump offsets, padding)."""
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)
+    return [
+        (_SAME_OPERATION.get(i.opname, i.opname), None if i.opcode in jumps else _operand(i.argval))
+        for i in dis.get_instructions(code)
+        if i.opname not in ("NOP", "EXTENDED_ARG", "CACHE")
+    ]
+
+
+def _operand(value) -> object:
+    if isinstance(value, CodeType):  # a nested function or comprehension: its own bytecode
+        return (value.co_name, tuple(_instructions(value)))
+    return repr(value)
+
+
+def _passes_through(function: ast.FunctionDef) -> bool:
+    nested = [n for n in ast.walk(function) if n is not function and isinstance(n, _SCOPES)]
+    inner = {id(n) for scope in nested for n in ast.walk(scope)}  # nodes of nested scopes
+    updates = [
+        n
+        for n in ast.walk(function)
+        if isinstance(n, ast.Attribute) and n.attr == "update_and_fetch"
+    ]
+    if len(updates) != 1 or id(updates[0]) in inner:
+        return False
+    assign = _fetch_assignment(function, updates[0])
+    if assign is None or _inside(function, assign, _LOOPS + _COMPREHENSIONS):
+        return False
+    (first, second), cache = assign.targets[0].elts, assign.value.func.value.id
+    names = {first.id, second.id}
+    if first.id == second.id or cache in names or HELPER in _bound_names(function):
+        return False
+    after = (assign.end_lineno, assign.end_col_offset)
+    calls = [
+        n
+        for n in ast.walk(function)
+        if isinstance(n, ast.Call) and _is_helper_call(n, first.id, second.id, cache)
+    ]
+    if len(calls) > 1:
+        return False  # the routed helper answers one call per fetch
+    allowed = {id(calls[0].args[1]), id(calls[0].args[2])} if calls else set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Name) and node.id in _INTROSPECTION:
+            return False
+        if isinstance(node, (ast.Global, ast.Nonlocal)) and (names | {cache}) & set(node.names):
+            return False
+        if not hasattr(node, "lineno") or (node.lineno, node.col_offset) < after:
+            continue
+        if _exclusive(function, assign, node):
+            continue  # the other branch of an `if` around the assignment: never runs after it
+        if isinstance(node, ast.Name) and node.id == cache and not isinstance(node.ctx, ast.Load):
+            return False  # <cache> rebound: the helper may get another cache
+        if isinstance(node, ast.AugAssign) and _names_in(node.target) & names:
+            return False
+        if isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Load):
+            if id(node) not in allowed or id(node) in inner or _inside_loop_after(function, node):
+                return False
+        if isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Del):
+            return False
+    return True
+
+
+def _fetch_assignment(function: ast.FunctionDef, attribute: ast.Attribute) -> ast.Assign | None:
+    """`<a>, <b> = <cache>.update_and_fetch(...)` holding this attribute, else None."""
+    for node in ast.walk(function):
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        value, target = node.value, node.targets[0]
+        if not (isinstance(value, ast.Call) and value.func is attribute):
+            continue
+        if not isinstance(attribute.value, ast.Name):
+            return None
+        pair = isinstance(target, (ast.Tuple, ast.List)) and len(target.elts) == 2
+        if pair and all(isinstance(e, ast.Name) for e in target.elts):
+            return node
+        return None
+    return None
+
+
+def _is_helper_call(call: ast.Call, first: str, second: str, cache: str) -> bool:
+    """`scaled_dot_product_attention(q, <a>, <b>, <cache>, ...)` (or `cache=<cache>`), no
+    unpacking."""
+    args = call.args
+    return (
+        isinstance(call.func, ast.Name)
+        and call.func.id == HELPER
+        and len(args) >= 3
+        and not any(isinstance(a, ast.Starred) for a in args)
+        and all(k.arg is not None for k in call.keywords)
+        and isinstance(args[1], ast.Name)
+        and args[1].id == first
+        and isinstance(args[2], ast.Name)
+        and args[2].id == second
+        and any(
+            isinstance(given, ast.Name) and given.id == cache
+            for given in [*args[3:4], *(k.value for k in call.keywords if k.arg == "cache")]
+        )
+    )
+
+
+def _bound_names(function: ast.FunctionDef) -> set[str]:
+    """Names the function binds locally (parameters, assignments, imports)."""
+    args = function.args
+    params = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+    names = {a.arg for a in params if a is not None}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _inside(function: ast.AST, target: ast.AST, kinds: tuple) -> bool:
+    """Whether `target` lies within a node of one of `kinds` inside `function`."""
+    return any(
+        isinstance(node, kinds) and any(n is target for n in ast.walk(node))
+        for node in ast.walk(function)
+    )
+
+
+def _exclusive(function: ast.AST, first: ast.AST, second: ast.AST) -> bool:
+    """Whether one `if` holds the two nodes in opposite branches (so at most one of them runs)."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.If):
+            body = {id(n) for b in node.body for n in ast.walk(b)}
+            orelse = {id(n) for b in node.orelse for n in ast.walk(b)}
+            ids = (id(first), id(second))
+            if (ids[0] in body and ids[1] in orelse) or (ids[0] in orelse and ids[1] in body):
+                return True
+    return False
+
+
+def _inside_loop_after(function: ast.AST, node: ast.AST) -> bool:
+    return _inside(function, node, _LOOPS + _COMPREHENSIONS)
