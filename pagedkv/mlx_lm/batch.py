@@ -204,7 +204,8 @@ class _BatchProtocol:
 
     def _like(self, sessions):
         clone = copy.copy(self)
-        clone.sessions, clone._fetched, clone._remaining = sessions, None, None
+        clone._set_sessions(sessions)
+        clone._remaining = None
         return clone
 
     @classmethod
@@ -222,17 +223,15 @@ class _BatchProtocol:
 
     def filter(self, batch_indices) -> None:
         keep = [int(i) for i in batch_indices]
-        self.sessions = [self.sessions[i] for i in keep]
+        self._set_sessions([self.sessions[i] for i in keep])
         if self._remaining is not None:
             self._remaining = [self._remaining[i] for i in keep]
-        self._fetched = None
 
     def extend(self, other) -> None:
         if self._remaining is not None or other._remaining is not None:
             mine = self._remaining or [0] * len(self.sessions)
             self._remaining = mine + (other._remaining or [0] * len(other.sessions))
-        self.sessions = self.sessions + other.sessions
-        self._fetched = None
+        self._set_sessions(self.sessions + other.sessions)
 
     def extract(self, idx: int):
         """A single-request cache over the same request (mlx-lm drops it from the batch next)."""

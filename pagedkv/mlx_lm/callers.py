@@ -8,17 +8,20 @@ function is *proven* to pass it straight on, it gets two placeholders instead, a
 builds the real history itself if it cannot answer (see `routing.paged_sdpa`).
 
 The proof reads the caller's source once per code object (`passes_history_through`). The function
-must contain, outside any loop and nested scope:
+must contain, outside any loop:
 
     <a>, <b> = <cache>.update_and_fetch(...)              # the only update_and_fetch call
-    ... scaled_dot_product_attention(<q>, <a>, <b>, ..., cache=<cache>, ...)
+    ... scaled_dot_product_attention(<q>, <a>, <b>, <cache>, ...)   # or cache=<cache>; at most one
 
 and after that assignment read `<a>` and `<b>` nowhere but as that call's 2nd and 3rd positional
-arguments, never rebind `<cache>`, and neither shadow the helper's name nor call `locals`, `vars`,
-`eval` or `exec`. The source must compile to the running bytecode (a file edited after import is
-not trusted). At each call the cache also checks that the caller's module still routes the helper.
-Anything else (a function that transforms the keys, returns them, reads them in a loop, calls
-`mx.fast` directly) gets the real lazy history, as every caller did before.
+arguments, never rebind `<a>`, `<b>` or `<cache>` (by any binding form), never name `<a>` or `<b>`
+in a nested function, lambda, class or comprehension (which could run at any time), never bind
+the helper's name, and use no introspection (`locals`, `vars`, `eval`, `exec`, frame access). The
+`else` branch of an `if` that holds the assignment never runs after it, so it may use the names.
+The source must compile to the running bytecode (a file edited after import is not trusted). At
+each call the cache also checks that the caller's module still routes the helper. Anything else
+(a function that transforms the keys, returns them, reads them in a loop, calls `mx.fast`
+directly) gets the real lazy history, as every caller did before.
 """
 
 from __future__ import annotations
@@ -35,23 +38,27 @@ _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _LOOPS = (ast.For, ast.AsyncFor, ast.While)
 _INTROSPECTION = {"locals", "vars", "eval", "exec"}
+_FRAME_ACCESS = {"_getframe", "currentframe", "f_locals", "f_back", "stack"}
 
 _SAME_OPERATION = {"LOAD_METHOD": "LOAD_ATTR"}  # 3.11 compiles `a.f(...)` either way
-_PROOFS: dict[CodeType, bool] = {}  # code object -> proven (read once, then looked up)
+# id(code) -> (code, proven): keyed by id because hashing a code object hashes its bytecode (20 us
+# a layer); the entry holds the code, so the id cannot pass to another object while it is here
+_PROOFS: dict[int, tuple[CodeType, bool]] = {}
 _LOCK = threading.Lock()
 
 
 def passes_history_through(code: CodeType) -> bool:
     """Whether the function with this code passes `update_and_fetch`'s result only to the routed
     helper (the module docstring's rule). Cached per code object; never raises."""
-    proven = _PROOFS.get(code)
-    if proven is None:
-        try:
-            proven = _prove(code)
-        except Exception:  # noqa: BLE001 - no source, a syntax MLX-lm never has: not proven
-            proven = False
-        with _LOCK:
-            _PROOFS[code] = proven
+    entry = _PROOFS.get(id(code))
+    if entry is not None and entry[0] is code:
+        return entry[1]
+    try:
+        proven = _prove(code)
+    except Exception:  # noqa: BLE001 - no source, a syntax mlx-lm never has: not proven
+        proven = False
+    with _LOCK:
+        _PROOFS[id(code)] = (code, proven)
     return proven
 
 
@@ -91,7 +98,11 @@ def _operand(value) -> object:
 
 
 def _passes_through(function: ast.FunctionDef) -> bool:
-    nested = [n for n in ast.walk(function) if n is not function and isinstance(n, _SCOPES)]
+    nested = [
+        n
+        for n in ast.walk(function)
+        if n is not function and isinstance(n, _SCOPES + _COMPREHENSIONS)
+    ]
     inner = {id(n) for scope in nested for n in ast.walk(scope)}  # nodes of nested scopes
     updates = [
         n
@@ -101,23 +112,27 @@ def _passes_through(function: ast.FunctionDef) -> bool:
     if len(updates) != 1 or id(updates[0]) in inner:
         return False
     assign = _fetch_assignment(function, updates[0])
-    if assign is None or _inside(function, assign, _LOOPS + _COMPREHENSIONS):
+    if assign is None or _inside(function, assign, _LOOPS):
         return False
     (first, second), cache = assign.targets[0].elts, assign.value.func.value.id
     names = {first.id, second.id}
     if first.id == second.id or cache in names or HELPER in _bound_names(function):
         return False
-    after = (assign.end_lineno, assign.end_col_offset)
+    if any(names & _names_in(scope) for scope in nested):
+        return False  # a closure or comprehension may read them whenever it runs
     calls = [
         n
         for n in ast.walk(function)
         if isinstance(n, ast.Call) and _is_helper_call(n, first.id, second.id, cache)
     ]
-    if len(calls) > 1:
+    if len(calls) > 1 or (calls and _inside(function, calls[0], _LOOPS)):
         return False  # the routed helper answers one call per fetch
     allowed = {id(calls[0].args[1]), id(calls[0].args[2])} if calls else set()
+    after = (assign.end_lineno, assign.end_col_offset)
     for node in ast.walk(function):
         if isinstance(node, ast.Name) and node.id in _INTROSPECTION:
+            return False
+        if isinstance(node, ast.Attribute) and node.attr in _FRAME_ACCESS:
             return False
         if isinstance(node, (ast.Global, ast.Nonlocal)) and (names | {cache}) & set(node.names):
             return False
@@ -125,14 +140,11 @@ def _passes_through(function: ast.FunctionDef) -> bool:
             continue
         if _exclusive(function, assign, node):
             continue  # the other branch of an `if` around the assignment: never runs after it
-        if isinstance(node, ast.Name) and node.id == cache and not isinstance(node.ctx, ast.Load):
-            return False  # <cache> rebound: the helper may get another cache
+        if _binds(node) & (names | {cache}):
+            return False  # rebound: the helper would get something else, or another cache
         if isinstance(node, ast.AugAssign) and _names_in(node.target) & names:
             return False
-        if isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Load):
-            if id(node) not in allowed or id(node) in inner or _inside_loop_after(function, node):
-                return False
-        if isinstance(node, ast.Name) and node.id in names and isinstance(node.ctx, ast.Del):
+        if isinstance(node, ast.Name) and node.id in names and id(node) not in allowed:
             return False
     return True
 
@@ -176,16 +188,28 @@ def _is_helper_call(call: ast.Call, first: str, second: str, cache: str) -> bool
 
 
 def _bound_names(function: ast.FunctionDef) -> set[str]:
-    """Names the function binds locally (parameters, assignments, imports)."""
-    args = function.args
-    params = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
-    names = {a.arg for a in params if a is not None}
-    for node in ast.walk(function):
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            names.add(node.id)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-    return names
+    """Every name the function or a scope inside it binds (parameters, assignments, imports,
+    `def`, `class`, `except ... as`, `match` captures, `del`)."""
+    return {name for node in ast.walk(function) if node is not function for name in _binds(node)}
+
+
+def _binds(node: ast.AST) -> set[str]:
+    """The names this one node binds (or unbinds)."""
+    if isinstance(node, ast.Name):
+        return set() if isinstance(node.ctx, ast.Load) else {node.id}
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, ast.ExceptHandler):
+        return {node.name} if node.name else set()
+    if isinstance(node, ast.alias):
+        return {(node.asname or node.name).split(".")[0]}
+    if isinstance(node, ast.arg):
+        return {node.arg}
+    if isinstance(node, (ast.MatchAs, ast.MatchStar)):
+        return {node.name} if node.name else set()
+    if isinstance(node, ast.MatchMapping):
+        return {node.rest} if node.rest else set()
+    return set()
 
 
 def _names_in(node: ast.AST) -> set[str]:
@@ -210,7 +234,3 @@ def _exclusive(function: ast.AST, first: ast.AST, second: ast.AST) -> bool:
             if (ids[0] in body and ids[1] in orelse) or (ids[0] in orelse and ids[1] in body):
                 return True
     return False
-
-
-def _inside_loop_after(function: ast.AST, node: ast.AST) -> bool:
-    return _inside(function, node, _LOOPS + _COMPREHENSIONS)

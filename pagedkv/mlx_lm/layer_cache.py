@@ -21,10 +21,6 @@ if TYPE_CHECKING:
 
 
 _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
-# What a decode fetch returns to a caller proven to pass it straight to the routed helper
-# (callers.py): two empty arrays, never read. Where the helper cannot answer, it builds the real
-# history in their place; anything else given them fails loudly (wrong shape), never silently.
-UNFETCHED_KEYS, UNFETCHED_VALUES = mx.zeros((0,)), mx.zeros((0,))
 # update_and_fetch methods that call this class's (batch.py's): the model's frame is above them
 ADAPTER_CODES: set[CodeType] = set()
 
@@ -37,17 +33,31 @@ class PagedLayerCache:
     ) -> None:
         self.store = store
         self.layer = layer  # in the group's pool
-        self.sessions = sessions
         self.group = group  # which of the store's caches holds this layer (one per window size)
         self.cache = store.groups[group]
         self.slot = store.slot_of[(group, layer)]  # this layer's entry in session.offsets
         # the last decode fetch (lazy keys, values) and its step, for routed attention
         self._fetched: tuple | None = None  # (keys, values, DecodeStep, (k_pool, v_pool))
+        self._unfetched: tuple  # this cache's placeholders (see _set_sessions)
         cfg = self.cache.config
         # rows of exactly the pool's shape (not zero-padded into it): decode's fast path applies
         self._plain = store.layer_shapes[self.slot] == (cfg.num_kv_heads, cfg.head_dim) * 2
+        self._set_sessions(sessions)
+        storage = self.cache.storage  # None for a metadata-only cache (no decode step then)
+        self._dtype = storage.dtype if storage is not None else None
+
+    def _set_sessions(self, sessions: list[Session]) -> None:
+        """The sessions this cache serves, and what depends on their number."""
+        self.sessions = sessions
+        cfg = self.cache.config
         # one decode position per session in the pool's shape: `[B, kv_heads, 1, head_dim]`
         self._row_shape = (len(sessions), cfg.num_kv_heads, 1, cfg.head_dim)
+        # What a decode fetch returns to a caller proven to pass it straight to the routed
+        # helper (callers.py): two empty arrays of this cache's own, never read. Where the
+        # helper cannot answer, it builds the real history in their place; anything else given
+        # them fails loudly (InvalidArgumentError, or a shape error), never silently.
+        self._unfetched = (mx.zeros((0,)), mx.zeros((0,)))
+        self._fetched = None
 
     # -- what the model reads --------------------------------------------------------------------
 
@@ -97,30 +107,32 @@ class PagedLayerCache:
 
     def _step_for(self, keys, values) -> DecodeStep | None:
         """The group's current decode step if this call is a later layer's part of it: one new
-        position per session at the starts the step wrote, rows of exactly the pool's shape and
-        dtype, every session open and its prompt published. Else None (the full path)."""
+        position per session at the starts the step wrote, under the clock it wrote at, rows of
+        exactly the pool's shape and dtype, every session open and its prompt published. Else
+        None (the full path)."""
         step = self.store.steps[self.group]
         if step is None or not self._plain or step.thread != threading.get_ident():
             return None
         if not isinstance(keys, mx.array) or not isinstance(values, mx.array):
             return None
-        sessions, storage = self.sessions, self.cache.storage
         if keys.shape != self._row_shape or values.shape != keys.shape:
             return None  # also a batch of another size: _row_shape is [B, kv_heads, 1, dim]
-        if keys.dtype != storage.dtype or values.dtype != storage.dtype:
+        if keys.dtype != self._dtype or values.dtype != self._dtype:
             return None
+        if step.clock != self.cache.clock or not step.published:
+            return None  # the full path publishes a prompt when its last layer is written
+        group, slot, sessions = self.group, self.slot, self.sessions
+        if len(sessions) == 1:  # the usual single request, without building lists
+            session = sessions[0]
+            session._require_open()
+            if session.offsets[slot] != step.starts[0] or session.seqs[group] != step.seqs[0]:
+                return None
+            return step
         for session in sessions:
             session._require_open()
-            if not session.committed and self.store.prefix_sharing:
-                return None  # the full path publishes the prompt when its last layer is written
-        group, slot = self.group, self.slot
-        if len(sessions) == 1:  # the usual single request, without generator expressions
-            session = sessions[0]
-            key = (self.cache.clock, (session.seqs[group],), (session.offsets[slot],))
-        else:
-            seqs = tuple([s.seqs[group] for s in sessions])
-            key = (self.cache.clock, seqs, tuple([s.offsets[slot] for s in sessions]))
-        return step if key == step.key else None
+        if [s.offsets[slot] for s in sessions] != step.starts:
+            return None
+        return step if [s.seqs[group] for s in sessions] == step.seqs else None
 
     def _write_in_step(self, step: DecodeStep, keys, values, caller) -> tuple[mx.array, mx.array]:
         """This layer's rows to the slots the step's first layer wrote (checked there): one
@@ -155,11 +167,12 @@ class PagedLayerCache:
 
     def _record_step(self, starts: list[int]) -> DecodeStep:
         """Records the decode step this layer just wrote, for the group's later layers."""
-        cache, group = self.cache, self.group
-        seqs = tuple(s.seqs[group] for s in self.sessions)
+        cache, group, store = self.cache, self.group, self.store
+        seqs = [s.seqs[group] for s in self.sessions]
         tables = [cache.block_table_array(seq) for seq in seqs]
-        step = DecodeStep.build((cache.clock, seqs, tuple(starts)), tables, starts, cache.size)
-        self.store.steps[group] = step  # one assignment: threads never see half a step
+        published = not store.prefix_sharing or all(s.committed for s in self.sessions)
+        step = DecodeStep.build(cache.clock, seqs, published, tables, starts, cache.size)
+        store.steps[group] = step  # one assignment: threads never see half a step
         return step
 
     def _fetch_in(self, step: DecodeStep, pools: tuple[mx.array, mx.array], caller):
@@ -171,8 +184,9 @@ class PagedLayerCache:
         answers from `pools` (callers.py); any other caller gets the lazy history, left
         unevaluated when routed attention answers."""
         if self._history_unread(caller):
-            self._fetched = (UNFETCHED_KEYS, UNFETCHED_VALUES, step, pools)
-            return UNFETCHED_KEYS, UNFETCHED_VALUES
+            keys, values = self._unfetched
+            self._fetched = (keys, values, step, pools)
+            return keys, values
         keys, values = self._gather(step.tables, step.length, pools)
         self._fetched = (keys, values, step, pools)
         return keys, values
@@ -196,17 +210,18 @@ class PagedLayerCache:
         arguments. Otherwise the output is None and keys/values are what the model's own
         attention must use: the arguments, with placeholders replaced by the real history.
         Raises InvalidArgumentError for placeholders this cache did not just hand out."""
-        fetched, self._fetched = self._fetched, None
+        fetched = self._fetched
         if fetched is None or keys is not fetched[0] or values is not fetched[1]:
-            if keys is UNFETCHED_KEYS or values is UNFETCHED_VALUES:
+            if _is_placeholder(keys) or _is_placeholder(values):
                 raise InvalidArgumentError(
                     "attention got a paged cache's placeholder history that is not the one "
                     "this cache's last update_and_fetch returned; pass update_and_fetch's "
                     "result straight to scaled_dot_product_attention."
                 )
             return None, keys, values
+        self._fetched = None  # consumed: the lazy history must not outlive the call
         out = None if extra else self._attend(fetched, queries, scale, mask, sinks)
-        if out is None and keys is UNFETCHED_KEYS:  # the history the model must read after all
+        if out is None and keys is self._unfetched[0]:  # the history the model must read after all
             step, pools = fetched[2], fetched[3]
             keys, values = self._gather(step.tables, step.length, pools)
         return out, keys, values
@@ -424,6 +439,11 @@ class PagedLayerCache:
         tables = [cache.block_table_array(s.seqs[self.group]) for s in self.sessions]
         blocks = {int(b) for table in tables for b in table if b >= 0}
         return len(blocks) * (cfg.bytes_per_block // cfg.num_layers)
+
+
+def _is_placeholder(array) -> bool:
+    """A cache's `_unfetched` array (empty, one axis): no real K/V history looks like it."""
+    return isinstance(array, mx.array) and array.shape == (0,)
 
 
 def _out_of_blocks(cache, asked: str) -> None:

@@ -13,6 +13,8 @@ Why reusing the step is exact: the key is (the cache's clock, the sequences, eac
 Every metadata operation ticks the clock (add, extend, decode_step, commit, fork, trim, free,
 evict), so under one clock the block tables, lengths and writability are those the first layer
 checked; and the starts say the layer writes the very positions the first layer wrote.
+A closed session freed its sequence (a tick), and a prompt is published by a commit (a tick), so
+neither can hide behind a matching key.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 class DecodeStep:
     """What every layer of one group shares in one decode step."""
 
-    key: tuple  # (clock, sequences, starts): see the module docstring
+    # The step's key (see the module docstring): a later layer reuses the step only if all match.
+    clock: int  # the cache's clock when the first layer wrote
+    seqs: list[int]  # the sessions' sequences in this group
+    starts: list[int]  # where each session's new position went
+    published: bool  # every session's prompt committed (or the store never publishes prompts)
     tables: mx.array  # [B, T] int32 block tables padded with block 0 (holes too: masked)
     lengths: tuple[int, ...]  # positions per sequence after this step's write (start + 1)
     slots: tuple  # one row: (block, row) ints; several: (block index, row index) [B] int32
@@ -41,7 +47,7 @@ class DecodeStep:
     thread: int = field(default_factory=threading.get_ident)  # the thread whose step this is
 
     @staticmethod
-    def build(key: tuple, tables: list[np.ndarray], starts: list[int], block_size: int):
+    def build(clock, seqs, published: bool, tables: list[np.ndarray], starts, block_size: int):
         """The step whose rows land at `starts` (already written by the step's first layer)."""
         blocks = [int(t[s // block_size]) for t, s in zip(tables, starts)]
         rows = [s % block_size for s in starts]
@@ -50,7 +56,8 @@ class DecodeStep:
         else:
             slots = (mx.array(blocks, dtype=mx.int32), mx.array(rows, dtype=mx.int32))
         lengths = tuple(s + 1 for s in starts)
-        return DecodeStep(key, pad_tables(tables), lengths, slots)
+        tables = pad_tables(tables)
+        return DecodeStep(clock, list(seqs), list(starts), published, tables, lengths, slots)
 
     @property
     def length(self) -> int:
