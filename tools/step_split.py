@@ -12,8 +12,8 @@ VARIANTs (experiments on the paged side only, each another paged store in the sa
   every=N    the owner schedules a step's lazy writes every N layers instead of once per step
   lazyfirst  the step's first layer also writes lazily (two evaluations per step instead of three)
   split=N    the kernel always runs N splits
-  nofetch    no lazy fetch is built (placeholders that routed attention accepts): an upper bound
-             only, wrong for any model that reads the fetched arrays
+  history    every caller gets the lazy history, none the placeholders (callers.py): what the
+             placeholders save
 `--small`: the 4-layer benchmark model (a CPU smoke run). Run it on the GPU; `MLX_MAX_OPS_PER_BUFFER` (MLX's ops per CUDA graph) is read by MLX at start.
 """
 
@@ -37,7 +37,7 @@ _REAL = {
     "record": layer_cache.PagedLayerCache._record_step,
     "write": layer_cache.PagedLayerCache._write_in_step,
     "split": kernel.split_count,
-    "fetch": layer_cache.PagedLayerCache._fetch_in,
+    "unread": layer_cache.PagedLayerCache._history_unread,
 }
 
 
@@ -76,15 +76,9 @@ def apply(variant: str) -> None:
     layer_cache.PagedLayerCache._write_in_step = _REAL["write"]
     storage.mx = mx
     kernel.split_count = _REAL["split"]
-    layer_cache.PagedLayerCache._fetch_in = _REAL["fetch"]
-    if "nofetch" in options:
-
-        def no_fetch(self, step, pools, caller):
-            keys, values = mx.zeros((1,)), mx.zeros((1,))
-            self._fetched = (keys, values, step, pools)
-            return keys, values
-
-        layer_cache.PagedLayerCache._fetch_in = no_fetch
+    layer_cache.PagedLayerCache._history_unread = _REAL["unread"]
+    if "history" in options:
+        layer_cache.PagedLayerCache._history_unread = lambda self, frame: False
     if "split" in options:
         kernel.split_count = lambda shape, batch, longest, n=int(options["split"]): n
     if "lazyfirst" in options:

@@ -185,9 +185,10 @@ def run_throughput(args) -> list[Row]:
     model = random_model(shape, dtype=dtype)
     prefix, steps = (2048, 64) if args.full else (256, 16)
     cells = [(batch, False) for batch in (1, 4, 8)] + ([(8, True)] if args.full else [])
+    rounds = args.repeats or (7 if args.full else 3)
     started, rows = time.perf_counter(), []
     for i, (batch, ragged) in enumerate(cells, 1):
-        cell = decode_throughput(model, model_name, batch, prefix, steps, ragged)
+        cell = decode_throughput(model, model_name, batch, prefix, steps, ragged, repeats=rounds)
         rows.append(
             row(
                 THROUGHPUT,
@@ -201,7 +202,7 @@ def run_throughput(args) -> list[Row]:
                 cell.paged_tok_s,
                 cell.paged_gather_tok_s,
                 round(cell.ratio, 3),
-                round(cell.paged_gather_tok_s / cell.dense_tok_s, 3),
+                round(cell.gather_ratio, 3),
                 cell.same_tokens,
             )  # fmt: skip
         )
@@ -258,7 +259,8 @@ def run_admission(args) -> list[Row]:
     from pagedkv.benchmarks.admission import SIZES, measure
 
     sizes = SIZES if args.full else SIZES[:3]
-    cells = measure(sizes=sizes, repeats=max(10, 10 * args.repeats))
+    repeats = args.repeats or (20 if args.full else 5)
+    cells = measure(sizes=sizes, repeats=max(10, 10 * repeats))
     print(f"  {len(sizes)} pool sizes, timed in alternation", file=sys.stderr)
     rows = [
         row(

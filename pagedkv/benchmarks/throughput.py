@@ -7,7 +7,9 @@ side prefills each request on its own (a shared prefix is computed once, then ma
 through `store.batch`, with attention routed (the fused kernel on a GPU) and, for comparison, on
 gather -> SDPA. Every side decodes greedily as mlx-lm's generate_step does (the next step's graph
 is built while the device runs the current one): 3 untimed warm-up steps, then rounds of `steps`
-timed steps, the sides taking turns round by round; each side's median round is reported.
+timed steps, the sides taking turns round by round; each side's median round is reported, and
+each ratio is the median over rounds of the sides' rates within one round (drift between rounds,
+common on a shared machine, cancels).
 """
 
 from __future__ import annotations
@@ -29,10 +31,8 @@ class ThroughputCell:
     paged_tok_s: float  # routed attention: the fused kernel where the device has one
     paged_gather_tok_s: float  # the same store with route_attention=False: gather -> SDPA
     same_tokens: bool
-
-    @property
-    def ratio(self) -> float:
-        return self.paged_tok_s / self.dense_tok_s
+    ratio: float  # paged / dense: the median over rounds of the two sides' rates in one round
+    gather_ratio: float  # paged (gather) / dense, likewise
 
 
 def pipelined_decode(call, first, steps: int, warmup: int = 3):
@@ -152,7 +152,11 @@ def decode_throughput(
     routed_store.close()
     gather_store.close()
     median = {side: batch * statistics.median(r) for side, r in rates.items()}
+    ratios = {  # per round: the sides ran back to back, so drift between rounds cancels
+        side: statistics.median(a / d for a, d in zip(rates[side], rates["dense"]))
+        for side in ("routed", "gather")
+    }
     return ThroughputCell(
         name, batch, prefix, ragged, steps, median["dense"], median["routed"], median["gather"],
-        first_tokens["dense"] == first_tokens["routed"],
+        first_tokens["dense"] == first_tokens["routed"], ratios["routed"], ratios["gather"],
     )  # fmt: skip

@@ -413,4 +413,5 @@ class BatchWindowCache(_BatchProtocol, WindowLayerCache):
     """A sliding-window layer of one or more requests, with mlx-lm's batch protocol."""
 
 
-ADAPTER_CODES.add(_BatchProtocol.update_and_fetch.__code__)  # the model's frame is above it
+_batch_update = _BatchProtocol.update_and_fetch.__code__
+ADAPTER_CODES[id(_batch_update)] = _batch_update  # the model's frame is above it

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 
 _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
-# update_and_fetch methods that call this class's (batch.py's): the model's frame is above them
-ADAPTER_CODES: set[CodeType] = set()
+# update_and_fetch methods that call this class's (batch.py's): the model's frame is above them.
+# Keyed by id: hashing a code object hashes its bytecode; the value keeps the id from being reused.
+ADAPTER_CODES: dict[int, CodeType] = {}
 
 
 class PagedLayerCache:
@@ -194,13 +195,15 @@ class PagedLayerCache:
     def _history_unread(self, frame) -> bool:
         """Whether the model function at `frame` (this call's caller) passes the fetched history
         only to the routed helper, which this store answers (callers.py)."""
-        if not self._plain or not self.store.routes_attention:
+        if not self._plain or self.store._unroute is None:  # not routed: nothing answers
             return False
-        while frame.f_code in ADAPTER_CODES:
+        code = frame.f_code
+        while ADAPTER_CODES.get(id(code)) is code:
             frame = frame.f_back
+            code = frame.f_code
         if frame.f_globals.get(HELPER) is not routing.paged_sdpa:
             return False
-        return passes_history_through(frame.f_code)
+        return passes_history_through(code)
 
     def routed_attention(self, queries, keys, values, scale, mask, sinks, extra=False):
         """Decode attention straight from the pools (the fused kernel where dispatch allows), for
@@ -228,26 +231,29 @@ class PagedLayerCache:
 
     def _attend(self, fetched, queries, scale, mask, sinks) -> mx.array | None:
         """The routed output for `routed_attention`, or None where the call is not one it answers."""
-        if not self.store.routes_attention or not self._plain:
-            return None  # a layer zero-padded into its group's pool: the gather path slices it
-        cfg = self.cache.config
+        if self.store._unroute is None or not self._plain:
+            return None  # unrouted, or a layer zero-padded into its group's pool (gather slices it)
         shape = queries.shape if isinstance(queries, mx.array) else ()
+        batch, kv_heads, _, head_dim = self._row_shape  # one query per session, the pool's dim
         if (
             len(shape) != 4
-            or shape[0] != len(self.sessions)
+            or shape[0] != batch
             or shape[2] != 1
-            or shape[3] != cfg.head_dim
-            or shape[1] % cfg.num_kv_heads
-            or not mx.issubdtype(queries.dtype, mx.floating)
-            or isinstance(scale, bool)
+            or shape[3] != head_dim
+            or shape[1] % kv_heads
+            or queries.dtype not in _FLOATS
             or not isinstance(scale, (int, float))
+            or isinstance(scale, bool)
         ):
             return None
         if sinks is not None and (not isinstance(sinks, mx.array) or sinks.shape != (shape[1],)):
             return None
-        known, window = self.store.mask_window(mask)
-        if not known:
-            return None
+        if mask is None:
+            window = None
+        else:
+            known, window = self.store.mask_window(mask)
+            if not known:
+                return None
         step, (k_pool, v_pool) = fetched[2], fetched[3]  # as this layer's write left them
         out = step.attend(queries, k_pool, v_pool, window, float(scale), sinks)
         self.store.routed_calls += 1
@@ -454,4 +460,5 @@ def _out_of_blocks(cache, asked: str) -> None:
     )
 
 
-ADAPTER_CODES.add(PagedLayerCache.update_and_fetch.__code__)
+_own = PagedLayerCache.update_and_fetch.__code__
+ADAPTER_CODES[id(_own)] = _own

@@ -9,11 +9,15 @@ else, or whenever the call is not exactly what the cache can answer, it calls ml
 unchanged. `unroute(model)` (or the store's `close`) puts the original back once no store uses
 the module.
 
-Why this never changes a model's output: during decode `update_and_fetch` still returns the
-gathered history as lazy MLX arrays. When the routed call answers, those arrays are never
-evaluated (MLX computes only what an output depends on), so no gather runs; when it does not — a
-model that calls `mx.fast.scaled_dot_product_attention` directly, transforms the keys, passes a
-mask the cache did not make, or arguments the kernel lacks — the model uses them as before.
+Why this never changes a model's output: during decode `update_and_fetch` returns the gathered
+history as lazy MLX arrays to any caller that may read it. When the routed call answers, those
+arrays are never evaluated (MLX computes only what an output depends on), so no gather runs; when
+it does not — a model that calls `mx.fast.scaled_dot_product_attention` directly, transforms the
+keys, passes a mask the cache did not make, or arguments the kernel lacks — the model uses them as
+before. Building that lazy history is host time, though, so an attention function *proven* to
+pass it straight to this helper (callers.py: its source, read once) gets two placeholders instead;
+if the cache then cannot answer, `routed_attention` builds the real history in their place before
+mlx-lm's function runs.
 """
 
 from __future__ import annotations
