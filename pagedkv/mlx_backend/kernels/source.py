@@ -1,11 +1,14 @@
 """Kernel sources: `paged_decode.cu` and `paged_decode.metal`, cut into their `//// name` sections.
 
 The two files hold the same kernel in the same order, so they can be read side by side; this module
-only splits them and joins the pass-1 body with its epilogue (`final` or `split`).
+only splits them, drops comments and indentation (MLX rebuilds and hashes the whole source string
+at every kernel call: a shorter string is less host time per layer), and joins the pass-1 body
+with its epilogue (`final` or `split`).
 """
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +27,17 @@ def sections(backend: str) -> dict[str, str]:
             parts[current] = []
         elif current is not None:
             parts[current].append(line)
-    return {name: "\n".join(lines) + "\n" for name, lines in parts.items()}
+    return {name: _compact(lines) for name, lines in parts.items()}
+
+
+def _compact(lines: list[str]) -> str:
+    """The code without `//` comments, indentation or blank lines (no string literal in the
+    sources holds `//`; preprocessor lines keep their own line)."""
+    code = [_COMMENT.sub("", line).strip() for line in lines]
+    return "".join(line + "\n" for line in code if line)
+
+
+_COMMENT = re.compile(r"//.*$")
 
 
 def pass1_body(backend: str, split: bool) -> str:
