@@ -1,12 +1,14 @@
 """Host cost of one decode step: mlx-lm's KVCache against the paged store (routed attention).
 
-    python tools/host_step.py LABEL [BATCH] [noasync] [prof]
+    python tools/host_step.py LABEL [BATCH] [noasync] [kernelstub] [prof]
 
 A 32-layer bfloat16 llama too small for the GPU to matter, so the figures are host costs: the time
 to build one step's graph (Python) and to evaluate it (MLX's per-node work), per side, in 7
 interleaved rounds of 30 steps (the median round). `noasync` drops every `mx.async_eval` of the
-pools (an experiment only: not thread-safe); `prof` prints a cProfile of both sides. Run it on the
-GPU; on the CPU evaluation is the model's arithmetic, not host work.
+pools (an experiment only: not thread-safe); `kernelstub` (CPU only) makes routed decode take the GPU's path —
+the kernel dispatched, its launch prepared and called — with kernel objects that return zeros, so
+graph building is the GPU's host work (evaluation is then meaningless); `prof` prints a cProfile
+of both sides. Run it on the GPU; on the CPU evaluation is the model's arithmetic, not host work.
 """
 
 from __future__ import annotations
@@ -37,10 +39,24 @@ def without_async_eval() -> None:
     storage.mx = layer_cache.mx = store.mx = fake  # the backend's writes, the step's scheduling
 
 
+def with_kernel_stub() -> None:
+    import pagedkv.mlx_backend.kernels.decode as decode
+
+    class Stub:  # what a kernel object returns, without a kernel
+        def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+    decode.backend = lambda: "cuda"
+    decode._kernel = lambda backend, name, part: Stub()
+
+
 def main(label: str, flags: list[str]) -> None:
     batch = next((int(f) for f in flags if f.isdigit()), 1)
     if "noasync" in flags:
         without_async_eval()
+    stub = "kernelstub" in flags
+    if stub:
+        with_kernel_stub()
     model = random_model(SHAPE, dtype="bfloat16")
     prompt = list(range(64))
     store = PagedKVStore.for_model(model, num_blocks=64 * batch + 64)
@@ -59,6 +75,10 @@ def main(label: str, flags: list[str]) -> None:
             out = model(token, cache=caches)
             built = time.perf_counter()
             mx.eval(out)
+            if stub:  # the stub's output does not depend on the pools: evaluate them too
+                for cache in store.groups:
+                    with cache._lock:
+                        mx.eval(cache.storage.keys, cache.storage.values)
             mx.synchronize()
             build += built - start
             evaluate += time.perf_counter() - built
