@@ -140,8 +140,11 @@ class PagedLayerCache:
         update per pool, under the cache's lock like every write."""
         self._fetched = None  # the last step's lazy gather would make the write copy the pool
         cache, batch = self.cache, len(self.sessions)
-        rows_k = keys.reshape(batch, keys.shape[1], keys.shape[3])  # [B, kv_heads, dim]
-        rows_v = values.reshape(batch, values.shape[1], values.shape[3])
+        # One row: exactly the target slice's shape `[1, 1, kv_heads, dim]`, so the write is one
+        # graph node besides the reshape (another shape would add a broadcast node; each node is
+        # host work when MLX evaluates the step). Several: `[B, kv_heads, dim]` for the scatter.
+        shape = (1, 1, keys.shape[1], keys.shape[3]) if batch == 1 else (batch, *keys.shape[1::2])
+        rows_k, rows_v = keys.reshape(shape), values.reshape(shape)
         storage, layer, store, group = cache.storage, self.layer, self.store, self.group
         last = layer == cache.config.num_layers - 1  # the step's last layer in this group
         with store.lock:  # decided under `enter`'s lock: a newcomer waits for this write
@@ -153,8 +156,8 @@ class PagedLayerCache:
         with cache._lock:  # as every write: a pool is read, updated and replaced
             if batch == 1:  # the storage's one-run write, without building the run list
                 block, row = step.slots
-                storage.keys[layer][block, row : row + 1] = rows_k
-                storage.values[layer][block, row : row + 1] = rows_v
+                storage.keys[layer][block : block + 1, row : row + 1] = rows_k
+                storage.values[layer][block : block + 1, row : row + 1] = rows_v
             else:
                 storage.keys[layer][step.slots] = rows_k
                 storage.values[layer][step.slots] = rows_v
