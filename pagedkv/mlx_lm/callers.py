@@ -16,7 +16,8 @@ must contain, outside any loop:
 and after that assignment read `<a>` and `<b>` nowhere but as that call's 2nd and 3rd positional
 arguments, never rebind `<a>`, `<b>` or `<cache>` (by any binding form), never name `<a>` or `<b>`
 in a nested function, lambda, class or comprehension (which could run at any time), never bind
-the helper's name, and use no introspection (`locals`, `vars`, `eval`, `exec`, frame access). The
+the helper's name, use no introspection (`locals`, `vars`, `eval`, `exec`, frame access), and not
+be a generator (other code could run between the fetch and the call). The
 `else` branch of an `if` that holds the assignment never runs after it, so it may use the names.
 The source must compile to the running bytecode (a file edited after import is not trusted). At
 each call the cache also checks that the caller's module still routes the helper. Anything else
@@ -132,6 +133,8 @@ def _passes_through(function: ast.FunctionDef) -> bool:
     for node in ast.walk(function):
         if isinstance(node, ast.Name) and node.id in _INTROSPECTION:
             return False
+        if isinstance(node, (ast.Yield, ast.YieldFrom, ast.Await)) and id(node) not in inner:
+            return False  # other code may run (and fetch again) between the fetch and the call
         if isinstance(node, ast.Attribute) and node.attr in _FRAME_ACCESS:
             return False
         if isinstance(node, (ast.Global, ast.Nonlocal)) and (names | {cache}) & set(node.names):

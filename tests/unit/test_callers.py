@@ -348,6 +348,12 @@ def reads_its_frame(q, k, v, cache, sys):
     return scaled_dot_product_attention(q, keys, values, cache=cache, scale=1.0, mask=None)
 
 
+def generator_yields_between(q, k, v, cache):
+    keys, values = cache.update_and_fetch(k, v)
+    yield None
+    yield scaled_dot_product_attention(q, keys, values, cache=cache, scale=1.0, mask=None)
+
+
 ACCEPTED = [llama_style, gpt_oss_style_positional_cache, fetch_never_read, list_target_fetch]
 REJECTED = [
     reads_keys_shape_after,
@@ -393,6 +399,7 @@ REJECTED = [
     cache_rebound_by_def_after,
     keys_rebound_after,
     reads_its_frame,
+    generator_yields_between,
 ]
 
 
