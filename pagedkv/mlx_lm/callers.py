@@ -42,8 +42,8 @@ _INTROSPECTION = {"locals", "vars", "eval", "exec"}
 _FRAME_ACCESS = {"_getframe", "currentframe", "f_locals", "f_back", "stack"}
 
 _SAME_OPERATION = {"LOAD_METHOD": "LOAD_ATTR"}  # 3.11 compiles `a.f(...)` either way
-# id(code) -> (code, proven): keyed by id because hashing a code object hashes its bytecode (20 us
-# a layer); the entry holds the code, so the id cannot pass to another object while it is here
+# id(code) -> (code, proven): keyed by id because hashing a code object hashes its bytecode and
+# constants at every lookup; the entry holds the code, so its id cannot pass to another object
 _PROOFS: dict[int, tuple[CodeType, bool]] = {}
 _LOCK = threading.Lock()
 
