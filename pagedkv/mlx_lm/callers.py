@@ -63,6 +63,19 @@ def passes_history_through(code: CodeType) -> bool:
     return proven
 
 
+def prove_model(model) -> int:
+    """Proves, ahead of the first decode step, every method of the model's layer classes that
+    calls `update_and_fetch` (reading a source takes ~0.1 s). Returns how many were proven."""
+    classes = {type(module) for _, module in model.named_modules()} | {type(model)}
+    codes = [
+        function.__code__
+        for cls in classes
+        for function in vars(cls).values()
+        if inspect.isfunction(function) and "update_and_fetch" in function.__code__.co_names
+    ]
+    return sum(passes_history_through(code) for code in codes)
+
+
 def _prove(code: CodeType) -> bool:
     function = _function_node(code)
     return function is not None and _passes_through(function)

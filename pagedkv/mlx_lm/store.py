@@ -19,7 +19,7 @@ from pagedkv.errors import (
 )
 from pagedkv.mlx_backend import PagedCache
 from pagedkv.mlx_backend.attention import pad_tables
-from pagedkv.mlx_lm import routing
+from pagedkv.mlx_lm import callers, routing
 from pagedkv.mlx_lm.kinds import FULL, RECURRENT, SHARED, WINDOW, classify_all, default_caches
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
 from pagedkv.mlx_lm.probe import ragged_batch_is_exact
@@ -260,6 +260,7 @@ class PagedKVStore:
         if self._unroute is None:
             self._routed_modules = routing.route(model)
             self._unroute = weakref.finalize(self, routing.unroute, self._routed_modules)
+            callers.prove_model(model)  # now, not in the first decode step
 
     @property
     def routes_attention(self) -> bool:

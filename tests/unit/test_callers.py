@@ -526,3 +526,25 @@ def test_mlx_lm_attention_functions(module, path, proven):
     for part in path.split("."):
         target = getattr(target, part)
     assert passes_history_through(target.__code__) is proven
+
+
+def test_a_routed_store_proves_its_models_attention_ahead_of_decode(monkeypatch):
+    """for_model reads the attention functions' sources when it routes, not in the first decode
+    step: llama's Attention.__call__ is proven by then."""
+    from mlx_lm.models import llama
+
+    from pagedkv.mlx_lm import PagedKVStore
+    from pagedkv.models import TINY, random_model
+
+    code = llama.Attention.__call__.__code__
+    monkeypatch.setattr(callers, "_PROOFS", {})
+    store = PagedKVStore.for_model(random_model(TINY), num_blocks=16, block_size=4)
+    try:
+        assert callers._PROOFS[id(code)] == (code, True)
+    finally:
+        store.close()
+    unrouted = PagedKVStore.for_model(random_model(TINY), num_blocks=16, route_attention=False)
+    monkeypatch.setattr(callers, "_PROOFS", {})
+    unrouted.route(random_model(TINY))
+    assert id(code) in callers._PROOFS
+    unrouted.close()
