@@ -180,3 +180,15 @@ def test_backend_attention_wires_the_self_check_on_a_metal_device(monkeypatch):
     assert mx.allclose(cache.attention_decode(0, [seq], queries), want)
     cache.attention_decode(0, [seq], queries)
     assert calls.count("good") >= 2  # used after passing (the check itself calls it too)
+
+
+def test_cuda_variants_carry_their_template_values_as_constants():
+    """The CUDA kernel body declares each template value (a call then passes none): types by the
+    names MLX's CUDA build uses, ints and bools as constexpr."""
+    text = decode.cuda_constants([("TQ", mx.bfloat16), ("KIND", 1), ("HAS_SINKS", True)])
+    assert (
+        text
+        == "using TQ = __nv_bfloat16;\nconstexpr int KIND = 1;\nconstexpr bool HAS_SINKS = true;\n"
+    )
+    assert decode.cuda_constants([("TQ", mx.float16)]) == "using TQ = __half;\n"
+    assert decode.cuda_constants([("TQ", mx.float32)]) == "using TQ = float;\n"
