@@ -543,8 +543,9 @@ def test_a_routed_store_proves_its_models_attention_ahead_of_decode(monkeypatch)
         assert callers._PROOFS[id(code)] == (code, True)
     finally:
         store.close()
-    unrouted = PagedKVStore.for_model(random_model(TINY), num_blocks=16, route_attention=False)
+    model = random_model(TINY)
+    unrouted = PagedKVStore.for_model(model, num_blocks=16, route_attention=False)
     monkeypatch.setattr(callers, "_PROOFS", {})
-    unrouted.route(random_model(TINY))
+    unrouted.route(model)  # routing later proves then too
     assert id(code) in callers._PROOFS
     unrouted.close()
