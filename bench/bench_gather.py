@@ -1,7 +1,8 @@
 """Paged decode attention microbench (no model): contiguous SDPA, gather -> SDPA, the fused
 kernel. PAGEDKV_BENCH_FULL=1 runs the whole sweep. Each round issues CALLS calls, then one eval and
-synchronize (small cells would otherwise measure MLX's per-call floor); divide by extra_info's
-calls_per_round for the time per call.
+synchronize (small cells would otherwise measure MLX's per-call floor), each call on the next copy
+of the cell's arrays (so that small cells are not read from the L2 cache: `pagedkv.benchmarks.gather`);
+divide by extra_info's calls_per_round for the time per call.
 
 pytest bench/bench_gather.py --benchmark-only --benchmark-group-by=group
 """
@@ -11,7 +12,14 @@ import os
 import pytest
 
 mx = pytest.importorskip("mlx.core", reason="the attention benchmarks need MLX (pagedkv[mlx])")
-from pagedkv.benchmarks.gather import FULL, HEAD_DIM, QUICK, cell_arrays  # noqa: E402
+from pagedkv.benchmarks.gather import (  # noqa: E402
+    FULL,
+    HEAD_DIM,
+    QUICK,
+    cell_arrays,
+    cycling,
+    sdpa_calls,
+)
 from pagedkv.mlx_backend.attention import gather_decode  # noqa: E402
 from pagedkv.mlx_backend.kernels import decode  # noqa: E402
 
@@ -20,15 +28,19 @@ CALLS = 20
 
 
 def paths(context: int, batch: int, block: int):
-    query, k_pool, v_pool, dense_k, dense_v, batch_inputs = cell_arrays(context, batch, block)
+    query, pools, dense, batch_inputs = cell_arrays(context, batch, block)
     scale = HEAD_DIM**-0.5
-    q = query[:, :, None, :]
     return {
-        "contiguous": lambda: mx.fast.scaled_dot_product_attention(
-            q, dense_k, dense_v, scale=scale
+        "contiguous": cycling(sdpa_calls(query, dense)),
+        "gather_sdpa": cycling(
+            [lambda k=k, v=v: gather_decode(query, k, v, batch_inputs, scale) for k, v in pools]
         ),
-        "gather_sdpa": lambda: gather_decode(query, k_pool, v_pool, batch_inputs, scale),
-        "kernel": lambda: decode.paged_decode(query, k_pool, v_pool, batch_inputs, scale),
+        "kernel": cycling(
+            [
+                lambda k=k, v=v: decode.paged_decode(query, k, v, batch_inputs, scale)
+                for k, v in pools
+            ]
+        ),
     }
 
 

@@ -11,12 +11,15 @@ query per sequence, block ids scattered over a pool with 2x slack (a fragmented 
 - `kernel`: the fused paged kernel (`pagedkv.mlx_backend.kernels`), where the device has one.
 
 Small cells sit on MLX's per-call floor, so each timing runs many calls per synchronize and divides
-(`per_call_us`). A reduction over a 2 GiB array in the same run gives the device's read bandwidth,
+(`per_call_us`). Consecutive calls read different copies of the cell's arrays (at least COLD_BYTES
+of K/V in all), as a model's layers read different pools: a small cell read again and again would
+come from the GPU's L2 cache (50 MB on an H100), which in a model the weights have long evicted. A reduction over a 2 GiB array in the same run gives the device's read bandwidth,
 against which the kernel's K/V bytes per second are reported.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -32,6 +35,7 @@ QUICK = dict(contexts=(1024, 4096), batches=(1, 4), blocks=(16,))
 FULL = dict(contexts=(1024, 4096, 16384, 32768), batches=(1, 4, 16), blocks=(16, 32, 64))
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 NAN = float("nan")
+COLD_BYTES = 256 * 2**20  # K/V read between two calls on the same copy: 5x an H100's L2
 
 
 @dataclass
@@ -47,7 +51,7 @@ class GatherCell:
 
     @property
     def kv_bytes(self) -> int:
-        return 2 * self.batch * self.context * KV_HEADS * HEAD_DIM * 2  # K and V, float16
+        return kv_bytes(self.context, self.batch)
 
     @property
     def kernel_tb_s(self) -> float:
@@ -64,6 +68,21 @@ class GatherCell:
     @property
     def gather_vs_contiguous(self) -> float:
         return self.gather_sdpa_us / self.contiguous_us
+
+
+def kv_bytes(context: int, batch: int) -> int:
+    return 2 * batch * context * KV_HEADS * HEAD_DIM * 2  # K and V, float16
+
+
+def copies_for(context: int, batch: int) -> int:
+    """Copies of a cell's arrays to cycle through so that no call finds its K/V in the L2."""
+    return max(1, min(32, ceil_div(COLD_BYTES, kv_bytes(context, batch))))
+
+
+def cycling(calls):
+    """One call per invocation, each on the next copy (see the module docstring)."""
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
 
 
 def per_call_us(fn, max_calls: int = 200, budget_s: float = 0.02, repeats: int = 3) -> float:
@@ -98,7 +117,8 @@ def read_bandwidth_tb_s() -> float:
 
 
 def cell_arrays(context: int, batch: int, block: int):
-    """Query, the fragmented pools and tables, and the same K/V contiguous."""
+    """Query, the fragmented pools and tables, and the same K/V contiguous; the pools and the
+    contiguous K/V as `copies_for` copies (lists)."""
     import mlx.core as mx
     import numpy as np
 
@@ -125,43 +145,54 @@ def cell_arrays(context: int, batch: int, block: int):
     dense_k, dense_v = contiguous(k_pool), contiguous(v_pool)
     bounds = mx.array(np.array([[0, context]] * batch, np.int32))
     decode_batch = DecodeBatch(tables, bounds, context)
-    mx.eval(k_pool, v_pool, dense_k, dense_v, query, tables, bounds)
-    return query, k_pool, v_pool, dense_k, dense_v, decode_batch
+    copies = copies_for(context, batch)
+    pools = [(k_pool, v_pool)] + [(k_pool + 0, v_pool + 0) for _ in range(copies - 1)]
+    dense = [(dense_k, dense_v)] + [(dense_k + 0, dense_v + 0) for _ in range(copies - 1)]
+    mx.eval(pools, dense, query, tables, bounds)
+    return query, pools, dense, decode_batch
+
+
+def sdpa_calls(query, dense) -> list:
+    import mlx.core as mx
+
+    q = query[:, :, None, :]
+    return [
+        lambda k=k, v=v: mx.fast.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM**-0.5)
+        for k, v in dense
+    ]
 
 
 def contiguous_us(context: int, batch: int, block: int) -> float:
-    import mlx.core as mx
-
-    query, _, _, dense_k, dense_v, _ = cell_arrays(context, batch, block)
-    q = query[:, :, None, :]
-    return per_call_us(
-        lambda: mx.fast.scaled_dot_product_attention(q, dense_k, dense_v, scale=HEAD_DIM**-0.5)
-    )
+    query, _, dense, _ = cell_arrays(context, batch, block)
+    return per_call_us(cycling(sdpa_calls(query, dense)))
 
 
 def measure_cell(
     context: int, batch: int, block: int, read_tb_s: float, vector_us: float
 ) -> GatherCell:
-    import mlx.core as mx
-
     from pagedkv.mlx_backend.attention import gather_decode
     from pagedkv.mlx_backend.kernels import decode
 
-    query, k_pool, v_pool, dense_k, dense_v, decode_batch = cell_arrays(context, batch, block)
+    query, pools, dense, decode_batch = cell_arrays(context, batch, block)
     scale = HEAD_DIM**-0.5
-    q = query[:, :, None, :]
-    contiguous = per_call_us(
-        lambda: mx.fast.scaled_dot_product_attention(q, dense_k, dense_v, scale=scale)
-    )
+    contiguous = per_call_us(cycling(sdpa_calls(query, dense)))
+    k_pool = pools[0][0]
     gathered_bytes = 2 * k_pool.itemsize * decode_batch.tables.size * block * KV_HEADS * HEAD_DIM
     gather = per_call_us(
-        lambda: gather_decode(query, k_pool, v_pool, decode_batch, scale),
+        cycling(
+            [lambda k=k, v=v: gather_decode(query, k, v, decode_batch, scale) for k, v in pools]
+        ),
         max_calls=max(1, min(200, 4 * 2**30 // gathered_bytes)),  # gathered copies stay in memory
     )
     kernel = NAN
     if decode.backend() is not None:
         kernel = per_call_us(
-            lambda: decode.paged_decode(query, k_pool, v_pool, decode_batch, scale)
+            cycling(
+                [
+                    lambda k=k, v=v: decode.paged_decode(query, k, v, decode_batch, scale)
+                    for k, v in pools
+                ]
+            )
         )
     return GatherCell(context, batch, block, contiguous, vector_us, gather, kernel, read_tb_s)
 

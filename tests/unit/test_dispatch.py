@@ -127,9 +127,25 @@ def test_decode_batch_bounds_follow_the_window():
     assert decode_batch(tables, [7, 2], None).longest == 7
 
 
-@pytest.mark.parametrize("longest, batch, expected", [(100, 1, 1), (4096, 64, 1), (4097, 1, 3), (32768, 4, 16), (32768, 256, 2)])  # fmt: skip
-def test_split_count_keeps_one_pass_until_rows_are_long(longest, batch, expected):
+@pytest.mark.parametrize(
+    "longest, batch, expected",
+    [
+        (100, 1, 1),  # shorter than one split's minimum: one pass
+        (511, 1, 1),
+        (2048, 1, 8),  # batch 1: 8 threadblocks per split, splits of 256 keys
+        (32768, 1, 64),  # 64 splits x 8 = the target's 512 threadblocks
+        (32768, 4, 16),
+        (4096, 64, 1),  # 64 rows x 8 kv heads fill the target alone
+        (4096, 16, 4),
+    ],
+)
+def test_split_count_fills_the_gpu_with_splits_of_at_least_min_keys(longest, batch, expected):
     assert decode.split_count(SHAPE, batch, longest) == expected
+
+
+def test_split_count_never_exceeds_max_splits():
+    one_head = decode.Shape(mx.float16, mx.float16, 128, 16, 1, 1, False)
+    assert decode.split_count(one_head, 1, 10**6) == decode.MAX_SPLITS
 
 
 def test_backend_attention_wires_the_self_check_on_a_metal_device(monkeypatch):

@@ -7,8 +7,8 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
   threadblock `NSG = 128 / L`, keys in flight per lane group `U`;
 - the query tile `QT`: how many of a kv head's G query heads one threadblock serves from each
   K/V load (G itself when the registers and the merge buffer allow);
-- the split count: one split (one pass that writes the output) until rows are long, then
-  splits of about SPLIT_KEYS keys whose partials a second kernel merges (`split_count`).
+- the split count: enough splits that a launch fills the GPU, none shorter than MIN_SPLIT_KEYS
+  keys; their partials a second kernel merges (`split_count`). One split is one pass.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import mlx.core as mx
 from pagedkv.mlx_backend.kernels import source
 
 THREADS = 128  # per threadblock / threadgroup: 4 warps or simdgroups
-SPLIT_KEYS = 2048  # keys per split once a row is split (see split_count)
-MAX_BLOCKS = 2048  # never more threadblocks than this from splitting (~16 per SM on an H100)
+TARGET_BLOCKS = 512  # threadblocks a launch aims at: ~4 per SM on an H100 (see split_count)
+MIN_SPLIT_KEYS = 256  # no split reads fewer keys: shorter ones cost more to merge than they add
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
@@ -163,14 +163,14 @@ def _scalar(value: float) -> mx.array:
 
 
 def split_count(shape: Shape, batch: int, longest: int) -> int:
-    """Splits per row. A second pass costs a launch, so rows of up to 2 * SPLIT_KEYS keys run in
-    one pass; longer rows get splits of about SPLIT_KEYS keys (measured best across batch sizes
-    on the H100, docs/adr/0002-paged-decode-kernel.md), never more threadblocks than MAX_BLOCKS."""
-    if longest <= 2 * SPLIT_KEYS:
-        return 1
+    """Splits per row: enough that the launch has about TARGET_BLOCKS threadblocks, none shorter
+    than MIN_SPLIT_KEYS keys, at most MAX_SPLITS. A small batch needs many: at batch 1 with 8 kv
+    heads one pass is 8 threadblocks on a 132-SM GPU, and reading a 2k row that way took 80 us
+    where 8 splits took 31 (H100, cold caches, docs/adr/0002-paged-decode-kernel.md). One pass
+    where the rows alone fill the GPU or are short."""
     blocks_per_row = batch * shape.kv_heads * (shape.group // shape.query_tile)
-    most = max(2, -(-MAX_BLOCKS // blocks_per_row))
-    return max(1, min(-(-longest // SPLIT_KEYS), most, MAX_SPLITS))
+    wanted = -(-TARGET_BLOCKS // blocks_per_row)
+    return max(1, min(wanted, longest // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
 @dataclass(frozen=True)
