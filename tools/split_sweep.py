@@ -1,0 +1,113 @@
+"""The paged decode kernel at forced split counts against the split-count rule and cuDNN.
+
+    python tools/split_sweep.py [CELLS] [--splits 1,2,4,...] [--csv PATH]
+    e.g.  python tools/split_sweep.py 2048x1,8192x1,32768x1,4096x16
+
+CELLS: context x batch (default: 2048, 8192 and 32768 at batch 1, 4 and 16). The cell is
+`pagedkv bench gather`'s (float16, head_dim 128, 32 query / 8 kv heads, block 16, scattered block
+ids) and so is the timing: many calls per synchronize, consecutive calls on different copies of
+the K/V so nothing is read from L2 (`pagedkv.benchmarks.gather`). Per cell it prints
+microseconds per call for contiguous SDPA (MLX's default path: cuDNN on CUDA), the kernel with the
+count `split_count` picks, and the kernel at every forced count the cell allows; the best forced
+count is starred. What the next change to `decode.split_count` or the kernel is judged by. Needs a
+GPU with a kernel backend (CUDA; Metal untested); on the CPU it says so and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+from pagedkv.benchmarks.gather import (
+    HEAD_DIM,
+    KV_HEADS,
+    Q_HEADS,
+    cell_arrays,
+    cycling,
+    per_call_us,
+    sdpa_calls,
+)
+from pagedkv.mlx_backend.kernels import decode
+
+DEFAULT_CELLS = [(c, b) for b in (1, 4, 16) for c in (2048, 8192, 32768)]
+DEFAULT_SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
+BLOCK = 16
+
+
+def parse_cells(text: str) -> list[tuple[int, int]]:
+    cells = []
+    for item in text.split(","):
+        context, _, batch = item.partition("x")
+        cells.append((int(context), int(batch)))
+    return cells
+
+
+def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, float]:
+    query, pools, dense, decode_batch = cell_arrays(context, batch, BLOCK)
+    scale = HEAD_DIM**-0.5
+
+    def kernel_us(num_splits: int | None) -> float:
+        calls = [
+            lambda k=k, v=v: decode.paged_decode(query, k, v, decode_batch, scale, None, num_splits)
+            for k, v in pools
+        ]
+        return per_call_us(cycling(calls))
+
+    row = {
+        "context": context,
+        "batch": batch,
+        "cudnn_us": per_call_us(cycling(sdpa_calls(query, dense))),
+    }
+    k_pool = pools[0][0]
+    shape = decode.Shape(
+        query.dtype, k_pool.dtype, HEAD_DIM, BLOCK, KV_HEADS, Q_HEADS // KV_HEADS, False
+    )
+    row["rule_splits"] = decode.split_count(shape, batch, decode_batch.longest)
+    row["rule_us"] = kernel_us(None)
+    blocks = -(-context // BLOCK)
+    for n in splits:
+        if n <= min(blocks, decode.MAX_SPLITS):  # a split holds whole blocks
+            row[f"s{n}_us"] = kernel_us(n)
+    return row
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "cells", nargs="?", default=None, help="CONTEXTxBATCH,... (default: 9 cells)"
+    )
+    parser.add_argument("--splits", default=",".join(map(str, DEFAULT_SPLITS)))
+    parser.add_argument("--csv", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if decode.backend() is None:
+        print("split_sweep: the default device has no kernel backend (CUDA or Metal GPU)")
+        return 1
+    cells = parse_cells(args.cells) if args.cells else DEFAULT_CELLS
+    splits = tuple(int(s) for s in args.splits.split(","))
+    rows = []
+    for i, (context, batch) in enumerate(cells, 1):
+        row = sweep_cell(context, batch, splits)
+        rows.append(row)
+        forced = {k: v for k, v in row.items() if k.startswith("s") and k.endswith("_us")}
+        best = min(forced, key=forced.get)
+        cells_text = "  ".join(
+            f"{k[1:-3]}:{v:.1f}{'*' if k == best else ''}" for k, v in forced.items()
+        )
+        print(
+            f"[{i}/{len(cells)}] ctx {context} batch {batch}: cudnn {row['cudnn_us']:.1f} us, "
+            f"rule {row['rule_splits']} splits {row['rule_us']:.1f} us "
+            f"({row['rule_us'] / row['cudnn_us']:.2f}x); forced {cells_text}",
+            flush=True,
+        )
+    if args.csv:
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # every cell's columns, in order
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({k: round(v, 2) for k, v in r.items()} for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
