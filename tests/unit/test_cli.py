@@ -71,3 +71,21 @@ def test_bench_groups_are_described_once(tmp_path):
         assert header == ",".join(["device", "mlx", *group.columns])
         plot(group, rows, tmp_path / f"{name}.png")  # a KeyError if it reads another column
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("context, batch", [(1024, 1), (4096, 4), (16384, 16), (32768, 16)])
+def test_gather_bench_cycles_enough_copies_that_l2_holds_none(context, batch):
+    """Each timed call reads the next copy of a cell's K/V: between two reads of one copy at
+    least COLD_BYTES pass (or 32 copies, the cap), so no call finds its K/V in the GPU's L2."""
+    from pagedkv.benchmarks.gather import COLD_BYTES, copies_for, cycling, kv_bytes
+
+    copies = copies_for(context, batch)
+    assert copies == 32 or copies * kv_bytes(context, batch) >= COLD_BYTES
+    assert (
+        copies == 1 or (copies - 1) * kv_bytes(context, batch) < COLD_BYTES
+    )  # no more than needed
+    seen = []
+    call = cycling([lambda i=i: seen.append(i) for i in range(copies)])
+    for _ in range(2 * copies):
+        call()
+    assert seen == list(range(copies)) * 2
