@@ -19,15 +19,7 @@ import argparse
 import csv
 import sys
 
-from pagedkv.benchmarks.gather import (
-    HEAD_DIM,
-    KV_HEADS,
-    Q_HEADS,
-    cell_arrays,
-    cycling,
-    per_call_us,
-    sdpa_calls,
-)
+from pagedkv.benchmarks.gather import HEAD_DIM, cell_arrays, cycling, per_call_us, sdpa_calls
 from pagedkv.mlx_backend.kernels import decode
 
 DEFAULT_CELLS = [(c, b) for b in (1, 4, 16) for c in (2048, 8192, 32768)]
@@ -36,11 +28,22 @@ BLOCK = 16
 
 
 def parse_cells(text: str) -> list[tuple[int, int]]:
+    """'2048x1,4096x16' -> [(2048, 1), (4096, 16)]; ValueError on anything else."""
     cells = []
     for item in text.split(","):
-        context, _, batch = item.partition("x")
+        context, sep, batch = item.partition("x")
+        if not (sep and context.isdigit() and batch.isdigit() and int(context) and int(batch)):
+            raise ValueError(f"a cell is CONTEXTxBATCH with both >= 1, got {item!r}")
         cells.append((int(context), int(batch)))
     return cells
+
+
+def parse_splits(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); ValueError unless every count is in [1, MAX_SPLITS]."""
+    items = text.split(",")
+    if not all(i.isdigit() and 1 <= int(i) <= decode.MAX_SPLITS for i in items):
+        raise ValueError(f"split counts are integers in [1, {decode.MAX_SPLITS}], got {text!r}")
+    return tuple(int(i) for i in items)
 
 
 def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, float]:
@@ -59,11 +62,7 @@ def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, f
         "batch": batch,
         "cudnn_us": per_call_us(cycling(sdpa_calls(query, dense))),
     }
-    k_pool = pools[0][0]
-    shape = decode.Shape(
-        query.dtype, k_pool.dtype, HEAD_DIM, BLOCK, KV_HEADS, Q_HEADS // KV_HEADS, False
-    )
-    row["rule_splits"] = decode.split_count(shape, batch, decode_batch.longest)
+    row["rule_splits"] = decode.prepare(query, pools[0][0], decode_batch, scale, False).splits
     row["rule_us"] = kernel_us(None)
     blocks = -(-context // BLOCK)
     for n in splits:
@@ -80,17 +79,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--splits", default=",".join(map(str, DEFAULT_SPLITS)))
     parser.add_argument("--csv", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
+    try:
+        cells = parse_cells(args.cells) if args.cells else DEFAULT_CELLS
+        splits = parse_splits(args.splits)
+    except ValueError as error:
+        parser.error(str(error))
     if decode.backend() is None:
         print("split_sweep: the default device has no kernel backend (CUDA or Metal GPU)")
         return 1
-    cells = parse_cells(args.cells) if args.cells else DEFAULT_CELLS
-    splits = tuple(int(s) for s in args.splits.split(","))
     rows = []
     for i, (context, batch) in enumerate(cells, 1):
         row = sweep_cell(context, batch, splits)
         rows.append(row)
         forced = {k: v for k, v in row.items() if k.startswith("s") and k.endswith("_us")}
-        best = min(forced, key=forced.get)
+        best = min(forced, key=forced.get, default=None)  # none when every count is too many
         cells_text = "  ".join(
             f"{k[1:-3]}:{v:.1f}{'*' if k == best else ''}" for k, v in forced.items()
         )

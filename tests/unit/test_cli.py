@@ -81,9 +81,8 @@ def test_gather_bench_cycles_enough_copies_that_l2_holds_none(context, batch):
 
     copies = copies_for(context, batch)
     assert copies == 32 or copies * kv_bytes(context, batch) >= COLD_BYTES
-    assert (
-        copies == 1 or (copies - 1) * kv_bytes(context, batch) < COLD_BYTES
-    )  # no more than needed
+    fewer = copies - 1  # and no more than needed
+    assert copies == 1 or fewer * kv_bytes(context, batch) < COLD_BYTES
     seen = []
     call = cycling([lambda i=i: seen.append(i) for i in range(copies)])
     for _ in range(2 * copies):
