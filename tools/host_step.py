@@ -47,7 +47,7 @@ def with_kernel_stub() -> None:
             return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
 
     decode.backend = lambda: "cuda"
-    decode._kernel = lambda backend, name, part: Stub()
+    decode._kernel = lambda *args: Stub()  # every part, every variant
 
 
 def main(label: str, flags: list[str]) -> None:

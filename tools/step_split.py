@@ -12,6 +12,9 @@ VARIANTs (experiments on the paged side only, each another paged store in the sa
   every=N    the owner schedules a step's lazy writes every N layers instead of once per step
   lazyfirst  the step's first layer also writes lazily (two evaluations per step instead of three)
   split=N    the kernel always runs N splits
+  stub=N     the kernel's launch replaced by N trivial kernels that copy the queries (N = 1 or
+             2: one launch, or split + merge): the step with no attention work, the most any
+             faster kernel could give
   history    every caller gets the lazy history, none the placeholders (callers.py): what the
              placeholders save
 `--small`: the 4-layer benchmark model (a CPU smoke run). Run it on the GPU; `MLX_MAX_OPS_PER_BUFFER` (MLX's ops per CUDA graph) is read by MLX at start.
@@ -38,7 +41,18 @@ _REAL = {
     "write": layer_cache.PagedLayerCache._write_in_step,
     "split": kernel.split_count,
     "unread": layer_cache.PagedLayerCache._history_unread,
+    "launch": kernel.Launch.__call__,
 }
+_COPY = (
+    mx.fast.cuda_kernel(  # the stub: y = x, one thread per element; the pools are read by no one
+        name="step_split_stub",
+        input_names=["x", "k_pool"],
+        output_names=["y"],
+        source="int i = blockIdx.x * blockDim.x + threadIdx.x; y[i] = x[i];",
+    )
+    if mx.cuda.is_available()
+    else None
+)
 
 
 def timed_decode(call, first) -> tuple[float, float, float]:
@@ -77,6 +91,20 @@ def apply(variant: str) -> None:
     storage.mx = mx
     kernel.split_count = _REAL["split"]
     layer_cache.PagedLayerCache._history_unread = _REAL["unread"]
+    kernel.Launch.__call__ = _REAL["launch"]
+    if "stub" in options:
+        launches = int(options["stub"])
+
+        def stub(self, queries, k_pool, v_pool, sinks=None):
+            out = queries
+            for _ in range(launches):  # the queries' size is a multiple of 128 (head_dim 128)
+                (out,) = _COPY(
+                    inputs=[out, k_pool], grid=(queries.size, 1, 1), threadgroup=(128, 1, 1),
+                    output_shapes=[queries.shape], output_dtypes=[queries.dtype],
+                )  # fmt: skip
+            return out
+
+        kernel.Launch.__call__ = stub
     if "history" in options:
         layer_cache.PagedLayerCache._history_unread = lambda self, frame: False
     if "split" in options:

@@ -1,0 +1,75 @@
+"""The GPU tools' own logic that runs anywhere: argument parsing and ncu report attribution."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ncu_decode = load("ncu_decode")
+
+
+def test_cells_and_variants_parse_or_fail_clearly():
+    assert ncu_decode.parse_cells("2048x1,32768x16") == [(2048, 1), (32768, 16)]
+    assert ncu_decode.parse_variants("U4QT4,U2QT1") == [(4, 4), (2, 1)]
+    for bad in ("2048", "0x1", "2048x", "ax1"):
+        with pytest.raises(ValueError, match="CONTEXTxBATCH"):
+            ncu_decode.parse_cells(bad)
+    for bad in ("U4", "U9QT4", "U4QT3", "u4qt4"):
+        with pytest.raises(ValueError, match="U<1-8>QT"):
+            ncu_decode.parse_variants(bad)
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    for argv in (["2048"], ["--splits", "0"], ["--splits", "8,x"], ["--variants", "U4QT3"]):
+        with pytest.raises(SystemExit) as exit_:
+            ncu_decode.main(argv)
+        assert exit_.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def row(kernel: str, grid: str, duration: str) -> list[str]:
+    return ["1", kernel, grid, duration]
+
+
+def report(*rows: list[str], unit: str = "ns") -> list[list[str]]:
+    return [
+        ["==PROF== Connected"],
+        ["ID", "Kernel Name", "Grid Size", "gpu__time_duration.sum"],
+        ["", "", "", unit],
+        *rows,
+        ["==PROF== Disconnected"],
+    ]
+
+
+def test_every_kernel_is_charged_to_the_call_its_marker_opened():
+    m = ncu_decode.MARKER
+    rows = report(
+        row(m, "(1, 1, 1)", "999"),  # the marker's own time is not charged
+        row("split", "(8, 8, 1)", "20,000"),
+        row("merge", "(32, 1, 1)", "4,000"),
+        row(m, "(2, 1, 1)", "999"),
+        row("sdpa", "(16, 8, 1)", "10,000"),
+        row(m, "(1, 1, 1)", "999"),  # second repetition
+        row("split", "(8, 8, 1)", "30,000"),
+        row("merge", "(32, 1, 1)", "2,000"),
+        row(m, "(2, 1, 1)", "999"),
+        row("sdpa", "(16, 8, 1)", "12,000"),
+        row(m, "(1, 1, 1)", "999"),  # third
+        row("split", "(8, 8, 1)", "26,000"),
+        row(m, "(2, 1, 1)", "999"),
+        row("sdpa", "(16, 8, 1)", "50,000"),
+    )
+    times = ncu_decode.durations_by_call(rows, calls=3)
+    assert times == {1: 26.0, 2: 12.0}  # medians of (24, 32, 26) and (10, 12, 50) µs; 3 never ran
+    in_us = report(*rows[3:-1], unit="us")  # the same launches, durations read as µs
+    assert ncu_decode.durations_by_call(in_us, calls=2)[1] == 26_000.0

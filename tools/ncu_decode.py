@@ -1,0 +1,268 @@
+"""GPU time of one decode-attention call, from Nsight Compute: the paged kernel against cuDNN.
+
+    python tools/ncu_decode.py [CELLS] [--splits 8,16] [--variants U4QT4,U2QT4] [--csv PATH]
+    e.g.  python tools/ncu_decode.py 2048x1,32768x16 --splits 8,16,64
+
+The per-call timings of `pagedkv bench gather` and `tools/split_sweep.py` are host-bound for
+small cells (a custom-kernel call costs more host time than the GPU work of a batch-1 row), so they
+cannot rank kernel variants there; this tool reads the GPU's own kernel durations. It runs itself
+under `ncu --cache-control all --clock-control none` (cold caches, boost clocks) and, per cell
+(context x batch; bfloat16, head_dim 128, 32 query / 8 kv heads, block 16, scattered block ids):
+contiguous SDPA (MLX's default path: cuDNN on CUDA) and the shipped kernel source at the rule's
+split count and at each forced count, for each variant of its keys in flight `U` and query tile
+`QT` (the shipped shape's values are the first variant). A tiny marker kernel, launched before
+each measured call with its index as the grid size, attributes every kernel ncu records (split +
+merge, cuDNN's two) to its call; three repetitions, median of each call's summed durations.
+Needs a CUDA GPU with `ncu` on PATH (not Metal); elsewhere it says so and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+BLOCK, HEAD_DIM, Q_HEADS, KV_HEADS = 16, 128, 32, 8
+SCALE = HEAD_DIM**-0.5
+REPEATS = 3
+DEFAULT_CELLS = "2048x1,8192x1,32768x1,2048x4,32768x16"
+MARKER = "ncu_decode_marker"
+
+
+def parse_cells(text: str) -> list[tuple[int, int]]:
+    """'2048x1,4096x16' -> [(2048, 1), (4096, 16)]; ValueError on anything else."""
+    cells = []
+    for item in text.split(","):
+        context, sep, batch = item.partition("x")
+        if not (sep and context.isdigit() and batch.isdigit() and int(context) and int(batch)):
+            raise ValueError(f"a cell is CONTEXTxBATCH with both >= 1, got {item!r}")
+        cells.append((int(context), int(batch)))
+    return cells
+
+
+def parse_variants(text: str) -> list[tuple[int, int]]:
+    """'U4QT4,U2QT1' -> [(4, 4), (2, 1)]: keys in flight per lane group (1-8), query heads per
+    threadblock (a divisor of the cells' 4 query heads per kv head)."""
+    variants = []
+    for item in text.split(","):
+        match = re.fullmatch(r"U([1-8])QT([124])", item)
+        if not match:
+            raise ValueError(f"a variant is U<1-8>QT<1|2|4>, e.g. U4QT4, got {item!r}")
+        variants.append((int(match[1]), int(match[2])))
+    return variants
+
+
+def durations_by_call(rows: list[list[str]], calls: int) -> dict[int, float]:
+    """ncu's raw CSV rows -> {call index (1-based): median over repetitions of the summed
+    durations (µs) of the kernels launched between that call's marker and the next marker}."""
+    start = next(i for i, row in enumerate(rows) if "Kernel Name" in row)
+    header, units = rows[start], rows[start + 1]
+    name, grid = header.index("Kernel Name"), header.index("Grid Size")
+    duration = header.index("gpu__time_duration.sum")
+    to_us = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+    scale = to_us[units[duration]]
+    sums: dict[int, list[float]] = {}
+    current = None
+    for row in rows[start + 2 :]:
+        if len(row) <= duration:
+            continue  # ncu's own messages
+        if MARKER in row[name]:
+            current = int(re.findall(r"\d+", row[grid])[0])
+            sums.setdefault(current, []).append(0.0)
+        elif current is not None:
+            sums[current][-1] += float(row[duration].replace(",", "")) * scale
+    return {i: statistics.median(sums[i]) for i in range(1, calls + 1) if i in sums}
+
+
+def cell_arrays(context: int, batch: int):
+    """Query, pools with scattered blocks, the same K/V contiguous, the DecodeBatch."""
+    import mlx.core as mx
+    import numpy as np
+
+    from pagedkv.mlx_backend.kernels import DecodeBatch
+
+    per_row = -(-context // BLOCK)
+    blocks = batch * per_row + 8
+    mx.random.seed(0)
+    shape = (blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_pool = mx.random.normal(shape).astype(mx.bfloat16)
+    v_pool = mx.random.normal(shape).astype(mx.bfloat16)
+    order = np.random.default_rng(0).permutation(blocks)[: batch * per_row]
+    tables = mx.array(order.reshape(batch, per_row).astype(np.int32))
+    query = mx.random.normal((batch, Q_HEADS, HEAD_DIM)).astype(mx.bfloat16)
+
+    def contiguous(pool):  # [B, kv_heads, context, head_dim]
+        rows = mx.take(pool, tables.reshape(-1), axis=0).reshape(batch, -1, KV_HEADS, HEAD_DIM)
+        return mx.contiguous(rows[:, :context].transpose(0, 2, 1, 3))
+
+    dense = (contiguous(k_pool), contiguous(v_pool))
+    bounds = mx.array(np.array([[0, context]] * batch, np.int32))
+    mx.eval(k_pool, v_pool, query, dense, tables, bounds)
+    return query, k_pool, v_pool, dense, DecodeBatch(tables, bounds, context)
+
+
+def variant_call(unroll: int, tile: int):
+    """The shipped kernel with `U` and `QT` replaced: a call like `decode.Launch.__call__`."""
+    import mlx.core as mx
+
+    from pagedkv.mlx_backend.kernels import decode, source
+
+    parts = source.sections("cuda")
+    built: dict = {}
+
+    def call(query, k_pool, v_pool, batch, scale, splits):
+        plan = decode.plan_for(query, k_pool, False, "cuda")
+        shape = plan.shape
+        if shape not in built:
+            template = [
+                ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
+                ("KVH", shape.kv_heads), ("G", shape.group), ("QT", tile), ("L", shape.lanes),
+                ("U", unroll), ("KIND", decode.POOL_KIND[shape.pool_dtype]), ("HAS_SINKS", False),
+            ]  # fmt: skip
+            constants = decode.cuda_constants(template)
+            built[shape] = mx.fast.cuda_kernel(
+                name=f"ncu_decode_u{unroll}_qt{tile}_{shape.name('split')}",
+                input_names=["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks"],
+                output_names=["o_acc", "o_ml"],
+                source=constants + source.pass1_body("cuda", split=True),
+                header=parts["header"],
+            )
+        rows, heads = query.shape[0], query.shape[1]
+        sinks = mx.array([0.0])
+        o_acc, o_ml = built[shape](
+            inputs=[query, k_pool, v_pool, batch.tables, batch.bounds, mx.array([scale]), sinks],
+            grid=(splits * decode.THREADS, shape.kv_heads * (shape.group // tile), rows),
+            threadgroup=(decode.THREADS, 1, 1),
+            output_shapes=[(rows * heads, splits, HEAD_DIM), (rows * heads, splits, 2)],
+            output_dtypes=[mx.float32, mx.float32],
+        )
+        (out,) = plan.reduce(
+            inputs=[o_acc, o_ml, sinks], template=plan.reduce_template,
+            grid=(rows * heads * decode.THREADS, 1, 1), threadgroup=(decode.THREADS, 1, 1),
+            output_shapes=[query.shape], output_dtypes=[query.dtype],
+        )  # fmt: skip
+        return out
+
+    return call
+
+
+def child(cells, splits, variants, labels_path: str) -> None:
+    """Under ncu: build every call, compile it, then profile REPEATS rounds of marked calls."""
+    import ctypes
+
+    import mlx.core as mx
+
+    from pagedkv.mlx_backend.kernels import decode
+
+    marker = mx.fast.cuda_kernel(
+        name=MARKER, input_names=["x"], output_names=["y"], source="y[0] = x[0];"
+    )
+    one = mx.zeros((1,))
+    calls = []
+    for context, batch in cells:
+        query, k_pool, v_pool, (dense_k, dense_v), decode_batch = cell_arrays(context, batch)
+        rule = decode.prepare(query, k_pool, decode_batch, SCALE, False).splits
+        q4 = query[:, :, None, :]
+        calls.append(
+            (
+                f"{context}x{batch} sdpa",
+                lambda q4=q4, k=dense_k, v=dense_v: mx.fast.scaled_dot_product_attention(
+                    q4, k, v, scale=SCALE
+                ),
+            )
+        )
+        counts = sorted({rule, *(s for s in splits if s <= min(-(-context // BLOCK), 256))})
+        for unroll, tile in variants:
+            fn = variant_call(unroll, tile)
+            for count in counts:
+                label = (
+                    f"{context}x{batch} U{unroll}QT{tile} s{count}{'*' if count == rule else ''}"
+                )
+                calls.append(
+                    (
+                        label,
+                        lambda fn=fn, a=(query, k_pool, v_pool, decode_batch, SCALE, count): fn(*a),
+                    )
+                )
+    for _, fn in calls:  # compile and warm up outside the profiled range
+        mx.eval(fn())
+    mx.synchronize()
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuProfilerStart()
+    for _ in range(REPEATS):
+        for index, (_, fn) in enumerate(calls, 1):
+            mx.eval(marker(inputs=[one], grid=(index, 1, 1), threadgroup=(1, 1, 1),
+                           output_shapes=[(1,)], output_dtypes=[mx.float32])[0])  # fmt: skip
+            mx.eval(fn())
+    mx.synchronize()
+    driver.cuProfilerStop()
+    with open(labels_path, "w") as f:
+        json.dump([label for label, _ in calls], f)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cells", nargs="?", default=DEFAULT_CELLS, help="CONTEXTxBATCH,...")
+    parser.add_argument("--splits", default="8,16,64", help="forced split counts, 1..256")
+    parser.add_argument("--variants", default=None, help="U<n>QT<n>,... (default: shipped)")
+    parser.add_argument("--csv", default=None, help="also write label,us rows here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        cells = parse_cells(args.cells)
+        splits = [int(s) for s in args.splits.split(",") if s.isdigit() and 1 <= int(s) <= 256]
+        if len(splits) != len(args.splits.split(",")):
+            raise ValueError(f"split counts are integers in [1, 256], got {args.splits!r}")
+        variants = parse_variants(args.variants) if args.variants else None
+    except ValueError as error:
+        parser.error(str(error))
+
+    import mlx.core as mx
+
+    from pagedkv.mlx_backend.kernels import decode
+
+    if decode.backend() != "cuda" or shutil.which("ncu") is None:
+        print("ncu_decode: needs a CUDA GPU as MLX's default device and Nsight Compute's `ncu`")
+        return 1
+    if variants is None:
+        probe = decode.Shape(mx.bfloat16, mx.bfloat16, HEAD_DIM, BLOCK, KV_HEADS, 4, False)
+        variants = [(probe.unroll, probe.query_tile)]
+    if args.child:
+        child(cells, splits, variants, args.child)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        labels_path, report = os.path.join(tmp, "labels.json"), os.path.join(tmp, "ncu.csv")
+        command = [
+            "ncu", "--profile-from-start", "off", "--cache-control", "all", "--clock-control",
+            "none", "--metrics", "gpu__time_duration.sum", "--csv", "--page", "raw",
+            "--log-file", report, sys.executable, __file__, *argv, "--child", labels_path,
+        ]  # fmt: skip
+        print(f"ncu_decode: profiling {len(cells)} cells under ncu ...", flush=True)
+        subprocess.run(command, check=True)
+        with open(labels_path) as f:
+            labels = json.load(f)
+        with open(report, newline="") as f:
+            times = durations_by_call(list(csv.reader(f)), len(labels))
+    results = [(label, times.get(i, float("nan"))) for i, label in enumerate(labels, 1)]
+    for cell in dict.fromkeys(label.split()[0] for label, _ in results):
+        row = [
+            (label.split(" ", 1)[1], us) for label, us in results if label.startswith(cell + " ")
+        ]
+        print(f"{cell}: " + "  ".join(f"{name} {us:.1f}" for name, us in row) + "  (µs)")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["call", "us"])
+            writer.writerows((label, round(us, 2)) for label, us in results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
