@@ -1,6 +1,6 @@
 """GPU time of one decode-attention call, from Nsight Compute: the paged kernel against cuDNN.
 
-    python tools/ncu_decode.py [CELLS] [--splits 8,16] [--variants U4QT4,U2QT4] [--csv PATH]
+    python tools/ncu_decode.py [CELLS] [--splits 8,16] [--variants U4QT4,U2QT4L8] [--csv PATH]
     e.g.  python tools/ncu_decode.py 2048x1,32768x16 --splits 8,16,64
 
 The per-call timings of `pagedkv bench gather` and `tools/split_sweep.py` are host-bound for
@@ -9,10 +9,11 @@ cannot rank kernel variants there; this tool reads the GPU's own kernel duration
 under `ncu --cache-control all --clock-control none` (cold caches, boost clocks) and, per cell
 (context x batch; bfloat16, head_dim 128, 32 query / 8 kv heads, block 16, scattered block ids):
 contiguous SDPA (MLX's default path: cuDNN on CUDA) and the shipped kernel source at the rule's
-split count and at each forced count, for each variant of its keys in flight `U` and query tile
-`QT` (the shipped shape's values are the first variant). A tiny marker kernel, launched before
-each measured call with its index as the grid size, attributes every kernel ncu records (split +
-merge, cuDNN's two) to its call; three repetitions, median of each call's summed durations.
+split count and at each forced count, for each variant of its keys in flight `U`, query tile
+`QT` and lanes per key row `L` (default: the shipped shape's values). A tiny marker kernel,
+launched before each measured call with its index as the grid size, attributes every kernel ncu
+records (split + merge, cuDNN's two) to its call; three repetitions, median of each call's summed
+durations.
 Needs a CUDA GPU with `ncu` on PATH (not Metal); elsewhere it says so and exits 1.
 """
 
@@ -47,15 +48,16 @@ def parse_cells(text: str) -> list[tuple[int, int]]:
     return cells
 
 
-def parse_variants(text: str) -> list[tuple[int, int]]:
-    """'U4QT4,U2QT1' -> [(4, 4), (2, 1)]: keys in flight per lane group (1-8), query heads per
-    threadblock (a divisor of the cells' 4 query heads per kv head)."""
+def parse_variants(text: str) -> list[tuple[int, int, int | None]]:
+    """'U4QT4,U2QT1L8' -> [(4, 4, None), (2, 1, 8)]: keys in flight per lane group (1-8), query
+    heads per threadblock (a divisor of the cells' 4 query heads per kv head), lanes per key row
+    (4, 8, 16 or 32; None: the shipped shape's)."""
     variants = []
     for item in text.split(","):
-        match = re.fullmatch(r"U([1-8])QT([124])", item)
+        match = re.fullmatch(r"U([1-8])QT([124])(?:L(4|8|16|32))?", item)
         if not match:
-            raise ValueError(f"a variant is U<1-8>QT<1|2|4>, e.g. U4QT4, got {item!r}")
-        variants.append((int(match[1]), int(match[2])))
+            raise ValueError(f"a variant is U<1-8>QT<1|2|4>[L<4|8|16|32>], got {item!r}")
+        variants.append((int(match[1]), int(match[2]), int(match[3]) if match[3] else None))
     return variants
 
 
@@ -108,8 +110,8 @@ def cell_arrays(context: int, batch: int):
     return query, k_pool, v_pool, dense, DecodeBatch(tables, bounds, context)
 
 
-def variant_call(unroll: int, tile: int):
-    """The shipped kernel with `U` and `QT` replaced: a call like `decode.Launch.__call__`."""
+def variant_call(unroll: int, tile: int, lanes: int | None):
+    """The shipped kernel with `U`, `QT` (and `L`) replaced: a call like `Launch.__call__`."""
     import mlx.core as mx
 
     from pagedkv.mlx_backend.kernels import decode, source
@@ -123,12 +125,13 @@ def variant_call(unroll: int, tile: int):
         if shape not in built:
             template = [
                 ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
-                ("KVH", shape.kv_heads), ("G", shape.group), ("QT", tile), ("L", shape.lanes),
+                ("KVH", shape.kv_heads), ("G", shape.group), ("QT", tile),
+                ("L", lanes or shape.lanes),
                 ("U", unroll), ("KIND", decode.POOL_KIND[shape.pool_dtype]), ("HAS_SINKS", False),
             ]  # fmt: skip
             constants = decode.cuda_constants(template)
             built[shape] = mx.fast.cuda_kernel(
-                name=f"ncu_decode_u{unroll}_qt{tile}_{shape.name('split')}",
+                name=f"ncu_decode_u{unroll}_qt{tile}_l{lanes}_{shape.name('split')}",
                 input_names=["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks"],
                 output_names=["o_acc", "o_ml"],
                 source=constants + source.pass1_body("cuda", split=True),
@@ -179,12 +182,11 @@ def child(cells, splits, variants, labels_path: str) -> None:
             )
         )
         counts = sorted({rule, *(s for s in splits if s <= min(-(-context // BLOCK), 256))})
-        for unroll, tile in variants:
-            fn = variant_call(unroll, tile)
+        for unroll, tile, lanes in variants:
+            fn = variant_call(unroll, tile, lanes)
+            name = f"U{unroll}QT{tile}" + (f"L{lanes}" if lanes else "")
             for count in counts:
-                label = (
-                    f"{context}x{batch} U{unroll}QT{tile} s{count}{'*' if count == rule else ''}"
-                )
+                label = f"{context}x{batch} {name} s{count}{'*' if count == rule else ''}"
                 calls.append(
                     (
                         label,
@@ -211,7 +213,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="?", default=DEFAULT_CELLS, help="CONTEXTxBATCH,...")
     parser.add_argument("--splits", default="8,16,64", help="forced split counts, 1..256")
-    parser.add_argument("--variants", default=None, help="U<n>QT<n>,... (default: shipped)")
+    parser.add_argument("--variants", default=None, help="U<n>QT<n>[L<n>],... (default: shipped)")
     parser.add_argument("--csv", default=None, help="also write label,us rows here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -233,7 +235,7 @@ def main(argv: list[str]) -> int:
         return 1
     if variants is None:
         probe = decode.Shape(mx.bfloat16, mx.bfloat16, HEAD_DIM, BLOCK, KV_HEADS, 4, False)
-        variants = [(probe.unroll, probe.query_tile)]
+        variants = [(probe.unroll, probe.query_tile, None)]
     if args.child:
         child(cells, splits, variants, args.child)
         return 0

@@ -20,11 +20,11 @@ ncu_decode = load("ncu_decode")
 
 def test_cells_and_variants_parse_or_fail_clearly():
     assert ncu_decode.parse_cells("2048x1,32768x16") == [(2048, 1), (32768, 16)]
-    assert ncu_decode.parse_variants("U4QT4,U2QT1") == [(4, 4), (2, 1)]
+    assert ncu_decode.parse_variants("U4QT4,U2QT1L8") == [(4, 4, None), (2, 1, 8)]
     for bad in ("2048", "0x1", "2048x", "ax1"):
         with pytest.raises(ValueError, match="CONTEXTxBATCH"):
             ncu_decode.parse_cells(bad)
-    for bad in ("U4", "U9QT4", "U4QT3", "u4qt4"):
+    for bad in ("U4", "U9QT4", "U4QT3", "u4qt4", "U4QT4L5", "U4QT4L"):
         with pytest.raises(ValueError, match="U<1-8>QT"):
             ncu_decode.parse_variants(bad)
 
