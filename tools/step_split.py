@@ -94,6 +94,8 @@ def apply(variant: str) -> None:
     kernel.Launch.__call__ = _REAL["launch"]
     if "stub" in options:
         launches = int(options["stub"])
+        if _COPY is None or launches < 1:  # on the CPU routed decode never launches the kernel
+            sys.exit("step_split: stub=N needs N >= 1 and a CUDA GPU (the kernel's launch path)")
 
         def stub(self, queries, k_pool, v_pool, sinks=None):
             out = queries
