@@ -143,6 +143,9 @@ def main(argv: list[str]) -> None:
         (int(c.rstrip("r")), c.endswith("r")) for c in (argv[:1] or ["1,4,8,8r"])[0].split(",")
     ]
     variants = [""] + argv[1:]
+    for variant in variants:  # refuse a bad variant before the minutes of building and prefill
+        apply(variant)
+    apply("")
     model = random_model(SMALL if small else LLAMA3_8B, dtype="bfloat16")
     print(f"MLX {mx.__version__} on {mx.default_device()}; model built", flush=True)
     for batch, ragged in cells:
