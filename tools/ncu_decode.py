@@ -247,7 +247,13 @@ def main(argv: list[str]) -> int:
             "--log-file", report, sys.executable, __file__, *argv, "--child", labels_path,
         ]  # fmt: skip
         print(f"ncu_decode: profiling {len(cells)} cells under ncu ...", flush=True)
-        subprocess.run(command, check=True)
+        code = subprocess.run(command).returncode
+        if code != 0 or not os.path.exists(labels_path):  # ncu or the profiled run failed
+            print(f"ncu_decode: the profiled run failed (exit {code}); ncu's log: {report}")
+            if os.path.exists(report):
+                with open(report) as f:
+                    print(f.read()[-2000:])
+            return 1
         with open(labels_path) as f:
             labels = json.load(f)
         with open(report, newline="") as f:
