@@ -249,7 +249,7 @@ def main(argv: list[str]) -> int:
         print(f"ncu_decode: profiling {len(cells)} cells under ncu ...", flush=True)
         code = subprocess.run(command).returncode
         if code != 0 or not os.path.exists(labels_path):  # ncu or the profiled run failed
-            print(f"ncu_decode: the profiled run failed (exit {code}); ncu's log: {report}")
+            print(f"ncu_decode: the profiled run failed (exit {code}); the end of ncu's log:")
             if os.path.exists(report):
                 with open(report) as f:
                     print(f.read()[-2000:])
