@@ -208,3 +208,31 @@ def test_cuda_variants_carry_their_template_values_as_constants():
     )
     assert decode.cuda_constants([("TQ", mx.float16)]) == "using TQ = __half;\n"
     assert decode.cuda_constants([("TQ", mx.float32)]) == "using TQ = float;\n"
+
+
+@pytest.mark.parametrize("forced", [0, -1, decode.MAX_SPLITS + 1])
+def test_a_forced_split_count_outside_the_range_is_refused_before_any_work(forced):
+    """0 used to fall back to the rule's count silently; now every count outside [1, MAX_SPLITS]
+    is a ValueError, raised before a kernel object is built (so it holds on the CPU too)."""
+    queries = mx.zeros((2, 32, 128), mx.float16)
+    k_pool = mx.zeros((10, 16, 8, 128), mx.float16)
+    batch = decode.DecodeBatch(mx.zeros((2, 4), mx.int32), mx.array([[0, 5], [0, 7]]), 7)
+    with pytest.raises(ValueError, match=f"num_splits must be in \\[1, {decode.MAX_SPLITS}\\]"):
+        decode.prepare(queries, k_pool, batch, 0.1, False, forced, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_the_query_tile_divides_the_group_and_its_merge_buffer_fits(dtype):
+    """The pass-1 kernels merge their lane groups through `sm_acc[NSG][QT][D]`, `sm_m[NSG][QT]`
+    and `sm_l[NSG][QT]` floats: that must fit MERGE_BUFFER_BYTES, which must fit Metal's 32 KiB
+    of threadgroup memory, for every shape the kernel covers."""
+    assert decode.MERGE_BUFFER_BYTES <= 32 * 1024
+    for head_dim in decode.HEAD_DIMS:
+        if decode.supported(head_dim, dtype, dtype):
+            continue
+        for group in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16):
+            shape = decode.Shape(dtype, dtype, head_dim, 16, 2, group, False)
+            tile = shape.query_tile
+            assert group % tile == 0, (head_dim, group, tile)
+            merge_bytes = shape.lane_groups * tile * (head_dim + 2) * 4
+            assert merge_bytes <= decode.MERGE_BUFFER_BYTES, (dtype, head_dim, group, tile)

@@ -282,11 +282,11 @@ def prepare(
     backend_name: str | None = None,
 ) -> Launch:
     """The launch of `paged_decode` for queries and pools of these shapes and dtypes."""
+    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:  # before any work
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     plan = plan_for(queries, k_pool, has_sinks, backend_name or backend())
     rows = queries.shape[0]
     splits = num_splits or split_count(plan.shape, rows, batch.longest)
-    if not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
     grid = (splits * THREADS, plan.heads_grid, rows)
     step_inputs = (batch.tables, batch.bounds, _scalar(float(scale)))
     return Launch(plan, splits, grid, step_inputs, tuple(queries.shape), queries.dtype)
