@@ -1,0 +1,66 @@
+"""The CUDA and Metal decode kernels are one kernel written twice (ADR 0002): the same sections,
+the same names and the same loops, differing only in each language's vocabulary. Metal cannot run
+here, so this is what keeps an edit to one file from silently leaving the other behind."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("mlx.core")
+
+from pagedkv.mlx_backend.kernels import source  # noqa: E402
+
+# CUDA spellings with a Metal counterpart (the translation paged_decode.metal's header states)...
+TO_METAL = {
+    "__shfl_xor_sync": "simd_shuffle_xor", "__shared__": "threadgroup",
+    "__syncthreads": "threadgroup_barrier", "blockIdx": "threadgroup_position_in_grid",
+    "gridDim": "threadgroups_per_grid", "threadIdx": "thread_position_in_threadgroup",
+    "exp2f": "exp2", "fmaxf": "max",
+}  # fmt: skip
+# ...and words only one language needs: casts, qualifiers, pragmas, types, CUDA's shuffle mask.
+CUDA_ONLY = {
+    "__device__", "__forceinline__", "__half2float", "__int_as_float", "__uint_as_float",
+    "__ushort_as_half", "make_uint4", "reinterpret_cast", "pragma", "unroll", "short", "unsigned",
+    "size_t", "lanes",
+}  # fmt: skip
+METAL_ONLY = {
+    "INFINITY", "as_type", "half", "inline", "thread", "uint", "ushort", "device", "size_t",
+    "mem_flags", "mem_threadgroup",
+}  # fmt: skip
+IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+
+
+def cuda_names(code: str) -> set[str]:
+    return {TO_METAL.get(n, n) for n in IDENTIFIER.findall(code)} - CUDA_ONLY
+
+
+def metal_names(code: str) -> set[str]:
+    return set(IDENTIFIER.findall(code)) - METAL_ONLY
+
+
+CUDA, METAL = source.sections("cuda"), source.sections("metal")
+
+
+def test_both_files_have_the_same_sections_in_order():
+    assert list(CUDA) == list(METAL) == ["header", "partial", "final", "split", "reduce"]
+
+
+@pytest.mark.parametrize("section", list(CUDA))
+def test_a_section_uses_the_same_names_on_both_backends(section):
+    cuda, metal = cuda_names(CUDA[section]), metal_names(METAL[section])
+    assert cuda - metal == set(), f"{section}: only in paged_decode.cu"
+    assert metal - cuda == set(), f"{section}: only in paged_decode.metal"
+
+
+@pytest.mark.parametrize("section", list(CUDA))
+def test_a_section_has_the_same_loops_and_branches_on_both_backends(section):
+    for keyword in ("for (", "if (", "return", "continue", "break"):
+        assert CUDA[section].count(keyword) == METAL[section].count(keyword), (section, keyword)
+
+
+def test_the_check_sees_a_name_added_to_one_side():
+    """The comparison itself can fail: a variable only the CUDA body declares is reported."""
+    edited = CUDA["partial"] + "int blk_next = 0;\n"
+    assert cuda_names(edited) - metal_names(METAL["partial"]) == {"blk_next"}
