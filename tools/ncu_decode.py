@@ -30,22 +30,13 @@ import subprocess
 import sys
 import tempfile
 
-BLOCK, HEAD_DIM, Q_HEADS, KV_HEADS = 16, 128, 32, 8
+from pagedkv.benchmarks.gather import HEAD_DIM, KV_HEADS, Q_HEADS, cell_arrays, parse_cells
+
+BLOCK = 16  # the cells' other sizes are pagedkv bench gather's: 32 query / 8 kv heads, d 128
 SCALE = HEAD_DIM**-0.5
 REPEATS = 3
 DEFAULT_CELLS = "2048x1,8192x1,32768x1,2048x4,32768x16"
 MARKER = "ncu_decode_marker"
-
-
-def parse_cells(text: str) -> list[tuple[int, int]]:
-    """'2048x1,4096x16' -> [(2048, 1), (4096, 16)]; ValueError on anything else."""
-    cells = []
-    for item in text.split(","):
-        context, sep, batch = item.partition("x")
-        if not (sep and context.isdigit() and batch.isdigit() and int(context) and int(batch)):
-            raise ValueError(f"a cell is CONTEXTxBATCH with both >= 1, got {item!r}")
-        cells.append((int(context), int(batch)))
-    return cells
 
 
 def parse_variants(text: str) -> list[tuple[int, int, int | None]]:
@@ -81,33 +72,6 @@ def durations_by_call(rows: list[list[str]], calls: int) -> dict[int, float]:
         elif current is not None:
             sums[current][-1] += float(row[duration].replace(",", "")) * scale
     return {i: statistics.median(sums[i]) for i in range(1, calls + 1) if i in sums}
-
-
-def cell_arrays(context: int, batch: int):
-    """Query, pools with scattered blocks, the same K/V contiguous, the DecodeBatch."""
-    import mlx.core as mx
-    import numpy as np
-
-    from pagedkv.mlx_backend.kernels import DecodeBatch
-
-    per_row = -(-context // BLOCK)
-    blocks = batch * per_row + 8
-    mx.random.seed(0)
-    shape = (blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    k_pool = mx.random.normal(shape).astype(mx.bfloat16)
-    v_pool = mx.random.normal(shape).astype(mx.bfloat16)
-    order = np.random.default_rng(0).permutation(blocks)[: batch * per_row]
-    tables = mx.array(order.reshape(batch, per_row).astype(np.int32))
-    query = mx.random.normal((batch, Q_HEADS, HEAD_DIM)).astype(mx.bfloat16)
-
-    def contiguous(pool):  # [B, kv_heads, context, head_dim]
-        rows = mx.take(pool, tables.reshape(-1), axis=0).reshape(batch, -1, KV_HEADS, HEAD_DIM)
-        return mx.contiguous(rows[:, :context].transpose(0, 2, 1, 3))
-
-    dense = (contiguous(k_pool), contiguous(v_pool))
-    bounds = mx.array(np.array([[0, context]] * batch, np.int32))
-    mx.eval(k_pool, v_pool, query, dense, tables, bounds)
-    return query, k_pool, v_pool, dense, DecodeBatch(tables, bounds, context)
 
 
 def variant_call(unroll: int, tile: int, lanes: int | None):
@@ -170,7 +134,8 @@ def child(cells, splits, variants, labels_path: str) -> None:
     one = mx.zeros((1,))
     calls = []
     for context, batch in cells:
-        query, k_pool, v_pool, (dense_k, dense_v), decode_batch = cell_arrays(context, batch)
+        query, pools, dense, decode_batch = cell_arrays(context, batch, BLOCK, mx.bfloat16, 1)
+        (k_pool, v_pool), (dense_k, dense_v) = pools[0], dense[0]  # ncu flushes the caches itself
         rule = decode.prepare(query, k_pool, decode_batch, SCALE, False).splits
         q4 = query[:, :, None, :]
         calls.append(
@@ -234,7 +199,9 @@ def main(argv: list[str]) -> int:
         print("ncu_decode: needs a CUDA GPU as MLX's default device and Nsight Compute's `ncu`")
         return 1
     if variants is None:
-        probe = decode.Shape(mx.bfloat16, mx.bfloat16, HEAD_DIM, BLOCK, KV_HEADS, 4, False)
+        probe = decode.Shape(
+            mx.bfloat16, mx.bfloat16, HEAD_DIM, BLOCK, KV_HEADS, Q_HEADS // KV_HEADS, False
+        )
         variants = [(probe.unroll, probe.query_tile, None)]
     if args.child:
         child(cells, splits, variants, args.child)

@@ -19,23 +19,19 @@ import argparse
 import csv
 import sys
 
-from pagedkv.benchmarks.gather import HEAD_DIM, cell_arrays, cycling, per_call_us, sdpa_calls
+from pagedkv.benchmarks.gather import (
+    HEAD_DIM,
+    cell_arrays,
+    cycling,
+    parse_cells,
+    per_call_us,
+    sdpa_calls,
+)
 from pagedkv.mlx_backend.kernels import decode
 
 DEFAULT_CELLS = [(c, b) for b in (1, 4, 16) for c in (2048, 8192, 32768)]
 DEFAULT_SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
 BLOCK = 16
-
-
-def parse_cells(text: str) -> list[tuple[int, int]]:
-    """'2048x1,4096x16' -> [(2048, 1), (4096, 16)]; ValueError on anything else."""
-    cells = []
-    for item in text.split(","):
-        context, sep, batch = item.partition("x")
-        if not (sep and context.isdigit() and batch.isdigit() and int(context) and int(batch)):
-            raise ValueError(f"a cell is CONTEXTxBATCH with both >= 1, got {item!r}")
-        cells.append((int(context), int(batch)))
-    return cells
 
 
 def parse_splits(text: str) -> tuple[int, ...]:

@@ -116,9 +116,21 @@ def read_bandwidth_tb_s() -> float:
     return data.nbytes / seconds / 1e12
 
 
-def cell_arrays(context: int, batch: int, block: int):
+def parse_cells(text: str) -> list[tuple[int, int]]:
+    """'2048x1,4096x16' -> [(2048, 1), (4096, 16)] (the GPU tools' cell lists); ValueError on
+    anything else."""
+    cells = []
+    for item in text.split(","):
+        context, sep, batch = item.partition("x")
+        if not (sep and context.isdigit() and batch.isdigit() and int(context) and int(batch)):
+            raise ValueError(f"a cell is CONTEXTxBATCH with both >= 1, got {item!r}")
+        cells.append((int(context), int(batch)))
+    return cells
+
+
+def cell_arrays(context: int, batch: int, block: int, dtype=None, copies: int | None = None):
     """Query, the fragmented pools and tables, and the same K/V contiguous; the pools and the
-    contiguous K/V as `copies_for` copies (lists)."""
+    contiguous K/V as `copies` copies (lists; default `copies_for`). dtype: float16 unless given."""
     import mlx.core as mx
     import numpy as np
 
@@ -128,11 +140,12 @@ def cell_arrays(context: int, batch: int, block: int):
     pool_blocks = 2 * batch * per_seq  # 2x slack
     mx.random.seed(0)
     shape = (pool_blocks, block, KV_HEADS, HEAD_DIM)
-    k_pool = mx.random.normal(shape).astype(mx.float16)
-    v_pool = mx.random.normal(shape).astype(mx.float16)
+    dtype = dtype or mx.float16
+    k_pool = mx.random.normal(shape).astype(dtype)
+    v_pool = mx.random.normal(shape).astype(dtype)
     order = np.random.default_rng(0).permutation(pool_blocks)[: batch * per_seq]
     tables = mx.array(order.reshape(batch, per_seq).astype(np.int32))
-    query = mx.random.normal((batch, Q_HEADS, HEAD_DIM)).astype(mx.float16)
+    query = mx.random.normal((batch, Q_HEADS, HEAD_DIM)).astype(dtype)
 
     def contiguous(pool):  # [B, H, ctx, D]
         taken = mx.take(pool, tables.reshape(-1), axis=0)
@@ -145,7 +158,7 @@ def cell_arrays(context: int, batch: int, block: int):
     dense_k, dense_v = contiguous(k_pool), contiguous(v_pool)
     bounds = mx.array(np.array([[0, context]] * batch, np.int32))
     decode_batch = DecodeBatch(tables, bounds, context)
-    copies = copies_for(context, batch)
+    copies = copies or copies_for(context, batch)
     pools = [(k_pool, v_pool)] + [(k_pool + 0, v_pool + 0) for _ in range(copies - 1)]
     dense = [(dense_k, dense_v)] + [(dense_k + 0, dense_v + 0) for _ in range(copies - 1)]
     mx.eval(pools, dense, query, tables, bounds)
