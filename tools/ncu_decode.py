@@ -75,7 +75,8 @@ def durations_by_call(rows: list[list[str]], calls: int) -> dict[int, float]:
 
 
 def variant_call(unroll: int, tile: int, lanes: int | None):
-    """The shipped kernel with `U`, `QT` (and `L`) replaced: a call like `Launch.__call__`."""
+    """The shipped kernel with `U`, `QT` (and `L`) replaced, called as `Launch.__call__` calls
+    it: one pass for one split, else split partials and the shipped merge kernel."""
     import mlx.core as mx
 
     from pagedkv.mlx_backend.kernels import decode, source
@@ -94,22 +95,39 @@ def variant_call(unroll: int, tile: int, lanes: int | None):
                 ("U", unroll), ("KIND", decode.POOL_KIND[shape.pool_dtype]), ("HAS_SINKS", False),
             ]  # fmt: skip
             constants = decode.cuda_constants(template)
-            built[shape] = mx.fast.cuda_kernel(
-                name=f"ncu_decode_u{unroll}_qt{tile}_l{lanes}_{shape.name('split')}",
-                input_names=["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks"],
-                output_names=["o_acc", "o_ml"],
-                source=constants + source.pass1_body("cuda", split=True),
-                header=parts["header"],
-            )
+            built[shape] = {  # one pass (normalised output) and split partials, as shipped
+                part: mx.fast.cuda_kernel(
+                    name=f"ncu_decode_u{unroll}_qt{tile}_l{lanes}_{shape.name(part)}",
+                    input_names=[
+                        "queries",
+                        "k_pool",
+                        "v_pool",
+                        "tables",
+                        "bounds",
+                        "scale",
+                        "sinks",
+                    ],
+                    output_names=outputs,
+                    source=constants + source.pass1_body("cuda", split=part == "split"),
+                    header=parts["header"],
+                )
+                for part, outputs in (("final", ["out"]), ("split", ["o_acc", "o_ml"]))
+            }
         rows, heads = query.shape[0], query.shape[1]
         sinks = mx.array([0.0])
-        o_acc, o_ml = built[shape](
-            inputs=[query, k_pool, v_pool, batch.tables, batch.bounds, mx.array([scale]), sinks],
-            grid=(splits * decode.THREADS, shape.kv_heads * (shape.group // tile), rows),
-            threadgroup=(decode.THREADS, 1, 1),
+        inputs = [query, k_pool, v_pool, batch.tables, batch.bounds, mx.array([scale]), sinks]
+        grid = (splits * decode.THREADS, shape.kv_heads * (shape.group // tile), rows)
+        if splits == 1:
+            (out,) = built[shape]["final"](
+                inputs=inputs, grid=grid, threadgroup=(decode.THREADS, 1, 1),
+                output_shapes=[query.shape], output_dtypes=[query.dtype],
+            )  # fmt: skip
+            return out
+        o_acc, o_ml = built[shape]["split"](
+            inputs=inputs, grid=grid, threadgroup=(decode.THREADS, 1, 1),
             output_shapes=[(rows * heads, splits, HEAD_DIM), (rows * heads, splits, 2)],
             output_dtypes=[mx.float32, mx.float32],
-        )
+        )  # fmt: skip
         (out,) = plan.reduce(
             inputs=[o_acc, o_ml, sinks], template=plan.reduce_template,
             grid=(rows * heads * decode.THREADS, 1, 1), threadgroup=(decode.THREADS, 1, 1),

@@ -286,7 +286,7 @@ def prepare(
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     plan = plan_for(queries, k_pool, has_sinks, backend_name or backend())
     rows = queries.shape[0]
-    splits = num_splits or split_count(plan.shape, rows, batch.longest)
+    splits = num_splits if num_splits is not None else split_count(plan.shape, rows, batch.longest)
     grid = (splits * THREADS, plan.heads_grid, rows)
     step_inputs = (batch.tables, batch.bounds, _scalar(float(scale)))
     return Launch(plan, splits, grid, step_inputs, tuple(queries.shape), queries.dtype)
