@@ -8,9 +8,10 @@ small cells (a custom-kernel call costs more host time than the GPU work of a ba
 cannot rank kernel variants there; this tool reads the GPU's own kernel durations. It runs itself
 under `ncu --cache-control all --clock-control none` (cold caches, boost clocks) and, per cell
 (context x batch; bfloat16, head_dim 128, 32 query / 8 kv heads, block 16, scattered block ids):
-contiguous SDPA (MLX's default path: cuDNN on CUDA) and the shipped kernel source at the rule's
-split count and at each forced count, for each variant of its keys in flight `U`, query tile
-`QT` and lanes per key row `L` (default: the shipped shape's values). A tiny marker kernel,
+contiguous SDPA (MLX's default path: cuDNN on CUDA) and the shipped code at the rule's split count
+and at each forced count (on sm_80+ GPUs that is the tensor-core pass 1, `paged_decode_mma.cu`),
+then, with `--variants`, the one-lane-per-chunk kernel (`paged_decode.cu`) at other keys in
+flight `U`, query tiles `QT` and lanes per key row `L`. A tiny marker kernel,
 launched before each measured call with its index as the grid size, attributes every kernel ncu
 records (split + merge, cuDNN's two) to its call; three repetitions, median of each call's summed
 durations.
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 
-from pagedkv.benchmarks.gather import HEAD_DIM, KV_HEADS, Q_HEADS, cell_arrays, parse_cells
+from pagedkv.benchmarks.gather import HEAD_DIM, cell_arrays, parse_cells
 
 BLOCK = 16  # the cells' other sizes are pagedkv bench gather's: 32 query / 8 kv heads, d 128
 SCALE = HEAD_DIM**-0.5
@@ -165,6 +166,10 @@ def child(cells, splits, variants, labels_path: str) -> None:
             )
         )
         counts = sorted({rule, *(s for s in splits if s <= min(-(-context // BLOCK), 256))})
+        for count in counts:  # the shipped code (on sm_80+ its tensor-core pass 1 for bfloat16)
+            label = f"{context}x{batch} shipped s{count}{'*' if count == rule else ''}"
+            args = (query, k_pool, v_pool, decode_batch, SCALE)
+            calls.append((label, lambda a=args, n=count: decode.paged_decode(*a, num_splits=n)))
         for unroll, tile, lanes in variants:
             fn = variant_call(unroll, tile, lanes)
             name = f"U{unroll}QT{tile}" + (f"L{lanes}" if lanes else "")
@@ -196,7 +201,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="?", default=DEFAULT_CELLS, help="CONTEXTxBATCH,...")
     parser.add_argument("--splits", default="8,16,64", help="forced split counts, 1..256")
-    parser.add_argument("--variants", default=None, help="U<n>QT<n>[L<n>],... (default: shipped)")
+    parser.add_argument(
+        "--variants", default=None, help="U<n>QT<n>[L<n>],...: paged_decode.cu at these values"
+    )
     parser.add_argument("--csv", default=None, help="also write label,us rows here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -209,18 +216,12 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         parser.error(str(error))
 
-    import mlx.core as mx
-
     from pagedkv.mlx_backend.kernels import decode
 
     if decode.backend() != "cuda" or shutil.which("ncu") is None:
         print("ncu_decode: needs a CUDA GPU as MLX's default device and Nsight Compute's `ncu`")
         return 1
-    if variants is None:
-        probe = decode.Shape(
-            mx.bfloat16, mx.bfloat16, HEAD_DIM, BLOCK, KV_HEADS, Q_HEADS // KV_HEADS, False
-        )
-        variants = [(probe.unroll, probe.query_tile, None)]
+    variants = variants or []
     if args.child:
         child(cells, splits, variants, args.child)
         return 0

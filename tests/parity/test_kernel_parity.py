@@ -96,6 +96,11 @@ def check(dtype, head_dim, block_size, group, lengths, splits=None, **kwargs):
     scale = head_dim**-0.5 * 1.3  # not the default: the scale must reach the kernel
     out = kernel.paged_decode(queries, k_pool, v_pool, batch, scale, sinks, num_splits=splits)
     assert out.dtype == queries.dtype and out.shape == queries.shape
+    pass1 = (
+        "mma"
+        if kernel.plan_for(queries, k_pool, sinks is not None, kernel.backend()).shape.tensor_cores
+        else "simt"
+    )
     got = np.array(out.astype(mx.float32))
     used = splits or kernel.split_count(
         kernel.Shape(queries.dtype, k_pool.dtype, head_dim, block_size, k_pool.shape[2], group, sinks is not None),
@@ -106,7 +111,7 @@ def check(dtype, head_dim, block_size, group, lengths, splits=None, **kwargs):
     err_spec = float(np.abs(got - spec).max())
     err_oracle = float(np.abs(got - oracle).max())
     log(
-        f"{dtype} d{head_dim} bs{block_size} g{group} lengths={lengths} splits={used} "
+        f"{dtype} d{head_dim} bs{block_size} g{group} lengths={lengths} splits={used} {pass1} "
         f"{kwargs} err_spec={err_spec:.2e} err_gather={err_oracle:.2e}"
     )
     assert err_spec <= TOLERANCE[dtype], (err_spec, used)
@@ -172,3 +177,40 @@ def test_queries_as_mlx_lm_passes_them(splits):
     out = kernel.paged_decode(queries[:, :, None, :], k_pool, v_pool, batch, 0.1, num_splits=splits)
     assert out.shape == (*queries.shape[:2], 1, queries.shape[2])
     assert mx.array_equal(out[:, :, 0, :], flat)
+
+
+ON_TENSOR_CORES = kernel.backend() == "cuda" and kernel.cuda_arch() >= 80
+
+
+@pytest.mark.skipif(not ON_TENSOR_CORES, reason="needs an NVIDIA GPU of sm_80 or later (mma)")
+def test_the_tensor_core_kernel_runs_exactly_where_it_applies():
+    """16-bit pools read by queries of their dtype, head_dim a multiple of 32 up to 128: the mma
+    pass 1; every other case keeps the one-lane-per-chunk kernel (the cases above test both)."""
+
+    def pass1(query_dtype, pool_dtype, head_dim):
+        queries = mx.zeros((1, 8, head_dim), query_dtype)
+        pool = mx.zeros((2, 16, 2, head_dim), pool_dtype)
+        return kernel.plan_for(queries, pool, False, "cuda").shape.tensor_cores
+
+    assert pass1(mx.bfloat16, mx.bfloat16, 128) and pass1(mx.float16, mx.float16, 32)
+    assert not pass1(mx.float32, mx.float32, 128)  # float32 pools: no 16-bit mma operands
+    assert not pass1(mx.float32, mx.float16, 128)  # the queries would be rounded
+    assert not pass1(mx.bfloat16, mx.bfloat16, 256)  # more accumulators than registers
+    assert not pass1(mx.float16, mx.float16, 80)  # not whole 32-element pieces
+
+
+@pytest.fixture
+def without_tensor_cores(monkeypatch):
+    """The GPU as an sm_75 one sees it: every shape on the one-lane-per-chunk kernel."""
+    monkeypatch.setattr(kernel, "cuda_arch", lambda: 0)
+    monkeypatch.setattr(kernel, "_PLANS", {})
+
+
+@pytest.mark.skipif(not ON_TENSOR_CORES, reason="needs an NVIDIA GPU of sm_80 or later (mma)")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim, splits", [(64, None), (128, 1), (128, 5)])
+def test_16_bit_pools_on_the_kernel_older_gpus_run(without_tensor_cores, dtype, head_dim, splits):
+    """On GPUs without mma (and on Metal) 16-bit pools take the one-lane-per-chunk kernel; on this
+    GPU the cases above run the mma kernel for them, so this holds the other one to the same."""
+    check(dtype, head_dim, 16, 4, RAGGED, splits=splits)
+    check(dtype, head_dim, 32, 8, [1, 700, 1500], splits=splits, window=100)

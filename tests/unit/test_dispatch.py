@@ -236,3 +236,67 @@ def test_the_query_tile_divides_the_group_and_its_merge_buffer_fits(dtype):
             assert group % tile == 0, (head_dim, group, tile)
             merge_bytes = shape.lane_groups * tile * (head_dim + 2) * 4
             assert merge_bytes <= decode.MERGE_BUFFER_BYTES, (dtype, head_dim, group, tile)
+
+
+def test_the_tensor_core_kernel_covers_16_bit_pools_of_the_queries_dtype():
+    """paged_decode_mma.cu: 16-bit operands as stored, 32-element pieces, at most 128 (registers)."""
+    covered = decode.tensor_core_shape
+    for dtype in (mx.float16, mx.bfloat16):
+        assert all(covered(d, dtype, dtype) for d in (32, 64, 96, 128))
+        assert not any(covered(d, dtype, dtype) for d in (16, 80, 160, 256))
+        assert not covered(128, dtype, mx.float32)  # rounding the queries would change results
+    assert not covered(128, mx.float32, mx.float32)
+    assert not covered(128, mx.float16, mx.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "info, expected",
+    [
+        ({"architecture": "sm_90"}, 90),
+        ({"architecture": "sm_120", "compute_capability_major": 12}, 120),
+        ({"compute_capability_major": 8, "compute_capability_minor": 6}, 86),
+        ({"architecture": "apple-gpu"}, 0),
+        ({}, 0),  # unknown: no tensor-core kernel, the one that runs everywhere
+    ],
+)
+def test_cuda_arch_reads_the_device_info(monkeypatch, info, expected):
+    monkeypatch.setattr(decode.mx, "device_info", lambda: info)
+    decode.cuda_arch.cache_clear()
+    try:
+        assert decode.cuda_arch() == expected
+    finally:
+        decode.cuda_arch.cache_clear()
+
+
+def test_a_tensor_core_shape_serves_its_whole_group_up_to_8_queries_and_names_its_variant():
+    for group, tile in ((1, 1), (4, 4), (6, 6), (8, 8), (12, 6), (16, 8), (7, 7)):
+        shape = decode.Shape(mx.bfloat16, mx.bfloat16, 128, 16, 2, group, False, True)
+        assert shape.query_tile == tile
+    tc = decode.Shape(mx.bfloat16, mx.bfloat16, 128, 16, 2, 4, False, True)
+    simt = decode.Shape(mx.bfloat16, mx.bfloat16, 128, 16, 2, 4, False)
+    assert "_mma" in tc.name("split") and "_mma" not in simt.name("split")
+    assert tc.name("reduce") == simt.name("reduce")  # the same merge kernel
+
+
+def test_plans_take_pass_1_from_the_tensor_core_source_only_where_it_applies(monkeypatch):
+    """Which source each kernel object of a CUDA plan is built from, with kernel building faked
+    (no GPU here): the mma pass 1 on sm_80+ for covered shapes, never for the merge kernel."""
+    built = []
+    monkeypatch.setattr(
+        decode, "_kernel", lambda backend, name, part, constants="": built.append((backend, part))
+    )
+    monkeypatch.setattr(decode, "_PLANS", {})
+    queries, pool = mx.zeros((1, 8, 128), mx.bfloat16), mx.zeros((2, 16, 2, 128), mx.bfloat16)
+    for arch, pass1 in ((90, "cuda_mma"), (80, "cuda_mma"), (75, "cuda"), (0, "cuda")):
+        monkeypatch.setattr(decode, "cuda_arch", lambda arch=arch: arch)
+        decode._PLANS.clear()
+        built.clear()
+        decode.Plan.of.cache_clear()
+        plan = decode.plan_for(queries, pool, False, "cuda")
+        assert built == [(pass1, "final"), (pass1, "split"), ("cuda", "reduce")]
+        assert plan.shape.tensor_cores == (pass1 == "cuda_mma")
+        assert ("L", plan.shape.lanes) not in plan.template  # CUDA bakes values into the source
+    built.clear()
+    decode.plan_for(queries.astype(mx.float32), pool.astype(mx.float32), False, "cuda")
+    assert built[0] == ("cuda", "final")  # float32: the one-lane-per-chunk kernel on any GPU
+    decode.Plan.of.cache_clear()

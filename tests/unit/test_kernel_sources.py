@@ -64,3 +64,27 @@ def test_the_check_sees_a_name_added_to_one_side():
     """The comparison itself can fail: a variable only the CUDA body declares is reported."""
     edited = CUDA["partial"] + "int blk_next = 0;\n"
     assert cuda_names(edited) - metal_names(METAL["partial"]) == {"blk_next"}
+
+
+MMA = source.sections("cuda_mma")
+
+
+def test_the_tensor_core_pass_1_ends_where_the_shared_epilogues_begin():
+    """paged_decode_mma.cu has its own header and partial and borrows paged_decode.cu's `final`
+    and `split` epilogues: every name those use that the CUDA partial declares, the mma partial
+    declares too (e.g. `top`, `sum`, `out_d`, `head` of the merge loop the epilogues close)."""
+    assert list(MMA) == ["header", "partial"]
+    # what an epilogue may use without pass 1 declaring it: kernel arguments, template values,
+    # the header's macros and C++ words
+    given = {"sinks", "out", "o_acc", "o_ml", "HAS_SINKS", "TQ", "static_cast", "float", "size_t"}
+    given |= {"PKV_LOG2E"}
+    mma_names = set(IDENTIFIER.findall(MMA["partial"]))
+    for epilogue in ("final", "split"):
+        own = set(re.findall(r"\b(?:float|int|size_t)\s+(\w+)", CUDA[epilogue]))
+        needed = set(IDENTIFIER.findall(CUDA[epilogue])) - given - own
+        assert {"top", "sum", "out_d", "head"} <= needed, epilogue  # the check sees the loop
+        assert needed <= mma_names, (epilogue, needed - mma_names)
+    for macro in ("PKV_LOG2E", "PKV_NEG_BIG", "PKV_NEG_INF"):  # the epilogues' constants
+        assert f"#define {macro}" in MMA["header"]
+    assert source.pass1_body("cuda_mma", split=True).endswith(CUDA["split"])
+    assert source.pass1_body("cuda_mma", split=False).endswith(CUDA["final"])

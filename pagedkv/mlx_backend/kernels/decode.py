@@ -8,7 +8,10 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
 - the query tile `QT`: how many of a kv head's G query heads one threadblock serves from each
   K/V load (G itself when the registers and the merge buffer allow);
 - the split count: enough splits that a launch fills the GPU, none shorter than MIN_SPLIT_KEYS
-  keys; their partials a second kernel merges (`split_count`). One split is one pass.
+  keys; their partials a second kernel merges (`split_count`). One split is one pass;
+- on CUDA GPUs with tensor cores (sm_80 and later), for 16-bit pools read by queries of the same
+  dtype and head_dim a multiple of 32 up to 128, pass 1 is `paged_decode_mma.cu` instead
+  (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Shape:
     kv_heads: int
     group: int  # query heads per kv head
     has_sinks: bool
+    tensor_cores: bool = False  # pass 1 is paged_decode_mma.cu (see `tensor_core_shape`)
 
     @property
     def lanes(self) -> int:
@@ -70,6 +74,8 @@ class Shape:
 
     @property
     def query_tile(self) -> int:
+        if self.tensor_cores:  # the queries are the 8 columns of an mma tile
+            return max(t for t in range(1, 9) if self.group % t == 0)
         per_query = self.lane_groups * (self.head_dim + 2) * 4
         fits = [
             t for t in range(1, 9) if self.group % t == 0 and t * per_query <= MERGE_BUFFER_BYTES
@@ -88,8 +94,9 @@ class Shape:
         """A unique kernel name per variant (MLX caches compiled kernels by name)."""
         q, p = str(self.query_dtype).split(".")[-1], str(self.pool_dtype).split(".")[-1]
         sinks = "_sinks" if self.has_sinks else ""
+        cores = "_mma" if self.tensor_cores and part != "reduce" else ""
         return (
-            f"pagedkv_decode_{part}_q{q}_p{p}_d{self.head_dim}_bs{self.block_size}"
+            f"pagedkv_decode_{part}{cores}_q{q}_p{p}_d{self.head_dim}_bs{self.block_size}"
             f"_kv{self.kv_heads}_g{self.group}{sinks}"
         )
 
@@ -106,6 +113,29 @@ def supported(head_dim: int, pool_dtype: mx.Dtype, query_dtype: mx.Dtype) -> str
     return None
 
 
+def tensor_core_shape(head_dim: int, pool_dtype: mx.Dtype, query_dtype: mx.Dtype) -> bool:
+    """Whether `paged_decode_mma.cu` covers a case (on a GPU that has mma: `cuda_arch() >= 80`):
+    16-bit pools read by queries of the same dtype (the queries are an mma operand as they are),
+    head_dim a multiple of 32 (a lane's 16-byte pieces) and at most 128 (its registers)."""
+    return (
+        pool_dtype in (mx.float16, mx.bfloat16)
+        and query_dtype == pool_dtype
+        and head_dim % 32 == 0
+        and head_dim <= 128
+    )
+
+
+@cache
+def cuda_arch() -> int:
+    """The CUDA GPU's compute capability as 10 * major + minor (90 on an H100), 0 if unknown."""
+    info = mx.device_info()
+    arch = str(info.get("architecture", ""))
+    if arch.startswith("sm_") and arch[3:].isdigit():
+        return int(arch[3:])
+    major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
+    return 10 * int(major) + int(minor) if major is not None and minor is not None else 0
+
+
 def backend() -> str | None:
     """'cuda' or 'metal' when the default device is a GPU with a kernel backend, else None."""
     if mx.default_device() != mx.gpu:
@@ -120,6 +150,7 @@ def backend() -> str | None:
 @cache
 def _kernel(backend_name: str, name: str, part: str, constants: str = ""):
     """One kernel object per variant name, built once (compiled by MLX at first call).
+    `backend_name`: "cuda", "cuda_mma" (the tensor-core pass 1) or "metal".
     `constants`: declarations put before the body (CUDA: the variant's template values)."""
     parts = source.sections(backend_name)
     if part == "reduce":
@@ -129,7 +160,7 @@ def _kernel(backend_name: str, name: str, part: str, constants: str = ""):
         split = part == "split"
         outputs = ["o_acc", "o_ml"] if split else ["out"]
         body = source.pass1_body(backend_name, split)
-    make = mx.fast.cuda_kernel if backend_name == "cuda" else mx.fast.metal_kernel
+    make = mx.fast.cuda_kernel if backend_name.startswith("cuda") else mx.fast.metal_kernel
     return make(
         name=name,
         input_names=inputs,
@@ -194,13 +225,19 @@ class Plan:
             ("L", shape.lanes), ("U", shape.unroll), ("KIND", POOL_KIND[shape.pool_dtype]),
             ("HAS_SINKS", shape.has_sinks),
         ]  # fmt: skip
+        if shape.tensor_cores:  # paged_decode_mma.cu has no lanes or keys in flight to set
+            template = [item for item in template if item[0] not in ("L", "U")]
         reduce_template = [
             ("TQ", shape.query_dtype), ("D", shape.head_dim), ("KVH", shape.kv_heads),
             ("G", shape.group), ("HAS_SINKS", shape.has_sinks), ("MAX_SPLITS", MAX_SPLITS),
         ]  # fmt: skip
         parts = (("final", template), ("split", template), ("reduce", reduce_template))
         if backend_name == "cuda":  # the values go into the source; the calls pass none
-            kernels = [_kernel("cuda", shape.name(p), p, cuda_constants(t)) for p, t in parts]
+            pass1 = "cuda_mma" if shape.tensor_cores else "cuda"
+            kernels = [
+                _kernel("cuda" if p == "reduce" else pass1, shape.name(p), p, cuda_constants(t))
+                for p, t in parts
+            ]
             template, reduce_template = [], []
         else:  # Metal keeps template arguments (what has been written for it so far)
             kernels = [_kernel(backend_name, shape.name(p), p) for p, _ in parts]
@@ -226,9 +263,14 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
     )
     plan = _PLANS.get(key)
     if plan is None:
+        tensor_cores = (
+            backend_name == "cuda"
+            and tensor_core_shape(head_dim, k_pool.dtype, queries.dtype)
+            and cuda_arch() >= 80
+        )
         shape = Shape(
             queries.dtype, k_pool.dtype, head_dim, block_size, kv_heads, q_heads // kv_heads,
-            has_sinks,
+            has_sinks, tensor_cores,
         )  # fmt: skip
         plan = _PLANS[key] = Plan.of(shape, backend_name)
     return plan

@@ -1,7 +1,9 @@
-"""Kernel sources: `paged_decode.cu` and `paged_decode.metal`, cut into their `//// name` sections.
+"""Kernel sources: `paged_decode.cu` and `paged_decode.metal`, cut into their `//// name` sections,
+and `paged_decode_mma.cu`, the tensor-core pass 1 for CUDA ("cuda_mma": its own header and
+partial, the epilogues and merge kernel of `paged_decode.cu`).
 
-The two files hold the same kernel in the same order, so they can be read side by side; this module
-only splits them, drops comments and indentation (MLX rebuilds and hashes the whole source string
+The first two files hold the same kernel in the same order, so they can be read side by side; this
+module only splits them, drops comments and indentation (MLX rebuilds and hashes the whole source string
 at every kernel call: a shorter string is less host time per layer), and joins the pass-1 body
 with its epilogue (`final` or `split`).
 """
@@ -13,7 +15,11 @@ from functools import cache
 from pathlib import Path
 
 _HERE = Path(__file__).parent
-FILES = {"cuda": _HERE / "paged_decode.cu", "metal": _HERE / "paged_decode.metal"}
+FILES = {
+    "cuda": _HERE / "paged_decode.cu",
+    "cuda_mma": _HERE / "paged_decode_mma.cu",
+    "metal": _HERE / "paged_decode.metal",
+}
 
 
 @cache
@@ -42,5 +48,5 @@ _COMMENT = re.compile(r"//.*$")
 
 def pass1_body(backend: str, split: bool) -> str:
     """Pass 1: the blocked online softmax, then the normalised output (one split) or partials."""
-    parts = sections(backend)
-    return parts["partial"] + parts["split" if split else "final"]
+    epilogues = sections("cuda" if backend == "cuda_mma" else backend)
+    return sections(backend)["partial"] + epilogues["split" if split else "final"]
