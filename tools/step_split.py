@@ -17,6 +17,8 @@ VARIANTs (experiments on the paged side only, each another paged store in the sa
              faster kernel could give
   history    every caller gets the lazy history, none the placeholders (callers.py): what the
              placeholders save
+  simt       16-bit pools on the one-lane-per-chunk kernel (paged_decode.cu), as GPUs before
+             sm_80 run them, instead of the tensor-core pass 1: what the tensor cores give
 `--small`: the 4-layer benchmark model (a CPU smoke run). Run it on the GPU; `MLX_MAX_OPS_PER_BUFFER` (MLX's ops per CUDA graph) is read by MLX at start.
 """
 
@@ -42,6 +44,7 @@ _REAL = {
     "split": kernel.split_count,
     "unread": layer_cache.PagedLayerCache._history_unread,
     "launch": kernel.Launch.__call__,
+    "arch": kernel.cuda_arch,
 }
 _COPY = (
     mx.fast.cuda_kernel(  # the stub: y = x, one thread per element; the pools are read by no one
@@ -92,6 +95,9 @@ def apply(variant: str) -> None:
     kernel.split_count = _REAL["split"]
     layer_cache.PagedLayerCache._history_unread = _REAL["unread"]
     kernel.Launch.__call__ = _REAL["launch"]
+    if kernel.cuda_arch is not _REAL["arch"] or "simt" in options:
+        kernel._PLANS.clear()  # the plans remember which pass 1 they chose
+    kernel.cuda_arch = (lambda: 0) if "simt" in options else _REAL["arch"]
     if "stub" in options:
         launches = int(options["stub"])
         if _COPY is None or launches < 1:  # on the CPU routed decode never launches the kernel

@@ -73,3 +73,30 @@ def test_every_kernel_is_charged_to_the_call_its_marker_opened():
     assert times == {1: 26.0, 2: 12.0}  # medians of (24, 32, 26) and (10, 12, 50) µs; 3 never ran
     in_us = report(*rows[3:-1], unit="us")  # the same launches, durations read as µs
     assert ncu_decode.durations_by_call(in_us, calls=2)[1] == 26_000.0
+
+
+def test_step_split_simt_variant_moves_16_bit_pools_off_the_tensor_cores_and_back(monkeypatch):
+    """`tools/step_split.py ... simt`: while a side runs it, 16-bit plans use paged_decode.cu as on
+    a GPU before sm_80; switching back restores the tensor-core pass 1 (kernel building faked)."""
+    mx = pytest.importorskip("mlx.core")
+    from pagedkv.mlx_backend.kernels import decode
+
+    step_split = load("step_split")
+    monkeypatch.setattr(step_split, "_REAL", {**step_split._REAL, "arch": lambda: 90})
+    monkeypatch.setattr(decode, "cuda_arch", lambda: 90)
+    monkeypatch.setattr(decode, "_kernel", lambda *args, **kwargs: None)
+    monkeypatch.setattr(decode, "_PLANS", {})
+    queries, pool = mx.zeros((1, 8, 128), mx.bfloat16), mx.zeros((2, 16, 2, 128), mx.bfloat16)
+
+    def tensor_cores():
+        return decode.plan_for(queries, pool, False, "cuda").shape.tensor_cores
+
+    try:
+        assert tensor_cores()
+        step_split.apply("simt")
+        assert not tensor_cores()
+        step_split.apply("")
+        assert tensor_cores()
+    finally:
+        step_split.apply("")
+        decode.Plan.of.cache_clear()
