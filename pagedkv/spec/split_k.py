@@ -25,6 +25,10 @@ in `tests/unit/test_split_k.py` hold it to the spec's `reference_attention`.
 An *attention sink* (gpt-oss) is one extra logit per query head that takes part in the
 denominator but contributes no value: it merges as a split with m = sink, l = 1, acc = 0.
 
+Kernels compute this within their dtype's rounding: on NVIDIA GPUs from sm_80 the tensor-core
+kernel for 16-bit pools (`paged_decode_mma.cu`) also rounds exp(score - m) to the pool's dtype
+before multiplying it by v, as flash-attention kernels do; l keeps the unrounded values.
+
 Grouped-query attention: query head h reads kv head h // G with G = q_heads // kv_heads, so a
 kernel loads each K/V row once for the G query heads of its group. A split with no visible key
 (a short row in a ragged batch) contributes m = -inf, l = 0 and drops out of the merge.

@@ -88,6 +88,8 @@ __device__ __forceinline__ unsigned int pkv_transpose(unsigned int x) {
   const int* table = tables + (size_t)b * tables_shape[1];
 
   // B of the scores: query r of the tile (zero past QT), its pieces in the K pieces' order.
+  // 16-byte loads: the queries start on a 16-byte boundary, as MLX's arrays and any view of
+  // them at a head (head_dim % 32 == 0 elements) do.
   uint4 qf[NJ];
 #pragma unroll
   for (int j = 0; j < NJ; j++) {
