@@ -268,6 +268,15 @@ def test_cuda_arch_reads_the_device_info(monkeypatch, info, expected):
         decode.cuda_arch.cache_clear()
 
 
+def test_cuda_arch_is_unknown_on_an_mlx_without_device_info(monkeypatch):
+    monkeypatch.delattr(decode.mx, "device_info")
+    decode.cuda_arch.cache_clear()
+    try:
+        assert decode.cuda_arch() == 0
+    finally:
+        decode.cuda_arch.cache_clear()
+
+
 def test_a_tensor_core_shape_serves_its_whole_group_up_to_8_queries_and_names_its_variant():
     for group, tile in ((1, 1), (4, 4), (6, 6), (8, 8), (12, 6), (16, 8), (7, 7)):
         shape = decode.Shape(mx.bfloat16, mx.bfloat16, 128, 16, 2, group, False, True)

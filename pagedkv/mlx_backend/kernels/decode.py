@@ -127,8 +127,9 @@ def tensor_core_shape(head_dim: int, pool_dtype: mx.Dtype, query_dtype: mx.Dtype
 
 @cache
 def cuda_arch() -> int:
-    """The CUDA GPU's compute capability as 10 * major + minor (90 on an H100), 0 if unknown."""
-    info = mx.device_info()
+    """The CUDA GPU's compute capability as 10 * major + minor (90 on an H100), 0 if unknown
+    (then no tensor-core pass 1: the other kernel runs on every GPU)."""
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
     arch = str(info.get("architecture", ""))
     if arch.startswith("sm_") and arch[3:].isdigit():
         return int(arch[3:])
