@@ -421,10 +421,10 @@ MUTANTS = [
         "tests/unit/test_dispatch.py",
     ),
     (
-        "source: the tensor-core pass 1 without its epilogue",
+        "source: the tensor-core pass 1 without the shared merge and epilogue",
         "pagedkv/mlx_backend/kernels/source.py",
-        'epilogues = sections("cuda" if backend == "cuda_mma" else backend)',
-        "epilogues = sections(backend)",
+        'shared = sections("cuda" if backend == "cuda_mma" else backend)',
+        "shared = sections(backend)",
         "tests/unit/test_kernel_sources.py",
     ),
     (

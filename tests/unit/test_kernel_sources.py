@@ -44,7 +44,7 @@ CUDA, METAL = source.sections("cuda"), source.sections("metal")
 
 
 def test_both_files_have_the_same_sections_in_order():
-    assert list(CUDA) == list(METAL) == ["header", "partial", "final", "split", "reduce"]
+    assert list(CUDA) == list(METAL) == ["header", "partial", "merge", "final", "split", "reduce"]
 
 
 @pytest.mark.parametrize("section", list(CUDA))
@@ -69,22 +69,24 @@ def test_the_check_sees_a_name_added_to_one_side():
 MMA = source.sections("cuda_mma")
 
 
-def test_the_tensor_core_pass_1_ends_where_the_shared_epilogues_begin():
-    """paged_decode_mma.cu has its own header and partial and borrows paged_decode.cu's `final`
-    and `split` epilogues: every name those use that the CUDA partial declares, the mma partial
-    declares too (e.g. `top`, `sum`, `out_d`, `head` of the merge loop the epilogues close)."""
+def test_the_tensor_core_pass_1_ends_where_the_shared_merge_begins():
+    """paged_decode_mma.cu has its own header and partial and borrows paged_decode.cu's `merge`
+    and `final` / `split` sections: every name those use that the CUDA partial declares, the mma
+    partial declares too (e.g. the `sm_m` / `sm_l` / `sm_acc` arrays, `NSG`, `head0`, `b`)."""
     assert list(MMA) == ["header", "partial"]
-    # what an epilogue may use without pass 1 declaring it: kernel arguments, template values,
-    # the header's macros and C++ words
-    given = {"sinks", "out", "o_acc", "o_ml", "HAS_SINKS", "TQ", "static_cast", "float", "size_t"}
-    given |= {"PKV_LOG2E"}
+    # what they may use without pass 1 declaring it: kernel arguments, template values, the
+    # header's macros, C++ words and what the shared sections declare themselves
+    given = {"sinks", "out", "o_acc", "o_ml", "HAS_SINKS", "TQ", "QT", "D", "static_cast"}
+    given |= {"float", "size_t", "const", "int", "threadIdx", "fmaxf", "exp2f", "PKV_LOG2E"}
+    given |= {"PKV_NEG_BIG"}
     mma_names = set(IDENTIFIER.findall(MMA["partial"]))
     for epilogue in ("final", "split"):
-        own = set(re.findall(r"\b(?:float|int|size_t)\s+(\w+)", CUDA[epilogue]))
-        needed = set(IDENTIFIER.findall(CUDA[epilogue])) - given - own
-        assert {"top", "sum", "out_d", "head"} <= needed, epilogue  # the check sees the loop
+        shared = CUDA["merge"] + CUDA[epilogue]
+        own = set(re.findall(r"\b(?:float|int|size_t)\s+(\w+)", shared)) | {"d", "head", "out_d"}
+        needed = set(IDENTIFIER.findall(shared)) - given - own
+        assert {"sm_m", "sm_l", "sm_acc", "NSG", "head0"} <= needed, epilogue  # the check sees them
         assert needed <= mma_names, (epilogue, needed - mma_names)
-    for macro in ("PKV_LOG2E", "PKV_NEG_BIG", "PKV_NEG_INF"):  # the epilogues' constants
+    for macro in ("PKV_LOG2E", "PKV_NEG_BIG", "PKV_NEG_INF"):  # the shared sections' constants
         assert f"#define {macro}" in MMA["header"]
-    assert source.pass1_body("cuda_mma", split=True).endswith(CUDA["split"])
-    assert source.pass1_body("cuda_mma", split=False).endswith(CUDA["final"])
+    assert source.pass1_body("cuda_mma", split=True).endswith(CUDA["merge"] + CUDA["split"])
+    assert source.pass1_body("cuda_mma", split=False).endswith(CUDA["merge"] + CUDA["final"])

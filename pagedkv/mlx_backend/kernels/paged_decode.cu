@@ -6,6 +6,7 @@
 // Sections (split on the "//// " lines by kernels/source.py):
 //   header   helpers placed before the generated kernel signature
 //   partial  pass 1 body: one threadblock per (split, kv head x query tile, sequence)
+//   merge    pass 1: its lane groups' states merged per output element (opens a loop)
 //   final    pass 1 epilogue when one split covers the sequence: normalised output
 //   split    pass 1 epilogue when several splits do: unnormalised partials
 //   reduce   pass 2 body: one warp per (sequence, query head) merges the splits
@@ -174,6 +175,9 @@ __device__ __forceinline__ void pkv_unpack(const uint4& raw, float* out) {
     }
   }
   __syncthreads();
+//// merge
+  // Every output element: the lane groups' (m, l, acc) in shared memory merged to one (top, sum, out_d);
+  // the epilogue below closes the loop.
   for (int idx = threadIdx.x; idx < QT * D; idx += 128) {
     const int g = idx / D, d = idx % D, head = head0 + g;
     float top = PKV_NEG_BIG;

@@ -142,6 +142,9 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+//// merge
+  // Every output element: the lane groups' (m, l, acc) in threadgroup memory merged to one (top, sum, out_d);
+  // the epilogue below closes the loop.
   for (int idx = thread_position_in_threadgroup.x; idx < QT * D; idx += 128) {
     const int g = idx / D, d = idx % D, head = head0 + g;
     float top = PKV_NEG_BIG;

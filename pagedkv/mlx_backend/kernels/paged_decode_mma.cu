@@ -1,8 +1,8 @@
 // Paged decode attention on tensor cores, for mx.fast.cuda_kernel on sm_80 and later GPUs with
 // float16 or bfloat16 pools (queries of the pool's dtype, head_dim a multiple of 32 up to 128).
 // The same split-K algorithm as paged_decode.cu (pagedkv/spec/split_k.py) and the same launch,
-// epilogues (`final`, `split`) and merge kernel (`reduce`), which it takes from that file; only
-// pass 1's body differs. ADR 0002 says why: on the H200 at batch 1 the one-lane-per-chunk kernel
+// in-block merge, epilogues (`final`, `split`) and merge kernel (`reduce`), which it takes from
+// that file; only the rest of pass 1's body differs. ADR 0002 says why: on the H200 at batch 1 the one-lane-per-chunk kernel
 // issues 2.3x the instructions of cuDNN's tensor-core kernel and waits on them.
 //
 // One threadblock (4 warps) per (split, kv head x query tile, sequence), as in paged_decode.cu.
@@ -19,7 +19,8 @@
 // lane loads the 16 bytes at elements [32j + 8t, 32j + 8t + 8) of a row and its 32-bit words
 // are the fragments' element pairs as they come. Lane l: r = l / 4 (fragment row), t = l % 4.
 //
-// Sections: header, partial (pass 1 up to the merge loop, as in paged_decode.cu).
+// Sections: header, partial (pass 1 up to the warps' merge, whose `merge` section and
+// epilogues come from paged_decode.cu: the same sm_acc / sm_m / sm_l layout, NSG = 4 warps).
 // Template constants: D, BS, KVH, G, QT (query heads per threadblock, <= 8), KIND (1 float16,
 // 2 bfloat16), HAS_SINKS; type TQ (the queries' and pool's type).
 
@@ -196,14 +197,3 @@ __device__ __forceinline__ unsigned int pkv_transpose(unsigned int x) {
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < QT * D; idx += 128) {
-    const int g = idx / D, d = idx % D, head = head0 + g;
-    float top = PKV_NEG_BIG;
-    for (int w = 0; w < NSG; w++) top = fmaxf(top, sm_m[w][g]);
-    float sum = 0.f, out_d = 0.f;
-    for (int w = 0; w < NSG; w++) {
-      float weight = exp2f(sm_m[w][g] - top);
-      sum += weight * sm_l[w][g];
-      out_d += weight * sm_acc[w][g][d];
-    }
-

@@ -1,6 +1,6 @@
 """Kernel sources: `paged_decode.cu` and `paged_decode.metal`, cut into their `//// name` sections,
 and `paged_decode_mma.cu`, the tensor-core pass 1 for CUDA ("cuda_mma": its own header and
-partial, the epilogues and merge kernel of `paged_decode.cu`).
+partial; the in-block merge, epilogues and merge kernel of `paged_decode.cu`).
 
 The first two files hold the same kernel in the same order, so they can be read side by side; this
 module only splits them, drops comments and indentation (MLX rebuilds and hashes the whole source string
@@ -48,5 +48,5 @@ _COMMENT = re.compile(r"//.*$")
 
 def pass1_body(backend: str, split: bool) -> str:
     """Pass 1: the blocked online softmax, then the normalised output (one split) or partials."""
-    epilogues = sections("cuda" if backend == "cuda_mma" else backend)
-    return sections(backend)["partial"] + epilogues["split" if split else "final"]
+    shared = sections("cuda" if backend == "cuda_mma" else backend)
+    return sections(backend)["partial"] + shared["merge"] + shared["split" if split else "final"]
