@@ -421,6 +421,13 @@ MUTANTS = [
         "tests/unit/test_dispatch.py",
     ),
     (
+        "decode: the tensor-core pass 1 aims at the SIMT kernel's wave",
+        "pagedkv/mlx_backend/kernels/decode.py",
+        "target = TARGET_BLOCKS_MMA if shape.tensor_cores else TARGET_BLOCKS",
+        "target = TARGET_BLOCKS",
+        "tests/unit/test_dispatch.py",
+    ),
+    (
         "source: the tensor-core pass 1 without the shared merge and epilogue",
         "pagedkv/mlx_backend/kernels/source.py",
         'shared = sections("cuda" if backend == "cuda_mma" else backend)',

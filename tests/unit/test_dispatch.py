@@ -4,6 +4,7 @@ and that its verdict is taken once per shape. Fake kernels stand in for the real
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -141,6 +142,21 @@ def test_decode_batch_bounds_follow_the_window():
 )
 def test_split_count_fills_the_gpu_with_splits_of_at_least_min_keys(longest, batch, expected):
     assert decode.split_count(SHAPE, batch, longest) == expected
+
+
+@pytest.mark.parametrize(
+    "longest, batch, expected",
+    [
+        (2048, 1, 8),  # still splits of 256 keys
+        (32768, 1, 32),  # 32 splits x 8 = the tensor-core target's 256 threadblocks
+        (16384, 4, 8),
+        (4096, 16, 2),
+        (4096, 32, 1),
+    ],
+)
+def test_the_tensor_core_pass_aims_at_its_own_smaller_wave(longest, batch, expected):
+    tensor_cores = dataclasses.replace(SHAPE, tensor_cores=True)
+    assert decode.split_count(tensor_cores, batch, longest) == expected
 
 
 def test_split_count_never_exceeds_max_splits():

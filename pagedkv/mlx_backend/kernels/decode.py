@@ -24,7 +24,8 @@ import mlx.core as mx
 from pagedkv.mlx_backend.kernels import source
 
 THREADS = 128  # per threadblock / threadgroup: 4 warps or simdgroups
-TARGET_BLOCKS = 512  # threadblocks a launch aims at: ~4 per SM on an H100 (see split_count)
+TARGET_BLOCKS = 512  # threadblocks a launch aims at: one wave, ~4 per SM on an H100 (split_count)
+TARGET_BLOCKS_MMA = 256  # the same for the tensor-core pass 1: 2 per SM (198 registers at d128)
 MIN_SPLIT_KEYS = 256  # no split reads fewer keys: shorter ones cost more to merge than they add
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
@@ -195,13 +196,16 @@ def _scalar(value: float) -> mx.array:
 
 
 def split_count(shape: Shape, batch: int, longest: int) -> int:
-    """Splits per row: enough that the launch has about TARGET_BLOCKS threadblocks, none shorter
-    than MIN_SPLIT_KEYS keys, at most MAX_SPLITS. A small batch needs many: at batch 1 with 8 kv
-    heads one pass is 8 threadblocks on a 132-SM GPU, and reading a 2k row that way took 80 us
-    where 8 splits took 31 (H100, cold caches, docs/adr/0002-paged-decode-kernel.md). One pass
-    where the rows alone fill the GPU or are short."""
+    """Splits per row: enough that the launch has about one wave of threadblocks (TARGET_BLOCKS,
+    TARGET_BLOCKS_MMA for the tensor-core pass 1, which holds fewer per SM), none shorter than
+    MIN_SPLIT_KEYS keys, at most MAX_SPLITS. A small batch needs many: at batch 1 with 8 kv heads
+    one pass is 8 threadblocks on a 132-SM GPU, and reading a 2k row that way took 80 us where 8
+    splits took 31 (H100, cold caches, docs/adr/0002-paged-decode-kernel.md); more than a wave
+    costs time again (a second wave, more partials). One pass where the rows alone fill the GPU
+    or are short."""
     blocks_per_row = batch * shape.kv_heads * (shape.group // shape.query_tile)
-    wanted = -(-TARGET_BLOCKS // blocks_per_row)
+    target = TARGET_BLOCKS_MMA if shape.tensor_cores else TARGET_BLOCKS
+    wanted = -(-target // blocks_per_row)
     return max(1, min(wanted, longest // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 

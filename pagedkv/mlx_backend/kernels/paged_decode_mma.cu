@@ -67,6 +67,21 @@ __device__ __forceinline__ unsigned int pkv_transpose(unsigned int x) {
   return y;
 }
 
+// A lane's share of one group of 16 keys: the 16-byte pieces j of its rows a and b (pool
+// offsets of the pieces j = 0), from both pools.
+template <int NJ, typename T>
+__device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool, size_t row_a,
+                                               size_t row_b, uint4* k_a, uint4* k_b, uint4* v_a,
+                                               uint4* v_b) {
+#pragma unroll
+  for (int j = 0; j < NJ; j++) {
+    k_a[j] = *reinterpret_cast<const uint4*>(k_pool + row_a + 32 * j);
+    k_b[j] = *reinterpret_cast<const uint4*>(k_pool + row_b + 32 * j);
+    v_a[j] = *reinterpret_cast<const uint4*>(v_pool + row_a + 32 * j);
+    v_b[j] = *reinterpret_cast<const uint4*>(v_pool + row_b + 32 * j);
+  }
+}
+
 //// partial
   constexpr int NJ = D / 32;  // 16-byte pieces of a row per lane: elements [32j + 8t, +8)
   constexpr int NSG = 4;      // warps, each its own key stream until the merge
@@ -89,14 +104,18 @@ __device__ __forceinline__ unsigned int pkv_transpose(unsigned int x) {
   const int* table = tables + (size_t)b * tables_shape[1];
 
   // B of the scores: query r of the tile (zero past QT), its pieces in the K pieces' order.
-  // 16-byte loads: the queries start on a 16-byte boundary, as MLX's arrays and any view of
-  // them at a head (head_dim % 32 == 0 elements) do.
+  // Read 2 bytes at a time (once per threadblock): a query row need not start 16-byte aligned.
+  const unsigned short* query = reinterpret_cast<const unsigned short*>(queries) +
+                                ((size_t)b * HQ + head0 + r) * D + 8 * t;
   uint4 qf[NJ];
 #pragma unroll
   for (int j = 0; j < NJ; j++) {
-    qf[j] = r < QT ? *reinterpret_cast<const uint4*>(
-                         queries + ((size_t)b * HQ + head0 + r) * D + 32 * j + 8 * t)
-                   : make_uint4(0, 0, 0, 0);
+    unsigned int pair[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 4 && r < QT; e++) {
+      pair[e] = query[32 * j + 2 * e] | (unsigned int)query[32 * j + 2 * e + 1] << 16;
+    }
+    qf[j] = make_uint4(pair[0], pair[1], pair[2], pair[3]);
   }
   const float qscale = scale[0] * PKV_LOG2E;
 
@@ -110,18 +129,25 @@ __device__ __forceinline__ unsigned int pkv_transpose(unsigned int x) {
     for (int e = 0; e < 4; e++) acc[i][e] = 0.f;
   }
 
+  // The pool offset of key `key`'s piece 0 for this lane (clamped to a real row: masked below).
+  auto row_of = [&](int key) {
+    key = min(key, t_end - 1);
+    return (((size_t)table[key / BS] * BS + key % BS) * KVH + kvh) * D + 8 * t;
+  };
+  // This lane's keys of a group starting at `base`: rows base + r and base + 8 + r. The next
+  // group's rows load while this one computes (one group ahead: the loop waits on memory
+  // once, not once per group; 2x the registers for K/V, ADR 0002).
+  uint4 k_a[NJ], k_b[NJ], v_a[NJ], v_b[NJ];
+  uint4 next_k_a[NJ], next_k_b[NJ], next_v_a[NJ], next_v_b[NJ];
+  if (t_begin + 16 * warp < t_end) {
+    const int base = t_begin + 16 * warp;
+    pkv_load_group<NJ>(k_pool, v_pool, row_of(base + r), row_of(base + 8 + r), k_a, k_b, v_a, v_b);
+  }
   for (int base = t_begin + 16 * warp; base < t_end; base += 16 * NSG) {
-    // This lane's keys: rows r and r + 8 of the 16 (clamped to a real row: masked below).
-    const int key_a = min(base + r, t_end - 1), key_b = min(base + 8 + r, t_end - 1);
-    const size_t row_a = (((size_t)table[key_a / BS] * BS + key_a % BS) * KVH + kvh) * D + 8 * t;
-    const size_t row_b = (((size_t)table[key_b / BS] * BS + key_b % BS) * KVH + kvh) * D + 8 * t;
-    uint4 k_a[NJ], k_b[NJ], v_a[NJ], v_b[NJ];
-#pragma unroll
-    for (int j = 0; j < NJ; j++) {
-      k_a[j] = *reinterpret_cast<const uint4*>(k_pool + row_a + 32 * j);
-      k_b[j] = *reinterpret_cast<const uint4*>(k_pool + row_b + 32 * j);
-      v_a[j] = *reinterpret_cast<const uint4*>(v_pool + row_a + 32 * j);
-      v_b[j] = *reinterpret_cast<const uint4*>(v_pool + row_b + 32 * j);
+    const int next = base + 16 * NSG;
+    if (next < t_end) {
+      pkv_load_group<NJ>(k_pool, v_pool, row_of(next + r), row_of(next + 8 + r), next_k_a,
+                         next_k_b, next_v_a, next_v_b);
     }
 
     // Scores S^T: two k-steps per piece (its words 0-1, then 2-3).
@@ -166,6 +192,10 @@ __device__ __forceinline__ unsigned int pkv_transpose(unsigned int x) {
                     pkv_transpose(v_b[j].x), pkv_transpose(v_b[j].y), p_a, p_b);
       pkv_mma<KIND>(acc[2 * j + 1], pkv_transpose(v_a[j].z), pkv_transpose(v_a[j].w),
                     pkv_transpose(v_b[j].z), pkv_transpose(v_b[j].w), p_a, p_b);
+    }
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {  // the next group becomes this one (unread past the last)
+      k_a[j] = next_k_a[j], k_b[j] = next_k_b[j], v_a[j] = next_v_a[j], v_b[j] = next_v_b[j];
     }
   }
 
