@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -73,6 +74,13 @@ def durations_by_call(rows: list[list[str]], calls: int) -> dict[int, float]:
         elif current is not None:
             sums[current][-1] += float(row[duration].replace(",", "")) * scale
     return {i: statistics.median(sums[i]) for i in range(1, calls + 1) if i in sums}
+
+
+def split_counts(context: int, rule: int, forced: list[int]) -> list[int]:
+    """The split counts a kernel is timed at in one cell: its rule's and each forced count that
+    the cell's blocks allow (at most one split per block, MAX_SPLITS)."""
+    blocks = -(-context // BLOCK)
+    return sorted({rule, *(n for n in forced if n <= min(blocks, 256))})
 
 
 def variant_call(unroll: int, tile: int, lanes: int | None):
@@ -155,7 +163,11 @@ def child(cells, splits, variants, labels_path: str) -> None:
     for context, batch in cells:
         query, pools, dense, decode_batch = cell_arrays(context, batch, BLOCK, mx.bfloat16, 1)
         (k_pool, v_pool), (dense_k, dense_v) = pools[0], dense[0]  # ncu flushes the caches itself
-        rule = decode.prepare(query, k_pool, decode_batch, SCALE, False).splits
+        launch = decode.prepare(query, k_pool, decode_batch, SCALE, False)
+        rule = launch.splits
+        # The variants are the other kernel, whose rule aims at its own wave (split_count).
+        simt = dataclasses.replace(launch.plan.shape, tensor_cores=False)
+        variant_rule = decode.split_count(simt, batch, decode_batch.longest)
         q4 = query[:, :, None, :]
         calls.append(
             (
@@ -165,7 +177,7 @@ def child(cells, splits, variants, labels_path: str) -> None:
                 ),
             )
         )
-        counts = sorted({rule, *(s for s in splits if s <= min(-(-context // BLOCK), 256))})
+        counts = split_counts(context, rule, splits)
         for count in counts:  # the shipped code (on sm_80+ its tensor-core pass 1 for bfloat16)
             label = f"{context}x{batch} shipped s{count}{'*' if count == rule else ''}"
             args = (query, k_pool, v_pool, decode_batch, SCALE)
@@ -173,8 +185,8 @@ def child(cells, splits, variants, labels_path: str) -> None:
         for unroll, tile, lanes in variants:
             fn = variant_call(unroll, tile, lanes)
             name = f"U{unroll}QT{tile}" + (f"L{lanes}" if lanes else "")
-            for count in counts:
-                label = f"{context}x{batch} {name} s{count}{'*' if count == rule else ''}"
+            for count in split_counts(context, variant_rule, splits):
+                label = f"{context}x{batch} {name} s{count}{'*' if count == variant_rule else ''}"
                 calls.append(
                     (
                         label,

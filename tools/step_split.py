@@ -133,11 +133,11 @@ def apply(variant: str) -> None:
     if "every" in options:
         every = int(options["every"])
 
-        def write(self, step, keys, values):
+        def write(self, step, keys, values, caller):
             last = self.cache.config.num_layers - 1
             if (self.layer + 1) % every == 0 and self.layer != last and self.store.pending:
                 self.store.schedule_pending()
-            return _REAL["write"](self, step, keys, values)
+            return _REAL["write"](self, step, keys, values, caller)
 
         layer_cache.PagedLayerCache._write_in_step = write
 

@@ -100,3 +100,37 @@ def test_step_split_simt_variant_moves_16_bit_pools_off_the_tensor_cores_and_bac
     finally:
         step_split.apply("")
         decode.Plan.of.cache_clear()
+
+
+def test_ncu_decode_times_each_kernel_at_its_own_rule_and_the_forced_counts():
+    assert ncu_decode.split_counts(2048, 8, [2, 8, 32]) == [2, 8, 32]
+    assert ncu_decode.split_counts(2048, 4, [2, 8, 256]) == [2, 4, 8]  # 2048 keys: 128 blocks
+    assert ncu_decode.split_counts(32, 1, [2, 8]) == [1, 2]
+
+
+def test_step_split_every_variant_writes_like_the_real_step():
+    """`tools/step_split.py ... every=N` wraps the decode write; a step through it must still run
+    (the wrapper passes on every argument the real write takes) and leave the same output."""
+    mx = pytest.importorskip("mlx.core")
+    from pagedkv.mlx_lm import PagedKVStore
+    from pagedkv.models import SMALL, random_model
+
+    step_split = load("step_split")
+    model = random_model(SMALL, dtype="float32")
+    prompt = list(range(20))
+
+    def decode_two_steps(variant: str):
+        store = PagedKVStore.for_model(model, num_blocks=32)
+        session = store.open(prompt)
+        try:
+            step_split.apply(variant)
+            mx.eval(model(mx.array(session.remaining_prompt)[None], cache=session.caches))
+            outs = [model(mx.array([[token]]), cache=session.caches) for token in (3, 4)]
+            mx.eval(outs)
+            return outs
+        finally:
+            step_split.apply("")
+            store.close()
+
+    for every, real in zip(decode_two_steps("every=2"), decode_two_steps("")):
+        assert mx.allclose(every, real).item()
