@@ -14,7 +14,9 @@
 //            rounded to the pool's 16-bit type for the next product (as flash attention does);
 //   output   O^T (head_dim x 8 queries) += V^T P^T: movmatrix transposes 8x8 blocks of the V
 //            rows and of P^T into A and B fragments, so K/V go from memory to registers with
-//            16-byte loads and never through shared memory.
+//            16-byte loads and never through shared memory;
+//   pipeline a warp's next 16 keys load while it computes the current ones (2x the K/V registers,
+//            198 per thread at d128: 2 threadblocks per SM, hence TARGET_BLOCKS_MMA).
 // The dot products' order over head_dim is free (the same permutation on both operands), so a
 // lane loads the 16 bytes at elements [32j + 8t, 32j + 8t + 8) of a row and its 32-bit words
 // are the fragments' element pairs as they come. Lane l: r = l / 4 (fragment row), t = l % 4.
