@@ -54,25 +54,36 @@ def parse_variants(text: str) -> list[tuple[int, int, int | None]]:
     return variants
 
 
-def durations_by_call(rows: list[list[str]], calls: int) -> dict[int, float]:
-    """ncu's raw CSV rows -> {call index (1-based): median over repetitions of the summed
-    durations (µs) of the kernels launched between that call's marker and the next marker}."""
+def kernel_rows(rows: list[list[str]]):
+    """ncu's raw CSV rows -> (kernel name, grid size, duration in µs) per profiled kernel, in
+    launch order (ncu's own messages skipped)."""
     start = next(i for i, row in enumerate(rows) if "Kernel Name" in row)
     header, units = rows[start], rows[start + 1]
     name, grid = header.index("Kernel Name"), header.index("Grid Size")
     duration = header.index("gpu__time_duration.sum")
     to_us = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
     scale = to_us[units[duration]]
+    for row in rows[start + 2 :]:
+        if len(row) > duration:
+            yield row[name], row[grid], float(row[duration].replace(",", "")) * scale
+
+
+def marker_index(grid: str) -> int:
+    """The call index a marker kernel carries as its grid size ("(3, 1, 1)" -> 3)."""
+    return int(re.findall(r"\d+", grid)[0])
+
+
+def durations_by_call(rows: list[list[str]], calls: int) -> dict[int, float]:
+    """ncu's raw CSV rows -> {call index (1-based): median over repetitions of the summed
+    durations (µs) of the kernels launched between that call's marker and the next marker}."""
     sums: dict[int, list[float]] = {}
     current = None
-    for row in rows[start + 2 :]:
-        if len(row) <= duration:
-            continue  # ncu's own messages
-        if MARKER in row[name]:
-            current = int(re.findall(r"\d+", row[grid])[0])
+    for kernel, grid, us in kernel_rows(rows):
+        if MARKER in kernel:
+            current = marker_index(grid)
             sums.setdefault(current, []).append(0.0)
         elif current is not None:
-            sums[current][-1] += float(row[duration].replace(",", "")) * scale
+            sums[current][-1] += us
     return {i: statistics.median(sums[i]) for i in range(1, calls + 1) if i in sums}
 
 

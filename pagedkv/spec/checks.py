@@ -43,7 +43,7 @@ def as_tokens(tokens: object, what: str) -> list[int]:
     token sequence (see the module docstring), is empty, or holds a non-integer or one outside
     [0, 2**31)."""
     if isinstance(tokens, np.ndarray):
-        if tokens.ndim > 1 or tokens.dtype.kind not in "iu":
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise errors.token_array(what, tokens.ndim, tokens.dtype)
     elif not isinstance(tokens, (list, tuple, range)):
         raise errors.not_tokens(what, tokens)

@@ -134,3 +134,38 @@ def test_step_split_every_variant_writes_like_the_real_step():
 
     for every, real in zip(decode_two_steps("every=2"), decode_two_steps("")):
         assert mx.allclose(every, real).item()
+
+
+ncu_step = load("ncu_step")
+
+
+def test_ncu_step_charges_each_kernel_to_the_side_whose_marker_came_before_it():
+    m = ncu_step.MARKER
+    rows = report(
+        row("warm-up kernel", "(4, 1, 1)", "5,000"),  # before any marker: not charged
+        row(m, "(1, 1, 1)", "999"),
+        row("gemv", "(64, 1, 1)", "20,000"),
+        row("sdpa", "(16, 8, 1)", "10,000"),
+        row("gemv", "(64, 1, 1)", "22,000"),
+        row(m, "(2, 1, 1)", "999"),
+        row("gemv", "(64, 1, 1)", "21,000"),
+        row("split", "(8, 8, 1)", "12,000"),
+        row("merge", "(32, 1, 1)", "3,000"),
+    )
+    times = ncu_step.kernel_times(rows)
+    assert times == {
+        1: {"gemv": [20.0, 22.0], "sdpa": [10.0]},
+        2: {"gemv": [21.0], "split": [12.0], "merge": [3.0]},
+    }
+    lines = ncu_step.summary(times, steps=2, top=2)
+    assert lines[0].startswith("== mlx-lm: 26 µs of GPU time per step, 2 kernels per step")
+    assert "gemv" in lines[1] and "21.0 µs/step" in lines[1] and "sdpa" in lines[2]
+    assert lines[3].startswith("== paged: 18 µs") and len(lines) == 6  # top 2 kernels per side
+
+
+@pytest.mark.parametrize("argv", [["0"], ["65"], ["--steps", "0"], ["--steps", "17"], ["x"]])
+def test_ncu_step_refuses_bad_arguments_before_any_gpu_work(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ncu_step.main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
