@@ -91,7 +91,7 @@ def check_invariants(cache) -> None:
             counted[block] += 1
     for block, (refcount, entries) in enumerate(zip(refcounts, counted)):
         require(
-            True,
+            refcount == entries,
             "I4",
             f"block {block} has refcount {refcount} but {entries} table entries",
         )
