@@ -72,6 +72,17 @@ def test_splits_cover_the_visible_keys_once_in_whole_blocks(first, extra, block_
     assert covered == list(range(first, length))  # in order, each key once
     for r in ranges[:-1]:  # every split but the last ends on a block boundary (or is empty)
         assert len(r) == 0 or r.stop == length or r.stop % block_size == 0
+    # The kernels deal blocks the same way: runs of ceil(blocks / splits), so split s starts at
+    # block first_block + s * per_split (cut at `first`) unless it is past the row.
+    first_block, blocks = first // block_size, -(-length // block_size) - first // block_size
+    per_split = -(-blocks // splits)
+    for s, r in enumerate(ranges):
+        begin_block = first_block + s * per_split
+        if len(r):
+            assert r.start == max(first, begin_block * block_size)
+            assert r.stop == min(length, (begin_block + per_split) * block_size)
+        else:  # only past the row's last block
+            assert begin_block * block_size >= length
 
 
 def test_an_empty_split_drops_out_of_the_merge():
