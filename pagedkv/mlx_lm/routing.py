@@ -74,7 +74,3 @@ def unroute(names: list[str]) -> None:
             if _USERS[name] == 0:
                 del _USERS[name]
                 sys.modules[name].scaled_dot_product_attention = _ORIGINAL
-
-
-def is_routed(module_name: str) -> bool:
-    return getattr(sys.modules.get(module_name), "scaled_dot_product_attention", None) is paged_sdpa

@@ -90,6 +90,23 @@ def test_attention_sees_only_the_window(impl):
     cache.attention_prefill(seq, 0, queries(1))  # the query at 13 needs 8..13: held
 
 
+def test_a_wider_decode_window_may_reach_the_first_held_key_but_not_a_hole(impl):
+    """attention_decode's `window` may be wider than the cache's (a layer with a longer window)
+    as long as every key it needs is held: with 14 tokens, positions 0..7 are released, so the
+    query at 13 may look back 6 keys (the cache's window: from 8), not 7 (from 7, a hole)."""
+    cache = window_cache(impl)
+    seq, _ = cache.add_sequence([1] * 10)
+    decode(cache, impl, seq, 4)  # 14 tokens, positions 0..7 released
+    query = np.ones((1, 1, 2), np.float32)
+    if impl == "mlx":
+        import mlx.core as mx
+
+        query = mx.array(query)
+    assert to_numpy(cache.attention_decode(0, [seq], query, window=6)).shape == (1, 1, 2)
+    with pytest.raises(InvalidPositionError, match="released"):
+        cache.attention_decode(0, [seq], query, window=7)
+
+
 def test_a_committed_block_the_window_released_stays_a_correct_prefix(impl):
     cache = window_cache(impl)
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
