@@ -40,13 +40,18 @@ def pad_tables(tables: list[np.ndarray]) -> mx.array:
     return mx.array(padded)
 
 
+def visible_bounds(lengths, window: int | None) -> tuple[mx.array, int]:
+    """Each row's visible keys `[first, length)` as `[B, 2]` int32 (a window of W: the last W
+    positions), and the most visible keys of any row (it picks the kernel's split count)."""
+    firsts = [max(0, n - window) if window else 0 for n in lengths]
+    bounds = np.array([firsts, lengths], np.int32).T  # [B, 2]
+    return mx.array(bounds), max(n - f for n, f in zip(lengths, firsts))
+
+
 def decode_batch(tables: list[np.ndarray], lengths: list[int], window: int | None) -> DecodeBatch:
     """The per-step kernel inputs for rows with these block tables and lengths (built once per
     step and shared by every layer): padded tables, (first visible, length) bounds, longest row."""
-    firsts = [max(0, n - window) if window else 0 for n in lengths]
-    bounds = np.array([firsts, lengths], np.int32).T  # [B, 2]
-    longest = max(n - f for n, f in zip(lengths, firsts))
-    return DecodeBatch(pad_tables(tables), mx.array(bounds), longest)
+    return DecodeBatch(pad_tables(tables), *visible_bounds(lengths, window))
 
 
 def gather_decode(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks=None):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from pagedkv.mlx_backend.attention import decode_call, dispatch_setting, pad_tables
+from pagedkv.mlx_backend.attention import decode_call, dispatch_setting, pad_tables, visible_bounds
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
 
 
@@ -68,10 +68,8 @@ class DecodeStep:
         """The kernel's inputs for attention over a window (None: every position), built once."""
         batch = self.batches.get(window)
         if batch is None:
-            firsts = [max(0, n - window) if window else 0 for n in self.lengths]
-            bounds = np.array([firsts, self.lengths], np.int32).T  # [B, 2]
-            longest = max(n - f for n, f in zip(self.lengths, firsts))
-            batch = self.batches[window] = DecodeBatch(self.tables, mx.array(bounds), longest)
+            bounds, longest = visible_bounds(self.lengths, window)
+            batch = self.batches[window] = DecodeBatch(self.tables, bounds, longest)
         return batch
 
     def attend(self, queries, k_pool, v_pool, window: int | None, scale: float, sinks):

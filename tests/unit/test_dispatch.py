@@ -325,3 +325,58 @@ def test_plans_take_pass_1_from_the_tensor_core_source_only_where_it_applies(mon
     decode.plan_for(queries.astype(mx.float32), pool.astype(mx.float32), False, "cuda")
     assert built[0] == ("cuda", "final")  # float32: the one-lane-per-chunk kernel on any GPU
     decode.Plan.of.cache_clear()
+
+
+def test_the_choice_is_remembered_per_setting_and_shape(monkeypatch):
+    """decode_attention remembers its choice per ($PAGEDKV_ATTENTION, dtypes, heads, head_dim,
+    block size, kv heads, sinks): a changed setting or any other shape decides again, and on a
+    Metal device each shape gets its own self-check, keyed by exactly that shape."""
+    from pagedkv.mlx_backend import attention
+
+    kernel_calls, checks = [], []
+
+    def fake_kernel(q, k_pool, v_pool, batch, scale, sinks=None):
+        kernel_calls.append(q.shape)
+        return attention.gather_decode(q, k_pool, v_pool, batch, scale, sinks)
+
+    def fake_check(kernel, gather, tolerance, repeats=20):
+        checks.append(tolerance)
+        return GOOD
+
+    monkeypatch.setattr(decode, "paged_decode", fake_kernel)
+    monkeypatch.setattr(dispatch, "self_check", fake_check)
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    batch = decode.DecodeBatch(mx.zeros((1, 1), mx.int32), mx.array([[0, 3]]), 3)
+
+    def attend(q_heads=4, head_dim=64, block=16, kv_heads=2, sinks=None):
+        queries = mx.ones((1, q_heads, head_dim), mx.float16)
+        pool = mx.ones((2, block, kv_heads, head_dim), mx.float16)
+        attention.decode_attention(queries, pool, pool, batch, 0.1, sinks)
+
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    attend()
+    assert len(kernel_calls) == 1  # CUDA: the verified kernel, no self-check
+    monkeypatch.setenv(dispatch.ENV, "gather")
+    attend()
+    assert len(kernel_calls) == 1  # the setting changed: decided again
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    attend(head_dim=12)  # 24-byte rows: not covered, gather
+    assert len(kernel_calls) == 1
+    attend(q_heads=2, kv_heads=2, head_dim=64)
+    assert len(kernel_calls) == 2 and checks == []
+
+    monkeypatch.setattr(decode, "backend", lambda: "metal")
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    variants = [{}, {"block": 8}, {"kv_heads": 1}, {"sinks": mx.zeros(4)}, {"q_heads": 8}]
+    for kwargs in variants + variants:  # the second round is remembered: no new check
+        attend(**kwargs)
+    assert len(checks) == len(variants)
+    want = {
+        ("metal", decode.Shape(mx.float16, mx.float16, 64, 16, 2, 2, False)),
+        ("metal", decode.Shape(mx.float16, mx.float16, 64, 8, 2, 2, False)),
+        ("metal", decode.Shape(mx.float16, mx.float16, 64, 16, 1, 4, False)),
+        ("metal", decode.Shape(mx.float16, mx.float16, 64, 16, 2, 2, True)),
+        ("metal", decode.Shape(mx.float16, mx.float16, 64, 16, 2, 4, False)),
+    }
+    assert set(dispatch.DISPATCHER.verdicts) == want

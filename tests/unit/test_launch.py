@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from pagedkv.mlx_backend.kernels import decode, source  # noqa: E402
+from pagedkv.mlx_backend.kernels import decode, dispatch, source  # noqa: E402
 
 THREADS = decode.THREADS
 
@@ -286,3 +287,51 @@ def test_cuda_arch_falls_back_to_the_compute_capability_for_a_suffixed_architect
         assert decode.cuda_arch() == 90
     finally:
         decode.cuda_arch.cache_clear()
+
+
+def test_a_decode_step_prepares_one_call_per_kind_of_layer(monkeypatch):
+    """`DecodeStep.attend`: every layer of a step asks; the path is chosen and the launch
+    prepared once per (window, query dtype, heads, scale, sinks or not), then reused."""
+    from pagedkv.mlx_lm import step as step_module
+
+    prepared = []
+
+    def fake_decode_call(queries, k_pool, v_pool, batch, scale, sinks, setting):
+        prepared.append((queries.dtype, queries.shape[1], scale, sinks is not None, batch))
+        return lambda queries, k_pool, v_pool, sinks=None: queries
+
+    monkeypatch.setattr(step_module, "decode_call", fake_decode_call)
+    step = step_module.DecodeStep.build(3, [0], True, [np.array([5, 2], np.int32)], [20], 16)
+    assert step.slots == (2, 4) and step.lengths == (21,)
+    q8, q16, pool = mx.ones((1, 8, 1, 64)), mx.ones((1, 16, 1, 64)), mx.ones((6, 16, 2, 64))
+    calls = [
+        (q8, None, 0.125, None),
+        (q8, None, 0.125, None),  # the same kind: reused
+        (q16, None, 0.125, None),
+        (q8.astype(mx.float16), None, 0.125, None),
+        (q8, None, 0.125, mx.zeros(8)),
+        (q8, None, 0.5, None),
+        (q8, 8, 0.125, None),
+        (q8, 8, 0.125, None),
+    ]
+    for queries, window, scale, sinks in calls:
+        assert step.attend(queries, pool, pool, window, scale, sinks) is queries
+    assert len(prepared) == 6
+    assert prepared[-1][-1] is step.batch(8) and prepared[0][-1] is step.batch(None)
+    assert step.batch(8).bounds.tolist() == [[13, 21]] and step.batch(8).longest == 8
+    assert step.batch(None).bounds.tolist() == [[0, 21]] and step.batch(None).longest == 21
+    assert step.batch(64).bounds.tolist() == [[0, 21]]  # a window longer than the row
+
+
+def test_a_step_call_with_sinks_prepares_the_sinks_variant(calls, monkeypatch):
+    from pagedkv.mlx_backend import attention
+
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    queries, k_pool, batch = inputs(longest=100)
+    for sinks in (None, mx.zeros(8)):
+        call = attention.decode_call(queries, k_pool, k_pool, batch, 0.1, sinks)
+        assert call.plan.shape.has_sinks == (sinks is not None)
+        call(queries, k_pool, k_pool, sinks)
+    assert [c["name"].endswith("_sinks") for c in calls] == [False, True]
