@@ -52,6 +52,13 @@ def list_target_fetch(q, k, v, cache):
     return scaled_dot_product_attention(q, keys, values, cache=cache, scale=1.0, mask=None)
 
 
+def loop_before_the_fetch(q, k, v, cache):
+    for _ in range(2):  # a loop elsewhere: only a loop around the fetch or the call matters
+        q = q * 1
+    keys, values = cache.update_and_fetch(k, v)
+    return scaled_dot_product_attention(q, keys, values, cache=cache, scale=1.0, mask=None)
+
+
 # ---- rejected: the history is read ---------------------------------------------------------------
 
 
@@ -101,6 +108,34 @@ def keys_read_in_else_of_a_later_if(q, k, v, cache, flag):
     else:  # a later `if`: this runs after the fetch
         out = values.sum()
     return out
+
+
+def keys_read_later_in_the_fetchs_own_branch(q, k, v, cache):
+    if cache is not None:
+        keys, values = cache.update_and_fetch(k, v)
+        last = keys[..., -1, :]  # the same branch: this runs after the fetch
+    else:
+        keys, values, last = k, v, k
+    return scaled_dot_product_attention(q, keys, values, cache=cache, scale=1.0, mask=last)
+
+
+def values_read_later_in_the_fetchs_own_else_branch(q, k, v, cache):
+    if cache is None:
+        keys, values = k, v
+    else:
+        keys, values = cache.update_and_fetch(k, v)
+        values.sum()
+    return scaled_dot_product_attention(q, keys, values, cache=cache, scale=1.0, mask=None)
+
+
+def helper_given_an_expression_of_the_keys(q, k, v, cache):
+    keys, values = cache.update_and_fetch(k, v)
+    return scaled_dot_product_attention(q, keys.astype(q.dtype), values, cache=cache, scale=1.0)
+
+
+def cache_passed_as_the_fifth_argument(q, k, v, cache):
+    keys, values = cache.update_and_fetch(k, v)
+    return scaled_dot_product_attention(q, keys, values, None, cache)  # cache=None, scale=cache
 
 
 def keys_read_in_lambda_after(q, k, v, cache):
@@ -354,7 +389,13 @@ def generator_yields_between(q, k, v, cache):
     yield scaled_dot_product_attention(q, keys, values, cache=cache, scale=1.0, mask=None)
 
 
-ACCEPTED = [llama_style, gpt_oss_style_positional_cache, fetch_never_read, list_target_fetch]
+ACCEPTED = [
+    llama_style,
+    gpt_oss_style_positional_cache,
+    fetch_never_read,
+    list_target_fetch,
+    loop_before_the_fetch,
+]
 REJECTED = [
     reads_keys_shape_after,
     transforms_keys_after,
@@ -364,6 +405,10 @@ REJECTED = [
     values_passed_as_keys,
     keys_passed_as_values,
     keys_read_in_else_of_a_later_if,
+    helper_given_an_expression_of_the_keys,
+    cache_passed_as_the_fifth_argument,
+    keys_read_later_in_the_fetchs_own_branch,
+    values_read_later_in_the_fetchs_own_else_branch,
     keys_read_in_lambda_after,
     helper_called_in_lambda_after,
     helper_called_in_nested_def_after,
@@ -406,7 +451,8 @@ REJECTED = [
 @pytest.mark.parametrize("function", ACCEPTED, ids=lambda f: f.__name__)
 def test_functions_passing_the_history_straight_to_the_helper_are_proven(function):
     """The llama shape (the `else` of the fetch's own `if` may read the names), gpt_oss's
-    positional cache, a list target, and a function that never reads the result."""
+    positional cache, a list target, a function that never reads the result, and one with a
+    loop that holds neither the fetch nor the call."""
     assert passes_history_through(function.__code__) is True
 
 
