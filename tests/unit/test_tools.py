@@ -1,6 +1,9 @@
-"""The GPU tools' own logic that runs anywhere: argument parsing and ncu report attribution."""
+"""The tools' own logic that runs anywhere: argument parsing, ncu report attribution, and the
+automatic mutant sweep."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -169,3 +173,61 @@ def test_ncu_step_refuses_bad_arguments_before_any_gpu_work(argv, capsys):
         ncu_step.main(argv)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+SWEPT = """def visible(first, length, window):
+    if window is not None and not length <= window:
+        first = max(first, length - window)
+    return f"{first + 1} of {length}", first < length
+"""
+
+
+def test_sweep_mutants_makes_one_change_of_each_kind_and_leaves_messages_alone():
+    sweep = load("sweep_mutants")
+    found = sweep.mutants(SWEPT)
+    kinds = sorted(m.kind for m in found)
+    # `is not`, `<=`, `<`: compare; `-`: arithmetic; `and`; `not`; no constants (the 1 is in
+    # an f-string, a message)
+    assert kinds == ["arithmetic", "boolop", "compare", "compare", "compare", "not"]
+    changes = set()
+    for mutant in found:
+        text, line, change = sweep.apply(SWEPT, mutant)
+        assert text != SWEPT and 1 <= line <= 4
+        compile(text, "mutant", "exec")  # still a module
+        changes.add(change)
+    assert changes == {"IsNot -> Is", "LtE -> Lt", "Lt -> LtE", "Sub -> Add", "and -> or",
+                       "not dropped"}  # fmt: skip
+    constant = sweep.mutants("LIMIT = 8\nON = True\n")
+    assert [sweep.apply("LIMIT = 8\nON = True\n", m)[2] for m in constant] == [
+        "8 -> 9",
+        "True -> False",
+    ]
+
+
+def test_sweep_mutants_runs_the_tests_against_each_mutant_and_restores_the_module(tmp_path, capsys):
+    sweep = load("sweep_mutants")
+    (tmp_path / "pkg.py").write_text("def grow(x):\n    return x + 1\n")
+    (tmp_path / "test_pkg.py").write_text(
+        "from pkg import grow\n\n\ndef test_grow():\n    assert grow(1) > 1\n"
+    )
+    status = sweep.main(["pkg.py", "test_pkg.py", "--root", str(tmp_path), "--json",
+                         str(tmp_path / "out.json")])  # fmt: skip
+    assert (tmp_path / "pkg.py").read_text() == "def grow(x):\n    return x + 1\n"
+    out = capsys.readouterr().out
+    assert "[1/2] caught  line 2: Add -> Sub" in out  # 1 - 1 = 0: the test fails
+    assert "[2/2] MISSED  line 2: 1 -> 2" in out  # 1 + 2 > 1: a blind spot of this test
+    assert status == 1
+    assert [o["status"] for o in json.loads((tmp_path / "out.json").read_text())] == [
+        "caught",
+        "MISSED",
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv", [["nope.py", "tests"], ["tools/sweep_mutants.py", ""], ["README.md", "tests"],
+             ["tools/sweep_mutants.py", "tests", "--lines", "9-3"]],
+)  # fmt: skip
+def test_sweep_mutants_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load("sweep_mutants").main(argv)
+    assert exit_info.value.code == 2
