@@ -108,10 +108,32 @@ def test_batch_refuses_foreign_duplicate_and_malformed_sessions(setup):
 
 def test_open_rejects_bad_tokens_without_change(setup):
     _, store, first, second = setup
-    for tokens in ([], [1.5], ["a"], [-1], np.array([[1, 2]])):
+    bad = ([], [1.5], ["a"], [-1], np.array([[1, 2]]), mx.array([1.0, 2.0]), mx.array([[1, 2]]),
+           mx.array([True, False]), mx.array([1, -2]))  # fmt: skip
+    for tokens in bad:
         unchanged(
             store, [first, second], lambda tokens=tokens: store.open(tokens), InvalidTokensError
         )
+
+
+def test_open_takes_a_1d_integer_mx_array_as_its_tokens(setup):
+    _, store, _, _ = setup
+    tokens = prompt_tokens(6, seed=1)
+    for array in (mx.array(tokens), mx.array(tokens, dtype=mx.uint16)):
+        session = store.open(array)
+        assert list(store.cache.tokens(session.seq)) == tokens
+        session.close()
+
+
+def test_a_store_routes_by_default_with_blocks_of_16_and_stops_when_closed():
+    model = tiny_model("qwen3")
+    store = PagedKVStore.for_model(model, num_blocks=16)
+    plain = PagedKVStore.for_model(model, num_blocks=16, route_attention=False)
+    assert store.config.block_size == 16
+    assert store.routes_attention and not plain.routes_attention
+    store.close()
+    assert not store.routes_attention
+    plain.close()
 
 
 def test_pool_dtype_is_the_activation_dtype_even_when_quantized():

@@ -274,3 +274,23 @@ def test_a_step_left_half_way_makes_a_newcomer_wait_then_refuse_until_the_owner_
     thread.join(timeout=60)
     assert not store.pending
     recorder.check(store, session.seq)
+
+
+def test_a_prompts_last_token_fed_alone_publishes_the_prompt_at_its_last_layer(monkeypatch):
+    """A prompt prefilled in chunks may end with a one-token chunk, which has a decode step's
+    shape. Its later layers must still take the checked path, whose last layer publishes the
+    prompt (rule: a prompt is shared once every layer holds it): the next request with that
+    prompt reuses its full blocks."""
+    store, recorder = make_store(), Recorder()
+    prompt = list(range(20, 29))  # 9 tokens: two full blocks of 4, and one more
+    session = store.open(prompt)
+    calls = count_backend_writes(monkeypatch, store)
+    for layer, cache in enumerate(session.caches):  # all but the last token
+        new = rows(1, len(prompt) - 1, layer)
+        cache.update_and_fetch(new, new + 1)
+    assert not session.committed
+    step(session.caches, recorder, [session], seed=5)  # the last prompt token, alone
+    assert len(calls) == 2 * LAYERS  # the one-token chunk took the checked path at every layer
+    assert session.committed
+    again = store.open(prompt)
+    assert len(again.remaining_prompt) == 1  # both full blocks came from the first request

@@ -21,6 +21,7 @@ from pagedkv.mlx_lm import PagedKVStore, routing
 from pagedkv.mlx_lm.batch import RequestPool
 from pagedkv.mlx_lm.callers import passes_history_through
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
+from pagedkv.mlx_lm.step import DecodeStep
 from pagedkv.models import TINY, random_model
 from tests.parity.models import prompt_tokens
 
@@ -318,3 +319,83 @@ def test_placeholders_a_cache_did_not_just_hand_out_are_refused(handed_out, stor
     second.update_and_fetch(rows(23), rows(24))  # from test code: the real history
     assert handed_out == [True, False]
     misuse(second, second._unfetched)
+
+
+def test_one_placeholder_with_other_arrays_is_refused(handed_out, stores):
+    """The placeholder keys with values the model made itself (or the other way round) is a
+    misuse too: refused, never passed on to mlx-lm's helper as if it were a history."""
+    model = random_model(TINY)
+    store = stores(model)
+    prompt = prompt_tokens(6, seed=7)
+    session = store.open(prompt)
+    prefill(model, session.caches, prompt)
+    cache, queries = session.caches[0], rows(40, heads=HEADS)
+    for pair in ("keys", "values"):
+        fetch_only(cache, rows(41), rows(42))
+        keys, values = cache._unfetched
+        own = mx.zeros((1, KV_HEADS, len(prompt) + 1, DIM))
+        args = (keys, own) if pair == "keys" else (own, values)
+        with pytest.raises(InvalidArgumentError, match="placeholder"):
+            routing.paged_sdpa(queries, *args, cache=cache, scale=SCALE)
+        prompt = prompt + [0]
+    assert store.routed_calls == 0
+
+
+def attend_with_sinks(cache, queries, keys, values, sinks):
+    keys, values = cache.update_and_fetch(keys, values)
+    return scaled_dot_product_attention(
+        queries, keys, values, cache=cache, scale=SCALE, sinks=sinks
+    )
+
+
+def test_sinks_of_another_shape_are_declined_to_mlx_lms_helper(handed_out, stores, monkeypatch):
+    """Sinks are one logit per query head; anything else is the model's own business: the cache
+    declines (the kernel, which reads one per head, never sees them) and mlx-lm's helper gets the
+    real history (and raises or answers as it would)."""
+    attended = []
+    original = DecodeStep.attend
+    monkeypatch.setattr(
+        DecodeStep, "attend", lambda self, *args: attended.append(args[-1]) or original(self, *args)
+    )
+    model = random_model(TINY)
+    store = stores(model)
+    prompt = prompt_tokens(6, seed=8)
+    session = store.open(prompt)
+    prefill(model, session.caches, prompt)
+    assert passes_history_through(attend_with_sinks.__code__)
+    cache, queries = session.caches[0], rows(50, heads=HEADS)
+    good = mx.random.normal((HEADS,), key=mx.random.key(51))
+    out = attend_with_sinks(cache, queries, rows(52), rows(53), good)
+    assert store.routed_calls == 1
+    keys, values = cache.keys_and_values()
+    want = base.scaled_dot_product_attention(queries, keys, values, None, SCALE, None, sinks=good)
+    assert mx.abs(out - want).max().item() <= ATOL
+    # Not [HEADS]: declined, and mlx-lm's helper, given the real history, refuses it itself.
+    scalar_sink = mx.array(0.5)
+    with pytest.raises(ValueError, match="sinks") as declined:
+        attend_with_sinks(cache, queries, rows(54), rows(55), scalar_sink)
+    assert store.routed_calls == 1 and handed_out[-1] is True
+    assert len(attended) == 1 and attended[0] is good  # the scalar never reached the kernel
+    keys, values = cache.keys_and_values()
+    with pytest.raises(ValueError) as direct:
+        base.scaled_dot_product_attention(queries, keys, values, None, SCALE, None, scalar_sink)
+    assert str(declined.value) == str(direct.value)
+
+
+def test_an_answered_decode_builds_no_history(stores, monkeypatch):
+    """Routed decode reads the pools in place: no layer gathers the history it never reads (a
+    gather per pool per layer is host work, and on a GPU a copy if evaluated)."""
+    model = random_model(TINY)
+    store = stores(model)
+    prompt = prompt_tokens(9, seed=9)
+    session = store.open(prompt)
+    logits = prefill(model, session.caches, prompt)
+    gathers = []
+    original = PagedLayerCache._gather
+    monkeypatch.setattr(
+        PagedLayerCache,
+        "_gather",
+        lambda self, *args: gathers.append(self.layer) or original(self, *args),
+    )
+    decode(model, session.caches, logits, 3)
+    assert store.routed_calls == LAYERS * 3 and gathers == []
