@@ -1,0 +1,83 @@
+"""Details of mlx-lm's cache protocol that a paged layer cache must match: the attention mask it
+makes (value, shape, and the "causal" / None shortcuts mlx-lm's own KVCache takes), its bytes,
+and a batched decode step that cannot get its blocks changing nothing."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from pagedkv import Config
+from pagedkv.errors import OutOfBlocksError
+from pagedkv.mlx_lm import PagedKVStore
+
+LAYERS, HEADS, DIM, BLOCK = 2, 2, 4, 4
+
+
+def make_store(num_blocks: int = 32) -> PagedKVStore:
+    return PagedKVStore(
+        Config(num_blocks=num_blocks, block_size=BLOCK, num_layers=LAYERS, num_kv_heads=HEADS,
+               head_dim=DIM)
+    )  # fmt: skip
+
+
+def kv(batch: int, count: int, seed: int) -> mx.array:
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.normal(size=(batch, HEADS, count, DIM)).astype(np.float32))
+
+
+def prefill(session, count: int, seed: int = 0) -> None:
+    for layer, cache in enumerate(session.caches):
+        rows = kv(1, count, seed + layer)
+        cache.update_and_fetch(rows, rows)
+
+
+@pytest.mark.parametrize("offset", [0, 4, 7])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("return_array", [False, True])
+@pytest.mark.parametrize("window_size", [None, 2, 5])
+def test_one_sessions_mask_is_mlx_lms(offset, n, return_array, window_size):
+    store = make_store()
+    session = store.open(list(range(1, offset + 2)))
+    if offset:
+        prefill(session, offset)
+    reference = KVCache()
+    if offset:
+        reference.update_and_fetch(kv(1, offset, 0), kv(1, offset, 0))
+    got = session.caches[0].make_mask(n, return_array=return_array, window_size=window_size)
+    want = reference.make_mask(n, return_array=return_array, window_size=window_size)
+    if want is None or isinstance(want, str):
+        assert got == want
+    else:
+        assert isinstance(got, mx.array) and got.shape == want.shape
+        assert mx.array_equal(got, want)
+
+
+def test_nbytes_counts_the_sessions_blocks_of_one_layer_once():
+    store = make_store()
+    first = store.open(list(range(1, 10)))  # 9 tokens: 3 blocks
+    prefill(first, 9)
+    per_block = 2 * BLOCK * HEADS * DIM * 4  # K and V, float32
+    assert first.caches[0].nbytes == 3 * per_block
+    assert first.caches[1].nbytes == 3 * per_block  # per layer, not the whole block
+    second = store.open(list(range(1, 10)))  # shares the two full blocks
+    batch = store.batch([first, second])
+    assert batch[0].nbytes == 4 * per_block  # 3 + its own last block
+
+
+def test_a_batched_decode_step_out_of_blocks_changes_nothing():
+    """Two sessions each need a new block at the next position and the pool has one: the
+    batch's step is refused whole (not the first session extended, the second refused)."""
+    store = make_store(num_blocks=3)
+    sessions = [store.open([1, 2, 3, 4 + s]) for s in range(2)]  # 4 tokens: one full block each
+    for session in sessions:
+        prefill(session, 4, seed=10)
+    caches = store.batch(sessions)
+    stats = store.cache.stats()
+    assert stats.free_blocks + stats.cached_blocks == 1
+    before = (store.cache.snapshot(), [list(s.offsets) for s in sessions])
+    with pytest.raises(OutOfBlocksError):
+        caches[0].update_and_fetch(kv(2, 1, 20), kv(2, 1, 21))
+    assert (store.cache.snapshot(), [list(s.offsets) for s in sessions]) == before
