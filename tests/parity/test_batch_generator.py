@@ -189,3 +189,64 @@ def test_a_fork_mid_prompt_writes_fresh_blocks():
     gc.collect()
     assert pool.reap() == 2 and pool.held_blocks() == 0
     store.close()
+
+
+def test_a_queued_request_opened_then_unopened_holds_nothing_and_opens_again():
+    """Admission opens a queued request, and undoes it when the prefix it now pins breaks the
+    promise it was admitted on: the request holds no block, expects `cached` tokens, and opens
+    again later as if never opened."""
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool = RequestPool(store)
+    tokens = prompt_tokens(9, seed=4)
+    request = pool.queue(tokens)
+    layers = len(request.offsets)
+    assert pool.open_queued(request) == 0 and pool.held_blocks() > 0
+    pool.unopen(request, 0)
+    assert request.seqs is None and request.offsets == [0] * layers
+    assert pool.held_blocks() == 0 and pool.opened == 0 and not pool.live
+    store.check_invariants()
+    assert pool.open_queued(request) == 0 and pool.opened == 1
+    request.close()
+    assert pool.held_blocks() == 0
+    store.close()
+
+
+def test_a_batch_update_with_rows_for_another_batch_is_refused_unchanged():
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool = RequestPool(store)
+    a, _ = pool.open(prompt_tokens(5, seed=1))
+    b, _ = pool.open(prompt_tokens(5, seed=2))
+    merged = a[0].merge([a[0], b[0]])
+    heads, dim = store.layer_shapes[0][:2]
+    keys = mx.zeros((2, heads, 3, dim))
+    before = (store.cache.snapshot(), [list(s.offsets) for s in merged.sessions])
+    for bad_values in (mx.zeros((1, heads, 3, dim)), mx.zeros((3, heads, 3, dim))):
+        with pytest.raises(InvalidArgumentError, match="rows for 2 requests"):
+            merged.update_and_fetch(keys, bad_values)
+        with pytest.raises(InvalidArgumentError, match="rows for 2 requests"):
+            merged.update_and_fetch(bad_values, keys)
+    assert (store.cache.snapshot(), [list(s.offsets) for s in merged.sessions]) == before
+    store.close()
+
+
+def test_extending_a_batch_keeps_the_prompt_lengths_of_the_rows_that_have_them():
+    """mlx-lm merges batches with `extend`; a batch prepared with right-padded prompt lengths
+    keeps them for its rows (rows of a batch without them have no prompt left to pad): a
+    padded chunk then writes each row's real positions only."""
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool = RequestPool(store)
+    a, _ = pool.open(prompt_tokens(5, seed=1))
+    b, _ = pool.open(prompt_tokens(5, seed=2))
+    first, second = a[0], b[0]
+    second.prepare(lengths=[2])  # its row has 2 real positions in the next 3-position chunk
+    first.extend(second)
+    heads, dim = store.layer_shapes[0][:2]
+    rows = mx.ones((2, heads, 3, dim))
+    before = [s.offsets[first.slot] for s in first.sessions]
+    first.update_and_fetch(rows, rows)
+    after = [s.offsets[first.slot] for s in first.sessions]
+    assert [n - m for n, m in zip(after, before)] == [0, 2]
+    store.close()
