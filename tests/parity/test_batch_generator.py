@@ -250,3 +250,21 @@ def test_extending_a_batch_keeps_the_prompt_lengths_of_the_rows_that_have_them()
     after = [s.offsets[first.slot] for s in first.sessions]
     assert [n - m for n, m in zip(after, before)] == [0, 2]
     store.close()
+
+
+def test_a_batched_prefill_publishes_each_finished_prompt():
+    """A prompt written by a batched (ragged) prefill chunk is published once every layer holds
+    it, as a single request's is: the next request with that prompt shares its full blocks."""
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool = RequestPool(store)
+    prompts = [prompt_tokens(9, seed=1), prompt_tokens(9, seed=2)]
+    a, _ = pool.open(prompts[0])
+    b, _ = pool.open(prompts[1])
+    merged = [ca.merge([ca, cb]) for ca, cb in zip(a, b)]
+    model(mx.array(prompts), cache=merged)
+    for prompt in prompts:
+        again = store.open(prompt)
+        assert again.cached_tokens == 8  # two full blocks of 4; the last token is fed again
+        again.close()
+    store.close()
