@@ -294,3 +294,29 @@ def test_a_prompts_last_token_fed_alone_publishes_the_prompt_at_its_last_layer(m
     assert session.committed
     again = store.open(prompt)
     assert len(again.remaining_prompt) == 1  # both full blocks came from the first request
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_decode_step_changes_exactly_one_row_per_session_pool_and_layer(batch):
+    """The later layers' one-update writes touch their session's new slot and nothing else: not
+    the next row (a position not yet written), not the next block (another sequence's)."""
+    store, recorder = make_store(), Recorder()
+    sessions = [open_and_prefill(store, recorder, [1, 2 + b], seed=b) for b in range(batch)]
+    neighbour = open_and_prefill(store, recorder, [5, 6, 7, 8], seed=7)  # the next block id
+    caches = store.batch(sessions) if batch > 1 else sessions[0].caches
+    storage = store.cache.storage
+
+    def pools():
+        with store.cache._lock:
+            return [np.array(p) for p in (*storage.keys, *storage.values)]
+
+    before = pools()
+    step(caches, recorder, sessions, seed=3)
+    slots = {
+        (int(store.cache.block_table_array(s.seq)[2 // 4]), 2 % 4) for s in sessions
+    }  # position 2 of each session
+    for pool_before, pool_after in zip(before, pools()):
+        changed = np.argwhere((pool_before != pool_after).any(axis=(2, 3)))  # [blocks, rows]
+        assert {(int(b), int(r)) for b, r in changed} == slots
+    for session in (*sessions, neighbour):
+        recorder.check(store, session.seq)

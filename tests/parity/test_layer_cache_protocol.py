@@ -81,3 +81,23 @@ def test_a_batched_decode_step_out_of_blocks_changes_nothing():
     with pytest.raises(OutOfBlocksError):
         caches[0].update_and_fetch(kv(2, 1, 20), kv(2, 1, 21))
     assert (store.cache.snapshot(), [list(s.offsets) for s in sessions]) == before
+
+
+def test_each_chunk_fetches_the_whole_history_as_mlx_lms_cache_does():
+    """Chunks of 1, 2, 3 and 1 positions (a chunk of one is a decode step's shape): after each,
+    update_and_fetch returns every position so far, equal to mlx-lm's KVCache's."""
+    store = make_store()
+    session = store.open(list(range(1, 8)))
+    reference = [KVCache() for _ in range(LAYERS)]
+    assert all(c.empty() for c in session.caches) and reference[0].empty()
+    seen = 0
+    for n, count in enumerate((1, 2, 3, 1)):
+        for layer, cache in enumerate(session.caches):
+            rows = kv(1, count, 10 * n + layer)
+            got = cache.update_and_fetch(rows, rows + 1)
+            want = reference[layer].update_and_fetch(rows, rows + 1)
+            for a, b in zip(got, want):
+                assert a.shape == b.shape == (1, HEADS, seen + count, DIM)
+                assert mx.array_equal(a, b)
+        seen += count
+        assert not any(c.empty() for c in session.caches)
