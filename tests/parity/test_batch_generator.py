@@ -268,3 +268,73 @@ def test_a_batched_prefill_publishes_each_finished_prompt():
         assert again.cached_tokens == 8  # two full blocks of 4; the last token is fed again
         again.close()
     store.close()
+
+
+def test_right_padded_prompts_write_their_real_positions_over_several_chunks():
+    """prepare(lengths=[5, 3]) then two 3-position chunks: the first writes 3 and 3, the second
+    2 and 0 (the rest is padding mlx-lm discards); nothing past a prompt's length is reserved."""
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool = RequestPool(store)
+    a, _ = pool.open(prompt_tokens(5, seed=1))
+    b, _ = pool.open(prompt_tokens(3, seed=2))
+    merged = a[0].merge([a[0], b[0]])
+    merged.prepare(lengths=[5, 3])
+    heads, dim = store.layer_shapes[0][:2]
+    rows = mx.ones((2, heads, 3, dim))
+    for want in ([3, 3], [5, 3]):
+        merged.update_and_fetch(rows, rows)
+        assert [s.offsets[merged.slot] for s in merged.sessions] == want
+    lengths = [store.cache.sequence_length(s.seqs[0]) for s in merged.sessions]
+    assert lengths == [5, 3]
+    store.close()
+
+
+def test_a_chunk_that_needs_exactly_the_free_blocks_is_taken():
+    """Two 4-token prompts (a block each) in a 4-block pool, then an 8-position chunk: the 4
+    positions past each prompt need one more block each, the last 2 free ones."""
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=4, block_size=4)
+    pool = RequestPool(store)
+    a, _ = pool.open(prompt_tokens(4, seed=1))
+    b, _ = pool.open(prompt_tokens(4, seed=2))
+    assert store.cache.stats().free_blocks == 2
+    merged = a[0].merge([a[0], b[0]])
+    heads, dim = store.layer_shapes[0][:2]
+    rows = mx.ones((2, heads, 8, dim))
+    merged.update_and_fetch(rows, rows)
+    assert [s.offsets[merged.slot] for s in merged.sessions] == [8, 8]
+    assert store.cache.stats().free_blocks == 0
+    store.close()
+
+
+def test_merge_refuses_caches_of_another_layer_kind_or_store():
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    other = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool, other_pool = RequestPool(store), RequestPool(other)
+    a, _ = pool.open(prompt_tokens(5, seed=1))
+    b, _ = pool.open(prompt_tokens(5, seed=2))
+    c, _ = other_pool.open(prompt_tokens(5, seed=3))
+    for wrong in (b[1], c[0]):  # another layer; another store's
+        with pytest.raises(InvalidArgumentError, match="one layer of one store"):
+            a[0].merge([a[0], wrong])
+    store.close()
+    other.close()
+
+
+def test_adopting_a_session_closes_it_and_closing_the_request_frees_its_blocks():
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
+    pool = RequestPool(store)
+    session = store.open(prompt_tokens(6, seed=1))
+    request = pool.adopt(session)
+    assert session.closed and session.caches is None  # the request owns its sequences now
+    assert pool.held_blocks() == 2
+    request.close()
+    assert request.closed and pool.held_blocks() == 0  # at once, not when collected
+    with pytest.raises(InvalidArgumentError):
+        request._require_open()
+    request.close()  # twice: nothing more happens
+    assert pool.released == 1
+    store.close()
