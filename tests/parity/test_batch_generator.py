@@ -169,19 +169,23 @@ def test_an_error_mid_step_releases_every_block():
     assert_all_released(pool, store)
 
 
-def test_a_fork_mid_prompt_writes_fresh_blocks():
+@pytest.mark.parametrize(
+    "length, at, count",
+    [(11, 6, 4), (11, 2, 4), (4, 2, 2)],  # the last two inside block 0, the first handed out
+)
+def test_a_fork_mid_prompt_writes_fresh_blocks(length, at, count):
     """A deep copy made mid-prompt shares the blocks reserved for the rest of the prompt; while
     the original lives, each side's next write gets blocks of its own (no NotWritableError, and
     neither sees the other's K/V)."""
     model = tiny_model("llama")
     store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
     pool = RequestPool(store)
-    prompt = prompt_tokens(11, seed=9)
+    prompt = prompt_tokens(length, seed=9)
     original, _ = pool.open(prompt)
-    model(mx.array([prompt[:6]]), cache=original)
+    model(mx.array([prompt[:at]]), cache=original)
     fork = copy.deepcopy(original)
-    out_fork = model(mx.array([prompt[6:10]]), cache=fork)
-    out_original = model(mx.array([prompt[6:10]]), cache=original)
+    out_fork = model(mx.array([prompt[at : at + count]]), cache=fork)
+    out_original = model(mx.array([prompt[at : at + count]]), cache=original)
     assert mx.allclose(out_fork, out_original, atol=1e-5).item()
     assert fork[0].sessions[0].seqs != original[0].sessions[0].seqs
     store.check_invariants()
@@ -249,6 +253,13 @@ def test_extending_a_batch_keeps_the_prompt_lengths_of_the_rows_that_have_them()
     first.update_and_fetch(rows, rows)
     after = [s.offsets[first.slot] for s in first.sessions]
     assert [n - m for n, m in zip(after, before)] == [0, 2]
+    c, _ = pool.open(prompt_tokens(5, seed=3))  # the other way round: lengths, then none
+    d, _ = pool.open(prompt_tokens(5, seed=4))
+    prepared, plain = c[0], d[0]
+    prepared.prepare(lengths=[1])
+    prepared.extend(plain)
+    prepared.update_and_fetch(mx.ones((2, heads, 3, dim)), mx.ones((2, heads, 3, dim)))
+    assert [s.offsets[prepared.slot] for s in prepared.sessions] == [1, 0]
     store.close()
 
 
