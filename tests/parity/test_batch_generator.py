@@ -34,6 +34,13 @@ SCHEDULE = [
 ]
 
 
+def llama_pool(num_blocks: int = 32):
+    """A tiny llama, its store (blocks of 4) and a RequestPool over it."""
+    model = tiny_model("llama")
+    store = PagedKVStore.for_model(model, num_blocks=num_blocks, block_size=4)
+    return model, store, RequestPool(store)
+
+
 def _random_schedule(seed: int, inserts: int = 24):
     """Inserts over time (some sharing SYSTEM), removals of earlier requests at any stage."""
     import random
@@ -117,9 +124,7 @@ def test_many_inserts_and_removals():
 
 
 def test_protocol_edits_and_release():
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    model, store, pool = llama_pool()
     a, _ = pool.open(prompt_tokens(9, seed=1))
     b, _ = pool.open(prompt_tokens(6, seed=2))
     merged = [ca.merge([ca, cb]) for ca, cb in zip(a, b)]
@@ -153,9 +158,7 @@ def test_an_error_mid_step_releases_every_block():
     dropped, and its requests' blocks all come back; the store's invariants hold throughout."""
     from pagedkv.errors import OutOfBlocksError
 
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=12, block_size=4)
-    pool = RequestPool(store)
+    model, store, pool = llama_pool(12)
     gen = BatchGenerator(model, sampler=greedy, prefill_batch_size=4)
     for seed in range(3):
         caches, _ = pool.open(prompt_tokens(9, seed=seed))
@@ -177,9 +180,7 @@ def test_a_fork_mid_prompt_writes_fresh_blocks(length, at, count):
     """A deep copy made mid-prompt shares the blocks reserved for the rest of the prompt; while
     the original lives, each side's next write gets blocks of its own (no NotWritableError, and
     neither sees the other's K/V)."""
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    model, store, pool = llama_pool()
     prompt = prompt_tokens(length, seed=9)
     original, _ = pool.open(prompt)
     model(mx.array([prompt[:at]]), cache=original)
@@ -199,9 +200,7 @@ def test_a_queued_request_opened_then_unopened_holds_nothing_and_opens_again():
     """Admission opens a queued request, and undoes it when the prefix it now pins breaks the
     promise it was admitted on: the request holds no block, expects `cached` tokens, and opens
     again later as if never opened."""
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    _, store, pool = llama_pool()
     tokens = prompt_tokens(9, seed=4)
     request = pool.queue(tokens)
     layers = len(request.offsets)
@@ -217,9 +216,7 @@ def test_a_queued_request_opened_then_unopened_holds_nothing_and_opens_again():
 
 
 def test_a_batch_update_with_rows_for_another_batch_is_refused_unchanged():
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    _, store, pool = llama_pool()
     a, _ = pool.open(prompt_tokens(5, seed=1))
     b, _ = pool.open(prompt_tokens(5, seed=2))
     merged = a[0].merge([a[0], b[0]])
@@ -239,9 +236,7 @@ def test_extending_a_batch_keeps_the_prompt_lengths_of_the_rows_that_have_them()
     """mlx-lm merges batches with `extend`; a batch prepared with right-padded prompt lengths
     keeps them for its rows (rows of a batch without them have no prompt left to pad): a
     padded chunk then writes each row's real positions only."""
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    _, store, pool = llama_pool()
     a, _ = pool.open(prompt_tokens(5, seed=1))
     b, _ = pool.open(prompt_tokens(5, seed=2))
     first, second = a[0], b[0]
@@ -266,9 +261,7 @@ def test_extending_a_batch_keeps_the_prompt_lengths_of_the_rows_that_have_them()
 def test_a_batched_prefill_publishes_each_finished_prompt():
     """A prompt written by a batched (ragged) prefill chunk is published once every layer holds
     it, as a single request's is: the next request with that prompt shares its full blocks."""
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    model, store, pool = llama_pool()
     prompts = [prompt_tokens(9, seed=1), prompt_tokens(9, seed=2)]
     a, _ = pool.open(prompts[0])
     b, _ = pool.open(prompts[1])
@@ -284,9 +277,7 @@ def test_a_batched_prefill_publishes_each_finished_prompt():
 def test_right_padded_prompts_write_their_real_positions_over_several_chunks():
     """prepare(lengths=[5, 3]) then two 3-position chunks: the first writes 3 and 3, the second
     2 and 0 (the rest is padding mlx-lm discards); nothing past a prompt's length is reserved."""
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    _, store, pool = llama_pool()
     a, _ = pool.open(prompt_tokens(5, seed=1))
     b, _ = pool.open(prompt_tokens(3, seed=2))
     merged = a[0].merge([a[0], b[0]])
@@ -304,9 +295,7 @@ def test_right_padded_prompts_write_their_real_positions_over_several_chunks():
 def test_a_chunk_that_needs_exactly_the_free_blocks_is_taken():
     """Two 4-token prompts (a block each) in a 4-block pool, then an 8-position chunk: the 4
     positions past each prompt need one more block each, the last 2 free ones."""
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=4, block_size=4)
-    pool = RequestPool(store)
+    _, store, pool = llama_pool(4)
     a, _ = pool.open(prompt_tokens(4, seed=1))
     b, _ = pool.open(prompt_tokens(4, seed=2))
     assert store.cache.stats().free_blocks == 2
@@ -335,9 +324,7 @@ def test_merge_refuses_caches_of_another_layer_kind_or_store():
 
 
 def test_adopting_a_session_closes_it_and_closing_the_request_frees_its_blocks():
-    model = tiny_model("llama")
-    store = PagedKVStore.for_model(model, num_blocks=32, block_size=4)
-    pool = RequestPool(store)
+    _, store, pool = llama_pool()
     session = store.open(prompt_tokens(6, seed=1))
     request = pool.adopt(session)
     assert session.closed and session.caches is None  # the request owns its sequences now

@@ -79,6 +79,17 @@ def prefill(model, caches, prompt):
     return model(mx.array(prompt)[None], cache=caches)[:, -1]
 
 
+def prefilled(stores, length: int, seed: int):
+    """A tiny llama, a store for it (closed after the test), and a session whose prompt of
+    `length` random tokens it has prefilled: (model, store, prompt, session)."""
+    model = random_model(TINY)
+    store = stores(model)
+    prompt = prompt_tokens(length, seed=seed)
+    session = store.open(prompt)
+    prefill(model, session.caches, prompt)
+    return model, store, prompt, session
+
+
 def decode(model, caches, logits, steps):
     """Greedy decode from the last logits: (each step's logits, the tokens fed)."""
     out, tokens = [], []
@@ -130,11 +141,7 @@ def test_a_declined_call_gets_mlx_lms_attention_on_the_real_history(handed_out, 
     """A proven caller with no mask is answered in place; with a mask the cache did not make, the
     cache declines, builds the history in the placeholders' place, and the output is exactly
     mlx-lm's helper on that history."""
-    model = random_model(TINY)
-    store = stores(model)
-    prompt = prompt_tokens(7, seed=2)
-    session = store.open(prompt)
-    prefill(model, session.caches, prompt)
+    _, store, prompt, session = prefilled(stores, 7, seed=2)
     assert passes_history_through(attend_through_routed_helper.__code__)
     cache, queries = session.caches[0], rows(10, heads=HEADS)
     handed_out.clear()
@@ -162,11 +169,7 @@ def attend_to_other_keys_first(cache, queries, keys, values, other_keys, other_v
 def test_a_helper_call_on_other_keys_does_not_use_up_the_placeholders(handed_out, stores):
     """The cache declines a call whose keys it did not hand out without forgetting the ones it
     did: the later call with the placeholders is still answered (as with no other call)."""
-    model = random_model(TINY)
-    store = stores(model)
-    prompt = prompt_tokens(7, seed=3)
-    session = store.open(prompt)
-    prefill(model, session.caches, prompt)
+    _, store, _, session = prefilled(stores, 7, seed=3)
     assert passes_history_through(attend_to_other_keys_first.__code__)
     cache, queries = session.caches[0], rows(30, heads=HEADS)
     other = rows(31)
@@ -196,11 +199,7 @@ def test_a_proven_caller_whose_module_keeps_mlx_lms_helper_gets_the_real_history
     exec(compile(UNROUTED_CALLER, str(path), "exec"), namespace)
     attend = namespace["attend_in_an_unrouted_module"]
     assert passes_history_through(attend.__code__)
-    model = random_model(TINY)
-    store = stores(model)
-    prompt = prompt_tokens(5, seed=7)
-    session = store.open(prompt)
-    prefill(model, session.caches, prompt)
+    _, _, _, session = prefilled(stores, 5, seed=7)
     cache, queries = session.caches[0], rows(30, heads=HEADS)
     handed_out.clear()
     out = attend(cache, queries, rows(31), rows(32))
@@ -296,11 +295,7 @@ def test_placeholders_a_cache_did_not_just_hand_out_are_refused(handed_out, stor
     """paged_sdpa with the placeholders and a cache that never handed them out, whose handed-out
     ones were already used, or that handed out the real history: InvalidArgumentError, never an
     answer from the wrong history."""
-    model = random_model(TINY)
-    store = stores(model)
-    prompt = prompt_tokens(6, seed=6)
-    session = store.open(prompt)
-    prefill(model, session.caches, prompt)
+    _, store, _, session = prefilled(stores, 6, seed=6)
     first, second = session.caches
     queries = rows(20, heads=HEADS)
 
@@ -324,11 +319,7 @@ def test_placeholders_a_cache_did_not_just_hand_out_are_refused(handed_out, stor
 def test_one_placeholder_with_other_arrays_is_refused(handed_out, stores):
     """The placeholder keys with values the model made itself (or the other way round) is a
     misuse too: refused, never passed on to mlx-lm's helper as if it were a history."""
-    model = random_model(TINY)
-    store = stores(model)
-    prompt = prompt_tokens(6, seed=7)
-    session = store.open(prompt)
-    prefill(model, session.caches, prompt)
+    _, store, prompt, session = prefilled(stores, 6, seed=7)
     cache, queries = session.caches[0], rows(40, heads=HEADS)
     for pair in ("keys", "values"):
         fetch_only(cache, rows(41), rows(42))
@@ -357,11 +348,7 @@ def test_sinks_of_another_shape_are_declined_to_mlx_lms_helper(handed_out, store
     monkeypatch.setattr(
         DecodeStep, "attend", lambda self, *args: attended.append(args[-1]) or original(self, *args)
     )
-    model = random_model(TINY)
-    store = stores(model)
-    prompt = prompt_tokens(6, seed=8)
-    session = store.open(prompt)
-    prefill(model, session.caches, prompt)
+    _, store, _, session = prefilled(stores, 6, seed=8)
     assert passes_history_through(attend_with_sinks.__code__)
     cache, queries = session.caches[0], rows(50, heads=HEADS)
     good = mx.random.normal((HEADS,), key=mx.random.key(51))

@@ -273,6 +273,17 @@ def test_the_tensor_core_kernel_covers_16_bit_pools_of_the_queries_dtype():
         ({"compute_capability_major": 8, "compute_capability_minor": 6}, 86),
         ({"architecture": "apple-gpu"}, 0),
         ({}, 0),  # unknown: no tensor-core kernel, the one that runs everywhere
+        ({"compute_capability_major": 9}, 0),  # half an answer: unknown
+        ({"architecture": "sm_"}, 0),
+        # a suffixed architecture (sm_90a on some builds): the compute capability decides
+        (
+            {
+                "architecture": "sm_90a",
+                "compute_capability_major": 9,
+                "compute_capability_minor": 0,
+            },
+            90,
+        ),
     ],
 )
 def test_cuda_arch_reads_the_device_info(monkeypatch, info, expected):

@@ -266,29 +266,6 @@ def test_supported_names_what_the_kernel_does_not_cover():
         assert decode.supported(head_dim, mx.float32, mx.bfloat16) is None
 
 
-@pytest.mark.parametrize("info", [{"compute_capability_major": 9}, {"architecture": "sm_"}])
-def test_cuda_arch_is_unknown_from_half_an_answer(monkeypatch, info):
-    monkeypatch.setattr(decode.mx, "device_info", lambda: info)
-    decode.cuda_arch.cache_clear()
-    try:
-        assert decode.cuda_arch() == 0
-    finally:
-        decode.cuda_arch.cache_clear()
-
-
-def test_cuda_arch_falls_back_to_the_compute_capability_for_a_suffixed_architecture(
-    monkeypatch,
-):
-    """Hopper reports itself as sm_90a on some builds: not a number after `sm_`."""
-    info = {"architecture": "sm_90a", "compute_capability_major": 9, "compute_capability_minor": 0}
-    monkeypatch.setattr(decode.mx, "device_info", lambda: info)
-    decode.cuda_arch.cache_clear()
-    try:
-        assert decode.cuda_arch() == 90
-    finally:
-        decode.cuda_arch.cache_clear()
-
-
 def test_a_decode_step_prepares_one_call_per_kind_of_layer(monkeypatch):
     """`DecodeStep.attend`: every layer of a step asks; the path is chosen and the launch
     prepared once per (window, query dtype, heads, scale, sinks or not), then reused."""
