@@ -10,7 +10,7 @@ import pytest
 from mlx_lm.models.cache import KVCache
 
 from pagedkv import Config
-from pagedkv.errors import OutOfBlocksError
+from pagedkv.errors import InvalidArgumentError, OutOfBlocksError
 from pagedkv.mlx_lm import PagedKVStore
 
 LAYERS, HEADS, DIM, BLOCK = 2, 2, 4, 4
@@ -101,3 +101,52 @@ def test_each_chunk_fetches_the_whole_history_as_mlx_lms_cache_does():
                 assert mx.array_equal(a, b)
         seen += count
         assert not any(c.empty() for c in session.caches)
+
+
+def window_store() -> PagedKVStore:
+    return PagedKVStore(
+        Config(num_blocks=32, block_size=BLOCK, num_layers=LAYERS, num_kv_heads=HEADS,
+               head_dim=DIM, window=6)
+    )  # fmt: skip
+
+
+def test_trimming_a_window_session_back_past_its_released_keys_is_refused_unchanged():
+    """Window 6, block size 4, 14 positions: the blocks of positions 0..7 are released. Trimmed
+    back to L positions, the next query (at L) needs keys from L - 5 on, so the trim is refused
+    below 8 + 6 = 14 positions (the longest layer counts), with nothing changed."""
+    store = window_store()
+    session = store.open(list(range(1, 11)))
+    prefill(session, 10)
+    for step in range(4):  # decode to 14 positions: the window moves past blocks 0 and 1
+        for layer, cache in enumerate(session.caches):
+            rows = kv(1, 1, 100 + 10 * step + layer)
+            cache.update_and_fetch(rows, rows)
+    assert store.cache.block_table_array(session.seq).tolist()[:2] == [-1, -1]
+    session.caches[0].trim(1)  # the other layer still holds 14: the stored length stays 14
+    before = (store.cache.snapshot(), list(session.offsets))
+    with pytest.raises(InvalidArgumentError, match="trim to at least 14 positions"):
+        session.caches[1].trim(1)  # every layer at 13 now: refused
+    assert (store.cache.snapshot(), list(session.offsets)) == before
+
+
+@pytest.mark.parametrize("offset", [0, 3, 9])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("window_size", [None, 3, 10])
+def test_a_window_layers_mask_shows_the_last_positions_of_the_narrower_window(
+    offset, n, window_size
+):
+    """Query position q sees keys q - w < k <= q, w = min(the layer's window, the model's
+    window_size): mlx-lm's RotatingKVCache's view, in the pool's position order."""
+    store = window_store()
+    session = store.open(list(range(1, offset + 2)))
+    if offset:
+        prefill(session, offset)
+    mask = session.caches[0].make_mask(n, return_array=True, window_size=window_size)
+    look_back = min(6, window_size or 6)
+    queries = np.arange(offset, offset + n)[:, None]
+    keys = np.arange(offset + n)[None, :]
+    want = (keys <= queries) & (keys > queries - look_back)
+    if mask is None:  # one query whose whole history is visible
+        assert n == 1 and want.all()
+    else:
+        assert np.array_equal(np.array(mask).reshape(want.shape), want)
