@@ -11,6 +11,11 @@ building (Python, plus whatever evaluation the cache itself starts) and the `asy
 VARIANTs (experiments on the paged side only, each another paged store in the same run):
   every=N    the owner schedules a step's lazy writes every N layers instead of once per step
   lazyfirst  the step's first layer also writes lazily (two evaluations per step instead of three)
+  lazyall    no write is scheduled inside the step: the pools are evaluated with the step's output,
+             one evaluation per step as mlx-lm's (an experiment: not thread-safe)
+  pool=K     the store has K times the blocks (K >= 1): a step time that grows with the pool
+             means a write copies its whole pool (MLX donates the old pool's buffer only when
+             nothing else holds it; the previous step's kernels hold it until they finish)
   split=N    the kernel always runs N splits
   stub=N     the kernel's launch replaced by N trivial kernels that copy the queries (N = 1 or
              2: one launch, or split + merge): the step with no attention work, the most any
@@ -34,10 +39,12 @@ import mlx.core as mx
 import pagedkv.mlx_backend.kernels.decode as kernel
 import pagedkv.mlx_backend.storage as storage
 import pagedkv.mlx_lm.layer_cache as layer_cache
+import pagedkv.mlx_lm.store as store_module
 from pagedkv.benchmarks.throughput import dense_side, paged_side, prompts_for
 from pagedkv.models import LLAMA3_8B, SMALL, random_model
 
 ROUNDS, STEPS = 7, 64
+KNOWN = ("every", "lazyfirst", "lazyall", "pool", "split", "stub", "history", "simt")
 _REAL = {
     "record": layer_cache.PagedLayerCache._record_step,
     "write": layer_cache.PagedLayerCache._write_in_step,
@@ -58,8 +65,9 @@ _COPY = (
 )
 
 
-def timed_decode(call, first) -> tuple[float, float, float]:
-    """(ms per step, of which building, of which async_eval) over STEPS pipelined steps."""
+def timed_decode(call, first) -> tuple[float, float, float, float]:
+    """(ms per step, of which building, of which async_eval; MB of memory at the peak beyond
+    the start) over STEPS pipelined steps."""
 
     def step(tokens):
         return mx.argmax(call(tokens[:, None])[:, -1], axis=-1)
@@ -69,6 +77,8 @@ def timed_decode(call, first) -> tuple[float, float, float]:
         tokens = step(tokens)
         mx.eval(tokens)
     mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
     build = launch = 0.0
     start = time.perf_counter()
     pending = None
@@ -83,12 +93,16 @@ def timed_decode(call, first) -> tuple[float, float, float]:
     mx.eval(pending)
     mx.synchronize()
     total = time.perf_counter() - start
-    return 1e3 * total / STEPS, 1e3 * build / STEPS, 1e3 * launch / STEPS
+    peak = (mx.get_peak_memory() - base) / 2**20
+    return 1e3 * total / STEPS, 1e3 * build / STEPS, 1e3 * launch / STEPS, peak
 
 
 def apply(variant: str) -> None:
     """Puts the paged side in `variant` ("" = the shipped code)."""
     options = dict(part.split("=") if "=" in part else (part, "") for part in variant.split("+"))
+    unknown = set(options) - {"", *KNOWN}
+    if unknown:
+        sys.exit(f"step_split: unknown variant {sorted(unknown)}; known: {', '.join(KNOWN)}")
     layer_cache.PagedLayerCache._record_step = _REAL["record"]
     layer_cache.PagedLayerCache._write_in_step = _REAL["write"]
     storage.mx = mx
@@ -98,6 +112,13 @@ def apply(variant: str) -> None:
     if kernel.cuda_arch is not _REAL["arch"] or "simt" in options:
         kernel._PLANS.clear()  # the plans remember which pass 1 they chose
     kernel.cuda_arch = (lambda: 0) if "simt" in options else _REAL["arch"]
+    layer_cache.mx = store_module.mx = mx
+    if "pool" in options and int(options["pool"]) < 1:
+        sys.exit("step_split: pool=K needs K >= 1")
+    if "lazyall" in options:
+        quiet = types.SimpleNamespace(**{k: getattr(mx, k) for k in dir(mx) if k[0] != "_"})
+        quiet.async_eval = lambda *arrays: None
+        storage.mx = layer_cache.mx = store_module.mx = quiet
     if "stub" in options:
         launches = int(options["stub"])
         if _COPY is None or launches < 1:  # on the CPU routed decode never launches the kernel
@@ -160,7 +181,12 @@ def main(argv: list[str]) -> None:
         stores = []
         for variant in variants:
             apply("")
-            call, first, store = paged_side(model, prompts, ROUNDS * (STEPS + 3) + 8, 16, True)
+            ahead = ROUNDS * (STEPS + 3) + 8
+            if "pool=" in variant:  # more blocks than the run needs
+                factor = int(variant.split("pool=")[1].split("+")[0])
+                longest = max(len(p) for p in prompts)
+                ahead = factor * (ahead + longest) - longest
+            call, first, store = paged_side(model, prompts, ahead, 16, True)
             sides["paged " + (variant or "(shipped)")] = (call, first)
             stores.append(store)
         rounds: dict[str, list] = {name: [] for name in sides}
@@ -173,10 +199,10 @@ def main(argv: list[str]) -> None:
         dense = statistics.median(x[0] for x in rounds["dense"])
         print(f"== batch {batch}{' ragged' if ragged else ''}")
         for name, values in rounds.items():
-            total, build, launch = sorted(values)[ROUNDS // 2]
+            total, build, launch, peak = sorted(values)[ROUNDS // 2]
             print(
                 f"  {name:24s} {total:6.2f} ms/step  build {build:5.2f}  async_eval {launch:5.2f}"
-                f"  dense/this {dense / total:.3f}",
+                f"  dense/this {dense / total:.3f}  peak +{peak:7.1f} MB",
                 flush=True,
             )
         for store in stores:

@@ -231,3 +231,90 @@ def test_sweep_mutants_refuses_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load("sweep_mutants").main(argv)
     assert exit_info.value.code == 2
+
+
+nsys_step = load("nsys_step")
+
+
+def test_nsys_step_reads_kernels_by_side_and_measures_busy_and_idle_time(tmp_path):
+    """A cuda_gpu_trace CSV: memcpys skipped, kernels charged to the side whose marker came
+    before them; busy time is the union of kernel intervals (overlaps counted once)."""
+    m = nsys_step.MARKER
+    trace = tmp_path / "trace.csv"
+    trace.write_text(
+        "Start (ns),Duration (ns),GrdX,Name\n"
+        "0,1000,1,warm-up\n"  # before any marker: not charged
+        f"5000,1000,1,{m}\n"
+        "10000,4000,64,gemv\n"
+        "12000,4000,8,sdpa\n"  # overlaps gemv by 2 µs
+        "30000,2000,64,gemv\n"  # 14 µs idle before it: one gap over 10 µs
+        "33000,500,,[CUDA memcpy Host-to-Device]\n"
+        f"40000,1000,2,{m}\n"
+        "41000,3000,8,split\n"
+        "44000,1000,32,merge\n"
+    )
+    sides = nsys_step.by_side(nsys_step.trace_rows(str(trace)))
+    assert [name for name, _, _ in sides[1]] == ["gemv", "sdpa", "gemv"]
+    assert [name for name, _, _ in sides[2]] == ["split", "merge"]
+    one = nsys_step.timeline(sides[1], steps=2)
+    assert one == {
+        "wall": 11.0,
+        "busy": 4.0,
+        "idle": 7.0,
+        "gaps": 0.5,
+        "gap_us": 7.0,
+        "kernels": 1.5,
+    }
+    two = nsys_step.timeline(sides[2], steps=1)
+    assert (two["wall"], two["busy"], two["idle"], two["gaps"]) == (4.0, 4.0, 0.0, 0.0)
+    lines = nsys_step.summary(sides, ["dense", "paged (shipped)"], steps=1)
+    assert lines[0].startswith("== dense: 22 µs/step on the GPU, busy 8, idle 14 (1.0 gaps")
+    assert "gemv" in lines[1] and "6.0 µs/step" in lines[1]
+    assert lines[3].startswith("== paged (shipped): 4 µs/step") and len(lines) == 6
+
+
+@pytest.mark.parametrize("argv", [["0"], ["65"], ["--steps", "0"], ["--steps", "65"]])
+def test_nsys_step_refuses_bad_arguments_before_any_gpu_work(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        nsys_step.main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["bogus", "pool=0", "lazyall+nope"])
+def test_step_split_refuses_unknown_or_bad_variants(variant):
+    step_split = load("step_split")
+    with pytest.raises(SystemExit, match="step_split: "):
+        step_split.apply(variant)
+    step_split.apply("")
+
+
+def test_step_split_lazyall_variant_leaves_the_output_and_restores_scheduling():
+    """`lazyall` schedules no write inside the step; the step's output is the same, and the
+    shipped code's scheduling is back after `apply("")`."""
+    mx = pytest.importorskip("mlx.core")
+    import pagedkv.mlx_backend.storage as storage
+    import pagedkv.mlx_lm.layer_cache as layer_cache
+    import pagedkv.mlx_lm.store as store_module
+    from pagedkv.mlx_lm import PagedKVStore
+    from pagedkv.models import SMALL, random_model
+
+    step_split = load("step_split")
+    model = random_model(SMALL, dtype="float32")
+
+    def decode_two_steps(variant: str):
+        store = PagedKVStore.for_model(model, num_blocks=32)
+        session = store.open(list(range(20)))
+        try:
+            step_split.apply(variant)
+            mx.eval(model(mx.array(session.remaining_prompt)[None], cache=session.caches))
+            outs = [model(mx.array([[token]]), cache=session.caches) for token in (3, 4)]
+            mx.eval(outs)
+            return outs
+        finally:
+            step_split.apply("")
+            store.close()
+
+    for lazy, real in zip(decode_two_steps("lazyall"), decode_two_steps("")):
+        assert mx.allclose(lazy, real).item()
+    assert storage.mx is mx and layer_cache.mx is mx and store_module.mx is mx
