@@ -318,3 +318,15 @@ def test_step_split_lazyall_variant_leaves_the_output_and_restores_scheduling():
     for lazy, real in zip(decode_two_steps("lazyall"), decode_two_steps("")):
         assert mx.allclose(lazy, real).item()
     assert storage.mx is mx and layer_cache.mx is mx and store_module.mx is mx
+
+
+def test_donation_probe_times_every_mode_and_refuses_an_empty_array(capsys):
+    pytest.importorskip("mlx.core")
+    donation = load("donation")
+    for mode in ("eval", "async", "async+reader"):
+        assert donation.per_update_ms(1, mode, updates=2) > 0
+    donation.main(["1"])
+    out = capsys.readouterr().out
+    assert "1 MB array" in out and out.count("ms per update") == 3
+    with pytest.raises(SystemExit, match="at least 1"):
+        donation.main(["0"])
