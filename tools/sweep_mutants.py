@@ -26,6 +26,7 @@ import argparse
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         or args.lines[0] <= getattr(nodes[mutant.node], "lineno", 0) <= args.lines[1]
     ]
     print(f"{args.module}: {len(chosen)} mutants against {', '.join(tests)}", flush=True)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so run's `finally` restores the module
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     outcomes = []
     for number, mutant in enumerate(chosen, 1):
         outcome = run(args.root, args.module, tests, mutant, source)

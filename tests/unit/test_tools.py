@@ -223,6 +223,31 @@ def test_sweep_mutants_runs_the_tests_against_each_mutant_and_restores_the_modul
     ]
 
 
+def test_sweep_mutants_killed_mid_mutant_restores_the_module(tmp_path):
+    """SIGTERM while a mutant's tests run: the module is back as it was (not left mutated)."""
+    import signal
+    import subprocess
+    import time
+
+    original = "def grow(x):\n    return x + 1\n"
+    (tmp_path / "pkg.py").write_text(original)
+    (tmp_path / "test_pkg.py").write_text("import time\n\n\ndef test_slow():\n    time.sleep(60)\n")
+    sweep = subprocess.Popen(
+        [sys.executable, str(TOOLS / "sweep_mutants.py"), "pkg.py", "test_pkg.py", "--root",
+         str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while (tmp_path / "pkg.py").read_text() == original and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "pkg.py").read_text() != original, "no mutant was written"
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        sweep.kill()
+    assert (tmp_path / "pkg.py").read_text() == original
+
+
 @pytest.mark.parametrize(
     "argv", [["nope.py", "tests"], ["tools/sweep_mutants.py", ""], ["README.md", "tests"],
              ["tools/sweep_mutants.py", "tests", "--lines", "9-3"]],
