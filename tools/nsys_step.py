@@ -133,7 +133,8 @@ def child(batch: int, variants: list[str], steps: int, small: bool) -> None:
     stores = []
     for variant in ["", *variants]:
         step_split.apply("")
-        call, first, store = paged_side(model, prompts, 2 * (WARMUP + steps) + 8, 16, True)
+        ahead = step_split.tokens_ahead(variant, prompts, 2 * (WARMUP + steps) + 8)
+        call, first, store = paged_side(model, prompts, ahead, 16, True)
         sides.append((variant, (call, first)))
         stores.append(store)
     marker = mx.fast.cuda_kernel(

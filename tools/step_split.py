@@ -219,6 +219,16 @@ def apply(variant: str) -> None:
         layer_cache.PagedLayerCache._write_in_step = write
 
 
+def tokens_ahead(variant: str, prompts: list[list[int]], needed: int) -> int:
+    """The positions per request a variant's store is sized for: `needed`, or with `pool=K` K
+    times what the longest request needs (prompt and `needed`), less its prompt."""
+    options = dict(part.split("=") if "=" in part else (part, "") for part in variant.split("+"))
+    if "pool" not in options:
+        return needed
+    longest = max(len(p) for p in prompts)
+    return int(options["pool"]) * (needed + longest) - longest
+
+
 def main(argv: list[str]) -> None:
     small = "--small" in argv
     argv = [a for a in argv if a != "--small"]
@@ -237,11 +247,7 @@ def main(argv: list[str]) -> None:
         stores = []
         for variant in variants:
             apply("")
-            ahead = ROUNDS * (STEPS + 3) + 8
-            if "pool=" in variant:  # more blocks than the run needs
-                factor = int(variant.split("pool=")[1].split("+")[0])
-                longest = max(len(p) for p in prompts)
-                ahead = factor * (ahead + longest) - longest
+            ahead = tokens_ahead(variant, prompts, ROUNDS * (STEPS + 3) + 8)
             call, first, store = paged_side(model, prompts, ahead, 16, True)
             sides["paged " + (variant or "(shipped)")] = (call, first)
             stores.append(store)

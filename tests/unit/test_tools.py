@@ -355,3 +355,14 @@ def test_donation_probe_times_every_mode_and_refuses_an_empty_array(capsys):
     assert "1 MB array" in out and out.count("ms per update") == 3
     with pytest.raises(SystemExit, match="at least 1"):
         donation.main(["0"])
+
+
+def test_step_split_pool_variant_sizes_the_store_k_times():
+    """`pool=K`: K times the positions the longest request needs (prompt included), so the
+    store holds K times the blocks; any other variant: what the run needs."""
+    step_split = load("step_split")
+    prompts = [[0] * 100, [0] * 60]
+    assert step_split.tokens_ahead("", prompts, 50) == 50
+    assert step_split.tokens_ahead("lazyall", prompts, 50) == 50
+    assert step_split.tokens_ahead("pool=1", prompts, 50) == 50
+    assert step_split.tokens_ahead("pool=4+lazyall", prompts, 50) == 4 * 150 - 100
