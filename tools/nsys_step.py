@@ -221,6 +221,9 @@ def main(argv: list[str]) -> int:
             )  # fmt: skip
             for csv_path in glob.glob(stats + "*cuda_gpu_trace*.csv"):
                 sides.update(by_side(trace_rows(csv_path)))
+    if not sides:  # no marker found: another nsys version's column names, or a failed side
+        print("nsys_step: no marker kernel in the trace; read it with `nsys stats` by hand")
+        return 1
     print("\n".join(summary(sides, labels, args.steps)))
     return 0
 
