@@ -18,17 +18,35 @@ def tiny_model(arch: str, seed: int = 0, dtype=mx.float32):
     return random_model(ARCHITECTURES[arch], arch, seed, dtype)
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over 256 ids built in memory, wrapped as mlx-lm expects."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
+def _fast_tokenizer():
+    """A word-level tokenizer over 256 ids ("w0" … "w255", "w255" the end), built in memory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(256)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="w255", unk_token="w0")
-    return TokenizerWrapper(fast)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="w255", unk_token="w0")
+
+
+def tiny_tokenizer():
+    """The word-level tokenizer, wrapped as mlx-lm expects."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return TokenizerWrapper(_fast_tokenizer())
+
+
+def save_tiny_llama(path, chat_template: str | None = None) -> str:
+    """The tiny llama (seed 3) and the tokenizer saved in `path` as mlx-lm loads a model."""
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(path, tiny_model("llama", seed=3))
+    save_config(dict(ARCHITECTURES["llama"], model_type="llama"), path / "config.json")
+    fast = _fast_tokenizer()
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    return str(path)
 
 
 def greedy(logprobs):

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from tests.parity.models import ARCHITECTURES, tiny_model
+from tests.parity.models import save_tiny_llama
 
 SYSTEM = " ".join(f"w{i}" for i in range(10, 40))  # 30 words shared by every chat
 TEMPLATE = (
@@ -30,19 +30,7 @@ TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from mlx_lm.utils import save_config, save_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    save_model(path, tiny_model("llama", seed=3))
-    save_config(dict(ARCHITECTURES["llama"], model_type="llama"), path / "config.json")
-    core = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(256)}, unk_token="w0"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="w255", unk_token="w0")
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TEMPLATE)
 
 
 def _chat(port, messages, stream, max_tokens, **extra):

@@ -26,7 +26,7 @@ from pagedkv.errors import OutOfBlocksError  # noqa: E402
 from pagedkv.mlx_lm import serve  # noqa: E402
 from pagedkv.mlx_lm.admission import AdmittingBatchGenerator  # noqa: E402
 from pagedkv.mlx_lm.prompt_cache import PagedPromptCache  # noqa: E402
-from tests.parity.models import ARCHITECTURES, tiny_model  # noqa: E402
+from tests.parity.models import save_tiny_llama, tiny_model  # noqa: E402
 
 REFUSAL = "pagedkv serve: --num-blocks >= 2 and --block-size >= 1"
 
@@ -187,19 +187,7 @@ def test_a_prompt_that_never_fits_is_refused_and_counted_once(paged_generator):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny llama with a word-level tokenizer, saved as mlx-lm loads it."""
-    from mlx_lm.utils import save_config, save_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama-serve")
-    save_model(path, tiny_model("llama", seed=3))
-    save_config(dict(ARCHITECTURES["llama"], model_type="llama"), path / "config.json")
-    core = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(256)}, unk_token="w0"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="w255", unk_token="w0"
-    ).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-serve"))
 
 
 @pytest.fixture

@@ -112,30 +112,33 @@ def test_ncu_decode_times_each_kernel_at_its_own_rule_and_the_forced_counts():
     assert ncu_decode.split_counts(32, 1, [2, 8]) == [1, 2]
 
 
-def test_step_split_every_variant_writes_like_the_real_step():
-    """`tools/step_split.py ... every=N` wraps the decode write; a step through it must still run
-    (the wrapper passes on every argument the real write takes) and leave the same output."""
-    mx = pytest.importorskip("mlx.core")
+def decode_two_steps(variant: str):
+    """Prefill 20 tokens, then two decode steps of the small model on a paged store with
+    `tools/step_split.py`'s `variant` applied (the shipped code restored afterwards)."""
+    import mlx.core as mx
+
     from pagedkv.mlx_lm import PagedKVStore
     from pagedkv.models import SMALL, random_model
 
     step_split = load("step_split")
-    model = random_model(SMALL, dtype="float32")
-    prompt = list(range(20))
+    model = random_model(SMALL, dtype="float32")  # seeded: the same weights every call
+    store = PagedKVStore.for_model(model, num_blocks=32)
+    session = store.open(list(range(20)))
+    try:
+        step_split.apply(variant)
+        mx.eval(model(mx.array(session.remaining_prompt)[None], cache=session.caches))
+        outs = [model(mx.array([[token]]), cache=session.caches) for token in (3, 4)]
+        mx.eval(outs)
+        return outs
+    finally:
+        step_split.apply("")
+        store.close()
 
-    def decode_two_steps(variant: str):
-        store = PagedKVStore.for_model(model, num_blocks=32)
-        session = store.open(prompt)
-        try:
-            step_split.apply(variant)
-            mx.eval(model(mx.array(session.remaining_prompt)[None], cache=session.caches))
-            outs = [model(mx.array([[token]]), cache=session.caches) for token in (3, 4)]
-            mx.eval(outs)
-            return outs
-        finally:
-            step_split.apply("")
-            store.close()
 
+def test_step_split_every_variant_writes_like_the_real_step():
+    """`tools/step_split.py ... every=N` wraps the decode write; a step through it must still run
+    (the wrapper passes on every argument the real write takes) and leave the same output."""
+    mx = pytest.importorskip("mlx.core")
     for every, real in zip(decode_two_steps("every=2"), decode_two_steps("")):
         assert mx.allclose(every, real).item()
 
@@ -321,24 +324,6 @@ def test_step_split_lazyall_variant_leaves_the_output_and_restores_scheduling():
     import pagedkv.mlx_backend.storage as storage
     import pagedkv.mlx_lm.layer_cache as layer_cache
     import pagedkv.mlx_lm.store as store_module
-    from pagedkv.mlx_lm import PagedKVStore
-    from pagedkv.models import SMALL, random_model
-
-    step_split = load("step_split")
-    model = random_model(SMALL, dtype="float32")
-
-    def decode_two_steps(variant: str):
-        store = PagedKVStore.for_model(model, num_blocks=32)
-        session = store.open(list(range(20)))
-        try:
-            step_split.apply(variant)
-            mx.eval(model(mx.array(session.remaining_prompt)[None], cache=session.caches))
-            outs = [model(mx.array([[token]]), cache=session.caches) for token in (3, 4)]
-            mx.eval(outs)
-            return outs
-        finally:
-            step_split.apply("")
-            store.close()
 
     for lazy, real in zip(decode_two_steps("lazyall"), decode_two_steps("")):
         assert mx.allclose(lazy, real).item()
