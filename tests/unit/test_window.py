@@ -119,6 +119,23 @@ def test_a_committed_block_the_window_released_stays_a_correct_prefix(impl):
     assert cached == 8  # both full blocks served, block 0 from the cache
 
 
+@pytest.mark.parametrize("releaser_first", [True, False])
+def test_a_window_release_earlier_in_a_decode_step_leaves_a_shared_tail_exclusive(
+    impl, releaser_first
+):
+    cache = window_cache(impl)
+    a, _ = cache.add_sequence(list(range(1, 10)))  # 9 tokens in blocks 0, 1, 2 (not committed)
+    b = cache.fork(a)
+    cache.trim(b, 7)  # b: 2 tokens, its tail block 0 shared with a
+    # a's query at 9 releases block 0 (9 - 6 + 1 = 4 = one block). Processed before b, that
+    # leaves b its only holder, so b writes in place; processed after, b must copy it first.
+    cache.decode_step([a, b] if releaser_first else [b, a], [5, 5])
+    assert cache.block_table(a)[0] == -1
+    assert (cache.block_table(b)[0] == 0) == releaser_first
+    assert cache.stats().cow_copies == (0 if releaser_first else 1)
+    cache.check_invariants()
+
+
 def test_window_benchmark_curve_is_flat_past_the_window():
     pytest.importorskip("mlx.core")
     from pagedkv.benchmarks.window import window_curve
