@@ -125,6 +125,10 @@ CASES = {
         lambda c, i, a, b: c.write_kv_batch([a, b], 0, [8, 8], *[good_rows(i)] * 2),
         E.KVShapeError,
     ),
+    "batch write: rows of another batch": (
+        lambda c, i, a, b: c.write_kv_batch([a, b], 0, [8, 8], *[batch_rows(i, 3)] * 2),
+        E.KVShapeError,
+    ),
     "batch write: one shared": (
         lambda c, i, a, b: c.write_kv_batch([a, b], 0, [8, 8], *[batch_rows(i, 2)] * 2),
         E.NotWritableError,

@@ -156,3 +156,29 @@ def test_two_batches_of_one_size_never_see_each_others_blocks():
             rows = mx.broadcast_to(rows, (2, 1, 1, 2))
             batch[0].update_and_fetch(rows, rows)
     store.cache.check_invariants()
+
+
+def test_remembered_write_plans_do_not_grow_with_the_steps_of_a_long_generation():
+    """The backend remembers each write's plan until the clock ticks (every layer of a step writes
+    the same rows); a server decoding for hours must not keep one plan per step it ever ran."""
+    pytest.importorskip("mlx.core")
+    import mlx.core as mx
+
+    cache = cache_class("mlx")(
+        Config(num_blocks=64, block_size=4, num_layers=2, num_kv_heads=1, head_dim=2)
+    )
+    a, _ = cache.add_sequence([1, 2, 3])
+    b, _ = cache.add_sequence([4, 5])
+    rows = mx.zeros((1, 1, 2))
+    for batched in (False, True):  # each kind of write on its own: either clears the memo
+        for _ in range(20):
+            cache.decode_step([a, b], [6, 6])
+            ends = [cache.sequence_length(s) - 1 for s in (a, b)]
+            for layer in range(2):
+                if batched:
+                    both = mx.stack([rows] * 2)
+                    cache.write_kv_batch([a, b], layer, ends, both, both)
+                else:
+                    for seq, end in zip((a, b), ends):
+                        cache.write_kv(seq, layer, end, rows, rows)
+        assert len(cache._plans) == (1 if batched else 2)  # this step's plans only
