@@ -129,19 +129,16 @@ class PrefixIndex:
                 return node
 
     def remove_leaf(self, node: Node) -> None:
+        """Removes an evictable leaf. It has no children and no references, so it is not blocked
+        and no blocked count changes."""
         del self.children[(self.parent_key(node.namespace, node.parent), node.key)]
         del self.by_block[node.block]
         self.evictable.discard(node.block)
         self.epoch += 1
         parent = node.parent
-        if node.blocked:  # not on eviction (victims are never blocked); kept exact regardless
-            self.num_blocked -= 1
-            if parent is not None:
-                parent.blocked_children -= 1
         if parent is not None:
             parent.children -= 1
             self.mark_if_evictable(parent)
-            self.update_blocked(parent)
 
     def reclaimable(self, pinned: set[int]) -> int:
         """Cached blocks repeated leaf eviction could reach: unblocked nodes, less those that
