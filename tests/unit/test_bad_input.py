@@ -325,3 +325,14 @@ def test_numpy_integer_handles_are_accepted(impl):
     assert cache.sequence_length(np.int64(b)) == 9
     cache.decode_step([np.int32(b)], [4])
     assert cache.sequence_length(b) == 10
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_may_be_a_one_dimensional_numpy_array_but_not_a_two_dimensional_one(impl):
+    cache, a, b = populated(impl)
+    cache.decode_step(np.array([b]), np.array([4]))
+    assert cache.tokens(b)[-1] == 4
+    before = cache.snapshot()
+    with pytest.raises(E.InvalidArgumentError):
+        cache.decode_step(np.array([[b]]), [5])
+    assert cache.snapshot() == before
