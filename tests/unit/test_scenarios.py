@@ -58,6 +58,24 @@ def test_a_prompt_equal_to_cached_blocks_still_computes_its_last_token(impl):
     assert cache.stats().duplicates == 1  # rule 4: b keeps its equal private block
 
 
+@pytest.mark.parametrize("max_cached, served", [(None, 12), (12, 12), (11, 8), (4, 4), (3, 0)])
+def test_max_cached_caps_the_hit_to_whole_blocks(impl, max_cached, served):
+    """Several caches holding one request's layers agree on one hit: each is capped to the
+    shortest match, rounded down to whole blocks."""
+    cache = new_cache(impl)
+    a, _ = cache.add_sequence(list(range(14)))
+    assert cache.commit(a) == 3
+    prompt = list(range(12)) + [99]
+    assert cache.prefix_match(prompt) == 12
+    before = cache.stats().in_use_blocks
+    assert cache.can_add_sequence(prompt, max_cached=max_cached)
+    b, hit = cache.add_sequence(prompt, max_cached=max_cached)
+    assert hit == served
+    assert cache.block_table(b)[: served // S] == cache.block_table(a)[: served // S]
+    assert cache.stats().in_use_blocks == before + 4 - served // S  # the rest are fresh
+    cache.check_invariants()
+
+
 def test_fork_then_divergence_copies_the_shared_tail(impl):
     cache = new_cache(impl)
     parent, _ = cache.add_sequence([1, 2, 3, 4, 5, 6])  # blocks: full + partial tail (2 rows)
