@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from pagedkv.config import ceil_div
 from pagedkv.errors import InvariantError
+from pagedkv.mlx_backend.window import blocks_before_window
 from pagedkv.types import IndexEntry, SequenceEntry, Snapshot, Stats
 
 
@@ -111,8 +112,11 @@ def check_invariants(cache) -> None:
         holes = next((i for i, b in enumerate(blocks) if b >= 0), len(blocks))
         leading[seq.id] = holes
         need(all(b >= 0 for b in blocks[holes:]), "I2", f"sequence {seq.id} has {blocks}")
-        dead = 0 if window is None else max(0, (length - window + 1) // size)
-        need(holes <= dead, "I3", f"sequence {seq.id} ({length} tokens) has {holes} holes")
+        need(
+            holes <= blocks_before_window(length, window, size),
+            "I3",
+            f"sequence {seq.id} ({length} tokens) has {holes} holes",
+        )
         for block in blocks[holes:]:
             seen[block] += 1
     for block in range(n):

@@ -67,6 +67,10 @@ BREAKS = {
 MORE_BREAKS = {  # further ways to break the same invariants
     "I7 two nodes, one block": ("I7", lambda c, a, b: set_attr(node(c, 3), "block", 1)),
     "I3 a hole without a window": ("I3", lambda c, a, b: c.sequences[a].table.__setitem__(0, -1)),
+    "I9 the last token of an indexed block": (
+        "I9",
+        lambda c, a, b: c.sequences[a].tokens.__setitem__(3, 99),
+    ),
     "I11 a handle not issued yet": ("I11", lambda c, a, b: set_attr(c, "next_sequence_id", 1)),
     "I11 a node used in the future": ("I11", lambda c, a, b: set_attr(c, "clock", 1)),
 }
