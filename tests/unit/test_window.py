@@ -61,7 +61,7 @@ def test_trim_never_uncovers_a_released_block(impl):
     seq, _ = cache.add_sequence([1, 2, 3])
     decode(cache, impl, seq, 8)  # 11 tokens, block 0 released: positions >= 4 held
     before = cache.snapshot()
-    with pytest.raises(TrimError, match="trim at most 1"):  # back to 9: position 8 needs 3
+    with pytest.raises(TrimError, match=r"trim at most 1\."):  # back to 9: position 8 needs 3
         cache.trim(seq, 2)
     assert cache.snapshot() == before
     cache.trim(seq, 1)  # back to 10: position 9 needs 4..9, all held
