@@ -20,9 +20,9 @@ VARIANTs (experiments on the paged side only, each another paged store in the sa
   stub=N     the kernel's launch replaced by N trivial kernels that copy the queries (N = 1 or
              2: one launch, or split + merge): the step with no attention work, the most any
              faster kernel could give
-  inplace    (batch 1) the later layers' new rows written into the pools' buffers by a custom
-             kernel just before attention, the pool arrays never replaced: no write can copy
-             a pool (an experiment: MLX does not know the kernel writes its inputs)
+  functional the later layers' rows written as MLX array updates (`pool[slot] = row`), as
+             before the eleventh session, instead of in place (kernels/write.py; CUDA only):
+             what the in-place writes give
   history    every caller gets the lazy history, none the placeholders (callers.py): what the
              placeholders save
   simt       16-bit pools on the one-lane-per-chunk kernel (paged_decode.cu), as GPUs before
@@ -47,7 +47,7 @@ from pagedkv.benchmarks.throughput import dense_side, paged_side, prompts_for
 from pagedkv.models import LLAMA3_8B, SMALL, random_model
 
 ROUNDS, STEPS = 7, 64
-KNOWN = ("every", "lazyfirst", "lazyall", "inplace", "pool", "split", "stub", "history", "simt")
+KNOWN = ("every", "lazyfirst", "lazyall", "functional", "pool", "split", "stub", "history", "simt")
 _REAL = {
     "record": layer_cache.PagedLayerCache._record_step,
     "write": layer_cache.PagedLayerCache._write_in_step,
@@ -55,7 +55,6 @@ _REAL = {
     "unread": layer_cache.PagedLayerCache._history_unread,
     "launch": kernel.Launch.__call__,
     "arch": kernel.cuda_arch,
-    "attend": layer_cache.PagedLayerCache._attend,
 }
 _COPY = (
     mx.fast.cuda_kernel(  # the stub: y = x, one thread per element; the pools are read by no one
@@ -63,23 +62,6 @@ _COPY = (
         input_names=["x", "k_pool"],
         output_names=["y"],
         source="int i = blockIdx.x * blockDim.x + threadIdx.x; y[i] = x[i];",
-    )
-    if mx.cuda.is_available()
-    else None
-)
-_IN_PLACE = (
-    mx.fast.cuda_kernel(  # the new row into the pools' own buffers; q passes through (the order)
-        name="step_split_in_place",
-        input_names=["q", "k_pool", "v_pool", "k_new", "v_new", "slot"],
-        output_names=["q_out"],
-        source="""
-            int i = blockIdx.x * blockDim.x + threadIdx.x;
-            if (i < QN) q_out[i] = q[i];
-            if (i < ROW) {
-                long base = (long)slot[0] * ROW;
-                ((T*)k_pool)[base + i] = k_new[i];
-                ((T*)v_pool)[base + i] = v_new[i];
-            }""",
     )
     if mx.cuda.is_available()
     else None
@@ -129,7 +111,6 @@ def apply(variant: str) -> None:
     storage.mx = mx
     kernel.split_count = _REAL["split"]
     layer_cache.PagedLayerCache._history_unread = _REAL["unread"]
-    layer_cache.PagedLayerCache._attend = _REAL["attend"]
     kernel.Launch.__call__ = _REAL["launch"]
     if kernel.cuda_arch is not _REAL["arch"] or "simt" in options:
         kernel._PLANS.clear()  # the plans remember which pass 1 they chose
@@ -156,40 +137,6 @@ def apply(variant: str) -> None:
             return out
 
         kernel.Launch.__call__ = stub
-    if "inplace" in options:
-        if _IN_PLACE is None:
-            sys.exit("step_split: inplace needs a CUDA GPU")
-
-        def write(self, step, keys, values, caller):
-            if len(self.sessions) != 1:
-                return _REAL["write"](self, step, keys, values, caller)
-            self._fetched = None
-            block, row = step.slots
-            flat = getattr(step, "_flat", None)
-            if flat is None:
-                flat = step._flat = mx.array([block * self.cache.size + row], mx.int32)
-            self._in_place = (keys.reshape(-1), values.reshape(-1), flat)
-            self.sessions[0].offsets[self.slot] += 1
-            storage = self.cache.storage
-            pools = (storage.keys[self.layer], storage.values[self.layer])
-            return self._fetch_in(step, pools, caller)
-
-        def attend(self, fetched, queries, scale, mask, sinks):
-            pending = getattr(self, "_in_place", None)
-            if pending is not None:
-                self._in_place = None
-                k_pool, v_pool = fetched[3]
-                (queries,) = _IN_PLACE(
-                    inputs=[queries, k_pool, v_pool, *pending],
-                    template=[("T", k_pool.dtype), ("QN", queries.size), ("ROW", pending[0].size)],
-                    grid=(-(-max(queries.size, pending[0].size) // 128) * 128, 1, 1),
-                    threadgroup=(128, 1, 1), output_shapes=[queries.shape],
-                    output_dtypes=[queries.dtype],
-                )  # fmt: skip
-            return _REAL["attend"](self, fetched, queries, scale, mask, sinks)
-
-        layer_cache.PagedLayerCache._write_in_step = write
-        layer_cache.PagedLayerCache._attend = attend
     if "history" in options:
         layer_cache.PagedLayerCache._history_unread = lambda self, frame: False
     if "split" in options:
@@ -217,6 +164,15 @@ def apply(variant: str) -> None:
             return _REAL["write"](self, step, keys, values, caller)
 
         layer_cache.PagedLayerCache._write_in_step = write
+    if "functional" in options:  # last: it wraps whatever records the step now
+        recorded = layer_cache.PagedLayerCache._record_step
+
+        def functional(self, starts):
+            step = recorded(self, starts)
+            step.in_place = False
+            return step
+
+        layer_cache.PagedLayerCache._record_step = functional
 
 
 def tokens_ahead(variant: str, prompts: list[list[int]], needed: int) -> int:

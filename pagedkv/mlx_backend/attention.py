@@ -13,6 +13,7 @@ compute-bound, so the gathered copy costs little next to the attention itself.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -94,12 +95,15 @@ def decode_call(
 ):
     """`decode_attention` for every layer of one decode step, decided and prepared once: a call
     `(queries, k_pool, v_pool, sinks) -> output` for queries and pools of these shapes and dtypes
-    (sinks present or not as here). A step's later layers then only launch."""
+    (sinks present or not as here). A step's later layers then only launch. The call's optional
+    `tables` replace the batch's (the same tables, as an in-place write returned them: the read
+    then waits for that write; see kernels/write.py)."""
     if _kernel_chosen(queries, k_pool, v_pool, batch, scale, sinks, setting):
         return decode.prepare(queries, k_pool, batch, scale, sinks is not None)
 
-    def gather(queries, k_pool, v_pool, sinks=None):
-        return gather_decode(queries, k_pool, v_pool, batch, scale, sinks)
+    def gather(queries, k_pool, v_pool, sinks=None, tables=None):
+        read = batch if tables is None else replace(batch, tables=tables)
+        return gather_decode(queries, k_pool, v_pool, read, scale, sinks)
 
     return gather
 
@@ -163,9 +167,8 @@ def attention_decode(
     batch = decode_batch(
         [seq.table[: seq.num_blocks] for seq in seqs], [len(seq.tokens) for seq in seqs], window
     )
-    return decode_attention(
-        queries, storage.keys[layer], storage.values[layer], batch, scale, sinks
-    )
+    storage.settle(layer)  # the adapter's in-place decode writes, if any, before this read
+    return decode_attention(queries, *storage.pools(layer), batch, scale, sinks)
 
 
 def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | None = None):
@@ -182,8 +185,10 @@ def attention_prefill(cache, seq_id: int, layer: int, queries, scale: float | No
     scale = checks.as_scale(scale, cfg.head_dim)
     _require_window_held(cache, seq, length - count, "attention_prefill", cfg.window)
     table = mx.array(np.maximum(seq.table[None, : seq.num_blocks], 0))
-    keys = gather_batch(storage.keys[layer], table)[:, :, :length].astype(queries.dtype)
-    values = gather_batch(storage.values[layer], table)[:, :, :length].astype(queries.dtype)
+    storage.settle(layer)  # the adapter's in-place decode writes, if any, before this read
+    k_pool, v_pool = storage.pools(layer)
+    keys = gather_batch(k_pool, table)[:, :, :length].astype(queries.dtype)
+    values = gather_batch(v_pool, table)[:, :, :length].astype(queries.dtype)
     query_pos = mx.arange(length - count, length)
     mask = mx.arange(length)[None, :] <= query_pos[:, None]  # [L, len]
     if cfg.window is not None:

@@ -254,7 +254,9 @@ class _BatchProtocol:
     def state(self):
         """The layer's pool arrays (what mlx-lm evaluates after a prefill chunk): no copy."""
         storage = self.cache.storage
-        return storage.keys[self.layer], storage.values[self.layer]
+        with self.cache._lock:
+            storage.settle(self.layer)  # as the pools are once the decode writes made in place end
+            return storage.pools(self.layer)
 
     @state.setter
     def state(self, value) -> None:
@@ -363,7 +365,8 @@ class _BatchProtocol:
         k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
         storage = self.cache.storage
         with self.cache._lock:  # never in the middle of another thread's write (see layer_cache)
-            k_pool, v_pool = storage.keys[self.layer], storage.values[self.layer]
+            storage.settle(self.layer)  # nor before this thread's in-place decode writes
+            k_pool, v_pool = storage.pools(self.layer)
         keys = gather_batch(k_pool, tables)[:, :k_heads, :length, :k_dim]
         values = gather_batch(v_pool, tables)[:, :v_heads, :length, :v_dim]
         return keys, values

@@ -38,7 +38,8 @@ class PagedLayerCache:
         self.cache = store.groups[group]
         self.slot = store.slot_of[(group, layer)]  # this layer's entry in session.offsets
         # the last decode fetch (lazy keys, values) and its step, for routed attention
-        self._fetched: tuple | None = None  # (keys, values, DecodeStep, (k_pool, v_pool))
+        # (keys, values, DecodeStep, (k_pool, v_pool), tables: the step's, as the write left them)
+        self._fetched: tuple | None = None
         self._unfetched: tuple  # this cache's placeholders (see _set_sessions)
         cfg = self.cache.config
         # rows of exactly the pool's shape (not zero-padded into it): decode's fast path applies
@@ -92,7 +93,7 @@ class PagedLayerCache:
             else:  # one scatter per pool for the whole batch
                 seqs = [s.seqs[group] for s in self.sessions]
                 cache.write_kv_batch(seqs, layer, starts, keys, values)
-            pools = (storage.keys[layer], storage.values[layer])
+            pools = storage.pools(layer)  # settled by the write
         for session, start in zip(self.sessions, starts):
             session.offsets[self.slot] = start + count
         if self.store.prefix_sharing:
@@ -153,21 +154,32 @@ class PagedLayerCache:
                 store.pending.setdefault(group, []).append(layer)
         if not lazy and store.pending:  # the step so far (or a shared store's first write)
             store.schedule_pending()
+        tables = step.tables
         with cache._lock:  # as every write: a pool is read, updated and replaced
-            if batch == 1:  # the storage's one-run write, without building the run list
-                block, row = step.slots
-                storage.keys[layer][block : block + 1, row : row + 1] = rows_k
-                storage.values[layer][block : block + 1, row : row + 1] = rows_v
+            if step.in_place and not store.shared:  # one thread: into the pools' own buffers
+                tables = storage.write_in_place(
+                    layer, step.flat_slots(), rows_k.reshape(batch, *shape[-2:]),
+                    rows_v.reshape(batch, *shape[-2:]), step.tables,
+                )  # fmt: skip
+                if not lazy:
+                    mx.async_eval(tables)
             else:
-                storage.keys[layer][step.slots] = rows_k
-                storage.values[layer][step.slots] = rows_v
-            if not lazy:  # scheduled under the lock, as the backend's writes are
-                mx.async_eval(storage.keys[layer], storage.values[layer])
-            pools = (storage.keys[layer], storage.values[layer])
+                storage.settle(layer)  # in-place writes of a store that became shared
+                k_pool, v_pool = storage.pools(layer)
+                if batch == 1:  # the storage's one-run write, without building the run list
+                    block, row = step.slots
+                    k_pool[block : block + 1, row : row + 1] = rows_k
+                    v_pool[block : block + 1, row : row + 1] = rows_v
+                else:
+                    k_pool[step.slots] = rows_k
+                    v_pool[step.slots] = rows_v
+                if not lazy:  # scheduled under the lock, as the backend's writes are
+                    mx.async_eval(k_pool, v_pool)
+            pools = storage.pools(layer)
         slot = self.slot
         for session in self.sessions:
             session.offsets[slot] += 1
-        return self._fetch_in(step, pools, caller)
+        return self._fetch_in(step, pools, caller, tables)
 
     def _record_step(self, starts: list[int]) -> DecodeStep:
         """Records the decode step this layer just wrote, for the group's later layers."""
@@ -175,24 +187,28 @@ class PagedLayerCache:
         seqs = [s.seqs[group] for s in self.sessions]
         tables = [cache.block_table_array(seq) for seq in seqs]
         published = not store.prefix_sharing or all(s.committed for s in self.sessions)
-        step = DecodeStep.build(cache.clock, seqs, published, tables, starts, cache.size)
+        step = DecodeStep.build(
+            cache.clock, seqs, published, tables, starts, cache.size, store.in_place_writes
+        )
         store.steps[group] = step  # one assignment: threads never see half a step
         return step
 
-    def _fetch_in(self, step: DecodeStep, pools: tuple[mx.array, mx.array], caller):
+    def _fetch_in(self, step: DecodeStep, pools: tuple[mx.array, mx.array], caller, tables=None):
         """The decode fetch from `pools`: the pool arrays as this layer's write left them. Not
         `storage.keys[layer]` read later: by then another thread may have replaced it with a
         write still running on that thread's stream, which this thread cannot wait for (MLX:
         "There is no Stream ... in current thread"). A caller proven to hand the history straight
         to the routed helper (`caller`: the model's frame) gets placeholders, which the helper
         answers from `pools` (callers.py); any other caller gets the lazy history, left
-        unevaluated when routed attention answers."""
+        unevaluated when routed attention answers. `tables`: the step's tables as this layer's
+        write returned them (in place: reading through them waits for the write)."""
+        tables = step.tables if tables is None else tables
         if self._history_unread(caller):
             keys, values = self._unfetched
-            self._fetched = (keys, values, step, pools)
+            self._fetched = (keys, values, step, pools, tables)
             return keys, values
-        keys, values = self._gather(step.tables, step.length, pools)
-        self._fetched = (keys, values, step, pools)
+        keys, values = self._gather(tables, step.length, pools)
+        self._fetched = (keys, values, step, pools, tables)
         return keys, values
 
     def _history_unread(self, frame) -> bool:
@@ -228,8 +244,8 @@ class PagedLayerCache:
         self._fetched = None  # consumed: the lazy history must not outlive the call
         out = None if extra else self._attend(fetched, queries, scale, mask, sinks)
         if out is None and keys is self._unfetched[0]:  # the history the model must read after all
-            step, pools = fetched[2], fetched[3]
-            keys, values = self._gather(step.tables, step.length, pools)
+            step, pools, tables = fetched[2:]
+            keys, values = self._gather(tables, step.length, pools)
         return out, keys, values
 
     def _attend(self, fetched, queries, scale, mask, sinks) -> mx.array | None:
@@ -257,8 +273,8 @@ class PagedLayerCache:
             known, window = self.store.mask_window(mask)
             if not known:
                 return None
-        step, (k_pool, v_pool) = fetched[2], fetched[3]  # as this layer's write left them
-        out = step.attend(queries, k_pool, v_pool, window, float(scale), sinks)
+        step, (k_pool, v_pool), tables = fetched[2:]  # as this layer's write left them
+        out = step.attend(queries, k_pool, v_pool, window, float(scale), sinks, tables)
         self.store.routed_calls += 1
         return out
 
@@ -359,7 +375,8 @@ class PagedLayerCache:
         if pools is None:
             storage, layer = self.cache.storage, self.layer
             with self.cache._lock:
-                pools = (storage.keys[layer], storage.values[layer])
+                storage.settle(layer)  # read only after the decode writes made in place
+                pools = storage.pools(layer)
         length = max(s.offsets[self.slot] for s in self.sessions)
         return self._gather(self.store.padded_tables(self.sessions, self.group), length, pools)
 

@@ -20,13 +20,14 @@ neither can hide behind a matching key.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
 
 from pagedkv.mlx_backend.attention import decode_call, dispatch_setting, pad_tables, visible_bounds
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch
+from pagedkv.mlx_backend.kernels.write import in_place_device
 
 
 @dataclass
@@ -44,11 +45,18 @@ class DecodeStep:
     batches: dict = field(default_factory=dict)  # window -> DecodeBatch for the kernel
     calls: dict = field(default_factory=dict)  # (window, query dtype, heads, scale, sinks?) -> call
     setting: tuple = field(default_factory=dispatch_setting)  # the attention path's, read once
+    flat: tuple = ()  # the new rows' slots, block * block_size + row, per session
+    in_place: bool = False  # later layers write their rows in place (kernels/write.py)
+    _flat_slots: mx.array | None = None  # `flat` as an array, made at the first in-place write
     thread: int = field(default_factory=threading.get_ident)  # the thread whose step this is
 
     @staticmethod
-    def build(clock, seqs, published: bool, tables: list[np.ndarray], starts, block_size: int):
-        """The step whose rows land at `starts` (already written by the step's first layer)."""
+    def build(
+        clock, seqs, published: bool, tables: list[np.ndarray], starts, block_size: int,
+        in_place: bool = False,
+    ):  # fmt: skip
+        """The step whose rows land at `starts` (already written by the step's first layer).
+        `in_place`: the store allows in-place writes; they happen where the device has them."""
         blocks = [int(t[s // block_size]) for t, s in zip(tables, starts)]
         rows = [s % block_size for s in starts]
         if len(starts) == 1:
@@ -56,8 +64,12 @@ class DecodeStep:
         else:
             slots = (mx.array(blocks, dtype=mx.int32), mx.array(rows, dtype=mx.int32))
         lengths = tuple(s + 1 for s in starts)
+        flat = tuple(b * block_size + r for b, r in zip(blocks, rows))
         tables = pad_tables(tables)
-        return DecodeStep(clock, list(seqs), list(starts), published, tables, lengths, slots)
+        step = DecodeStep(clock, list(seqs), list(starts), published, tables, lengths, slots)
+        step.flat = flat
+        step.in_place = in_place and in_place_device()
+        return step
 
     @property
     def length(self) -> int:
@@ -72,13 +84,24 @@ class DecodeStep:
             batch = self.batches[window] = DecodeBatch(self.tables, bounds, longest)
         return batch
 
-    def attend(self, queries, k_pool, v_pool, window: int | None, scale: float, sinks):
+    def attend(self, queries, k_pool, v_pool, window: int | None, scale: float, sinks, tables):
         """Decode attention of one layer (`attention.decode_attention`), its path chosen and its
-        launch prepared once per step for each kind of call (the layers of a model share one)."""
+        launch prepared once per step for each kind of call (the layers of a model share one).
+        `tables`: this step's tables as the layer's write left them (`self.tables`, or the copy
+        an in-place write returned, which orders the read after it)."""
         key = (window, queries.dtype, queries.shape[1], scale, sinks is None)
         call = self.calls.get(key)
         if call is None:
             batch = self.batch(window)
+            if tables is not self.tables:  # a self-check reads after the write too
+                batch = replace(batch, tables=tables)
             call = decode_call(queries, k_pool, v_pool, batch, scale, sinks, self.setting)
             self.calls[key] = call
-        return call(queries, k_pool, v_pool, sinks)
+        return call(queries, k_pool, v_pool, sinks, tables)
+
+    def flat_slots(self) -> mx.array:
+        """The new rows' slots as `[B]` int32 block * block_size + row (an in-place write's),
+        built once per step."""
+        if self._flat_slots is None:
+            self._flat_slots = mx.array(self.flat, dtype=mx.int32)
+        return self._flat_slots

@@ -19,6 +19,7 @@ from pagedkv.errors import (
 )
 from pagedkv.mlx_backend import PagedCache
 from pagedkv.mlx_backend.attention import pad_tables
+from pagedkv.mlx_backend.kernels import write
 from pagedkv.mlx_lm import callers, routing
 from pagedkv.mlx_lm.kinds import FULL, RECURRENT, SHARED, WINDOW, classify_all, default_caches
 from pagedkv.mlx_lm.layer_cache import PagedLayerCache
@@ -59,6 +60,8 @@ class PagedKVStore:
     """
 
     def __init__(self, config, entries=None, shapes=None, make_cache=None, model=None) -> None:
+        # PAGEDKV_DECODE_WRITES, read (and refused if unknown: ConfigError) before anything is made
+        self.in_place_writes = write.setting() == "auto"
         configs = [config] if isinstance(config, Config) else list(config)
         self.groups = [PagedCache(c) for c in configs]
         # Held across the groups' check-then-change steps (open, reserve), so that a thread
@@ -238,8 +241,10 @@ class PagedKVStore:
             for group, layers in self.pending.items():
                 cache = self.groups[group]
                 with cache._lock:
-                    keys, values = cache.storage.keys, cache.storage.values
-                    run([keys[i] for i in layers], [values[i] for i in layers])
+                    storage = cache.storage
+                    pools = [storage.pools(i) for i in layers]
+                    writes = [storage.unsettled[i] for i in layers if i in storage.unsettled]
+                    run(pools, writes)  # writes: the layers written in place
             self.pending.clear()
             self._scheduled.notify_all()
 

@@ -52,8 +52,8 @@ def handed_out(monkeypatch):
     seen: list[bool] = []
     original = PagedLayerCache._fetch_in
 
-    def spy(self, step, pools, caller):
-        keys, values = original(self, step, pools, caller)
+    def spy(self, step, pools, caller, tables=None):
+        keys, values = original(self, step, pools, caller, tables)
         seen.append(keys is self._unfetched[0] and values is self._unfetched[1])
         return keys, values
 
@@ -346,7 +346,7 @@ def test_sinks_of_another_shape_are_declined_to_mlx_lms_helper(handed_out, store
     attended = []
     original = DecodeStep.attend
     monkeypatch.setattr(
-        DecodeStep, "attend", lambda self, *args: attended.append(args[-1]) or original(self, *args)
+        DecodeStep, "attend", lambda self, *args: attended.append(args[5]) or original(self, *args)
     )
     _, store, _, session = prefilled(stores, 6, seed=8)
     assert passes_history_through(attend_with_sinks.__code__)

@@ -212,6 +212,19 @@ def test_a_prepared_launch_serves_every_layer_of_the_step(calls):
     assert all(a is b for a, b in zip(first["inputs"][3:6], second["inputs"][3:6]))
 
 
+def test_a_layer_written_in_place_is_read_through_the_tables_its_write_returned(calls):
+    """An in-place write returns a copy of the step's tables (kernels/write.py); the layer's
+    kernel call takes that copy in the tables' place, the only edge ordering it after the write."""
+    queries, k_pool, batch = inputs(longest=100)
+    launch = decode.prepare(queries, k_pool, batch, 0.2, False, backend_name="cuda")
+    written = mx.array(np.array(batch.tables))  # what a write would return
+    launch(queries, k_pool, k_pool, None, written)
+    launch(queries, k_pool, k_pool)
+    ordered, plain = calls
+    assert ordered["inputs"][3] is written and plain["inputs"][3] is batch.tables
+    assert all(a is b for a, b in zip(ordered["inputs"][4:6], plain["inputs"][4:6]))
+
+
 KERNEL_OBJECTS = [
     (backend, part)
     for backend in ("cuda", "cuda_mma", "metal")
@@ -275,7 +288,7 @@ def test_a_decode_step_prepares_one_call_per_kind_of_layer(monkeypatch):
 
     def fake_decode_call(queries, k_pool, v_pool, batch, scale, sinks, setting):
         prepared.append((queries.dtype, queries.shape[1], scale, sinks is not None, batch))
-        return lambda queries, k_pool, v_pool, sinks=None: queries
+        return lambda queries, k_pool, v_pool, sinks=None, tables=None: queries
 
     monkeypatch.setattr(step_module, "decode_call", fake_decode_call)
     step = step_module.DecodeStep.build(3, [0], True, [np.array([5, 2], np.int32)], [20], 16)
@@ -292,12 +305,36 @@ def test_a_decode_step_prepares_one_call_per_kind_of_layer(monkeypatch):
         (q8, 8, 0.125, None),
     ]
     for queries, window, scale, sinks in calls:
-        assert step.attend(queries, pool, pool, window, scale, sinks) is queries
+        assert step.attend(queries, pool, pool, window, scale, sinks, step.tables) is queries
     assert len(prepared) == 6
     assert prepared[-1][-1] is step.batch(8) and prepared[0][-1] is step.batch(None)
     assert step.batch(8).bounds.tolist() == [[13, 21]] and step.batch(8).longest == 8
     assert step.batch(None).bounds.tolist() == [[0, 21]] and step.batch(None).longest == 21
     assert step.batch(64).bounds.tolist() == [[0, 21]]  # a window longer than the row
+
+
+def test_a_decode_step_reads_through_the_tables_a_layer_hands_it(monkeypatch):
+    """`DecodeStep.attend` passes the layer's tables to the call, and the first layer of a kind
+    prepares (and so self-checks) with them; the in-place slots are block * block_size + row."""
+    from pagedkv.mlx_lm import step as step_module
+
+    seen = []
+
+    def fake_decode_call(queries, k_pool, v_pool, batch, scale, sinks, setting):
+        seen.append(batch.tables)
+        return lambda queries, k_pool, v_pool, sinks=None, tables=None: tables
+
+    monkeypatch.setattr(step_module, "decode_call", fake_decode_call)
+    tables = [np.array([5, 2], np.int32), np.array([7], np.int32)]
+    step = step_module.DecodeStep.build(3, [0, 1], True, tables, [20, 3], 16, in_place=True)
+    assert step.flat == (2 * 16 + 4, 7 * 16 + 3) and step.flat_slots().tolist() == [36, 115]
+    assert step.flat_slots() is step.flat_slots()  # built once per step
+    assert step.in_place is False  # no CUDA GPU here: the kernel's device decides too
+    q, pool = mx.ones((2, 8, 1, 64)), mx.ones((9, 16, 2, 64))
+    written, later = mx.array(np.array(step.tables)), mx.array(np.array(step.tables))
+    assert step.attend(q, pool, pool, None, 0.125, None, written) is written
+    assert step.attend(q, pool, pool, None, 0.125, None, later) is later  # prepared once
+    assert seen == [written] and step.batch(None).tables is step.tables
 
 
 def test_a_step_call_with_sinks_prepares_the_sinks_variant(calls, monkeypatch):

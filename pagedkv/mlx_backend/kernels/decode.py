@@ -293,10 +293,13 @@ class Launch:
     queries_shape: tuple
     queries_dtype: mx.Dtype
 
-    def __call__(self, queries, k_pool, v_pool, sinks=None) -> mx.array:
-        """`queries` of the prepared shape and dtype; pools of the prepared pool's shape."""
+    def __call__(self, queries, k_pool, v_pool, sinks=None, tables=None) -> mx.array:
+        """`queries` of the prepared shape and dtype; pools of the prepared pool's shape.
+        `tables`: the step's tables as an in-place write returned them (kernels/write.py)."""
         sinks = _scalar(0.0) if sinks is None else sinks.astype(mx.float32)
-        inputs = [queries, k_pool, v_pool, *self.step_inputs, sinks]
+        step_tables, bounds, scale = self.step_inputs
+        tables = step_tables if tables is None else tables
+        inputs = [queries, k_pool, v_pool, tables, bounds, scale, sinks]
         plan, shape = self.plan, self.queries_shape
         if self.splits == 1:
             (out,) = plan.final(

@@ -1,0 +1,355 @@
+"""In-place decode writes (pagedkv/mlx_backend/kernels/write.py, `KVStorage.write_in_place`): on a
+CUDA GPU a decode step's later layers write their rows into the pools' own buffers, and every
+reader of the step reads through the tables the write returned.
+
+Three kinds of tests:
+- the setting and the bookkeeping (`settle`, the step's flag), on any device;
+- the adapter's in-place path end to end against a store with functional writes: on a CUDA GPU with
+  the real kernel; elsewhere (the CPU in CI) with `write.write_rows` replaced by an MLX array update
+  of the same pool objects, so the plumbing (which write goes where, which tables each reader
+  takes, what settles when) is tested everywhere. What only the GPU can show (that the kernel's
+  rows land, and that readers are ordered after a write MLX cannot see) is the CUDA run's;
+- the kernel itself, byte for byte and under lazy chains of writes and reads: CUDA only (skipped
+  elsewhere with that reason).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from pagedkv import Config
+from pagedkv.errors import ConfigError
+from pagedkv.mlx_backend.attention import decode_batch, gather_decode
+from pagedkv.mlx_backend.kernels import decode, write
+from pagedkv.mlx_backend.storage import KVStorage
+from pagedkv.mlx_lm import PagedKVStore
+from pagedkv.mlx_lm import step as step_module
+from tests.parity.models import prompt_tokens, tiny_model
+
+CUDA = write.in_place_device()
+on_cuda = pytest.mark.skipif(
+    not CUDA,
+    reason="the in-place write kernel is CUDA only (mx.fast.cuda_kernel): the CPU and Metal keep "
+    "functional writes; the emulated tests below cover the adapter's part here",
+)
+
+
+def config(**changes) -> Config:
+    base = dict(num_blocks=24, block_size=4, num_layers=3, num_kv_heads=2, head_dim=8)
+    return Config(**(base | changes))
+
+
+# -- the setting and the bookkeeping (any device) -------------------------------------------------
+
+
+def test_the_setting_is_read_when_a_store_is_made_and_an_unknown_value_is_refused(monkeypatch):
+    monkeypatch.setenv(write.ENV, "sometimes")
+    with pytest.raises(ConfigError, match="PAGEDKV_DECODE_WRITES='sometimes'"):
+        PagedKVStore(config())
+    monkeypatch.setenv(write.ENV, " Functional ")
+    assert PagedKVStore(config()).in_place_writes is False
+    monkeypatch.setenv(write.ENV, "auto")
+    assert PagedKVStore(config()).in_place_writes is True
+    monkeypatch.delenv(write.ENV)
+    assert PagedKVStore(config()).in_place_writes is True
+
+
+def test_a_step_writes_in_place_only_if_the_store_allows_it_and_the_device_has_the_kernel(
+    monkeypatch,
+):
+    table = [np.array([3], np.int32)]
+    for store_allows, device_has, expected in [
+        (True, True, True), (True, False, False), (False, True, False), (False, False, False),
+    ]:  # fmt: skip
+        monkeypatch.setattr(step_module, "in_place_device", lambda has=device_has: has)
+        step = step_module.DecodeStep.build(0, [0], True, table, [2], 4, store_allows)
+        assert step.in_place is expected
+    assert write.in_place_device() is (decode.backend() == "cuda")
+
+
+def test_settle_completes_one_layer_or_all_and_reading_the_pools_settles_them():
+    storage = KVStorage(config())
+    evaluated = []
+    storage.unsettled = {0: mx.array([1]) + 1, 2: mx.array([5]) * 2}
+    storage.settle(1)  # nothing pending there
+    assert set(storage.unsettled) == {0, 2}
+    token = storage.unsettled[2]
+    storage.settle(2)
+    assert set(storage.unsettled) == {0} and token.item() == 10
+    evaluated.append(storage.unsettled[0])
+    assert len(storage.keys) == 3 and storage.unsettled == {}  # the public lists settle all
+    storage.unsettled = {1: mx.array([0])}
+    assert len(storage.values) == 3 and storage.unsettled == {}
+    k_pool, v_pool = storage.pools(1)
+    assert k_pool is storage.keys[1] and v_pool is storage.values[1]
+
+
+# -- the adapter's in-place path against functional writes ----------------------------------------
+
+
+def _emulated_write_rows(k_pool, v_pool, keys, values, slots, tables, after):
+    """write.write_rows without CUDA: the same pool objects updated (MLX replaces an updated
+    array's data under the same Python object, which is what the storage holds)."""
+    block_size = k_pool.shape[1]
+    blocks, rows = slots // block_size, slots % block_size
+    k_pool[blocks, rows] = keys
+    v_pool[blocks, rows] = values
+    return tables + 0 * after.reshape(-1)[:1]  # a new array, after `after`, as the kernel's
+
+
+@pytest.fixture
+def in_place(monkeypatch):
+    """The in-place path on: the real kernel on CUDA, the emulation elsewhere. Returns a list of
+    (storage, layer) per in-place write, in order."""
+    monkeypatch.delenv(write.ENV, raising=False)
+    if not CUDA:
+        monkeypatch.setattr(write, "write_rows", _emulated_write_rows)
+        monkeypatch.setattr(step_module, "in_place_device", lambda: True)
+    writes: list[tuple[KVStorage, int]] = []
+    original = KVStorage.write_in_place
+
+    def counted(self, layer, *args):
+        writes.append((self, layer))
+        return original(self, layer, *args)
+
+    monkeypatch.setattr(KVStorage, "write_in_place", counted)
+    return writes
+
+
+def writes_to(store, writes) -> list[int]:
+    """The layers of the in-place writes to this store's pools (a batch's probe has its own)."""
+    return [layer for storage, layer in writes if storage is store.cache.storage]
+
+
+def functional_store(model, **kwargs):
+    store = PagedKVStore.for_model(model, **kwargs)
+    store.in_place_writes = False
+    return store
+
+
+def pipelined_decode(model, caches, prompt: list[int], steps: int, between=None):
+    """mlx-lm's generate_step schedule: prefill, then build step n + 1 and `async_eval` it before
+    reading step n's token. `between(n)` runs after step n is built, before it is evaluated.
+    Returns the greedy tokens and the last step's logits."""
+    logits = model(mx.array(prompt)[None], cache=caches)[:, -1]
+    token = mx.argmax(logits, axis=-1)
+    mx.eval(token)
+    tokens = []
+    for n in range(steps):
+        logits = model(token[:, None], cache=caches)[:, -1]
+        following = mx.argmax(logits, axis=-1)
+        mx.async_eval(following)
+        if between is not None:
+            between(n)
+        tokens.append(token.item())
+        token = following
+    tokens.append(token.item())
+    return tokens, logits
+
+
+def pool_bytes(store, session) -> list[np.ndarray]:
+    return [
+        np.array(part.astype(mx.float32))
+        for layer in range(store.config.num_layers)
+        for part in store.cache.gather(session.seq, layer)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_a_pipelined_decode_writes_in_place_and_matches_functional_writes(in_place, dtype):
+    model = tiny_model("llama", seed=2, dtype=dtype)
+    prompt = prompt_tokens(11, seed=4)
+    results = []
+    for make in (PagedKVStore.for_model, functional_store):
+        store = make(model, num_blocks=32, block_size=4)
+        session = store.open(prompt)
+        tokens, logits = pipelined_decode(model, session.caches, prompt, steps=14)
+        results.append((tokens, logits, pool_bytes(store, session), writes_to(store, in_place)))
+        store.check_invariants()
+        session.close()
+        store.close()
+    (tokens, logits, pools, layers), (f_tokens, f_logits, f_pools, _) = results
+    count = model.args.num_hidden_layers
+    assert layers == list(range(1, count)) * 14  # every later layer of every decode step
+    assert tokens == f_tokens
+    assert mx.array_equal(logits, f_logits).item()
+    for got, want in zip(pools, f_pools):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_batch_decodes_in_place_with_rows_in_different_blocks(in_place):
+    model = tiny_model("llama", seed=5)
+    prompts = [prompt_tokens(n, seed=n) for n in (5, 9, 14)]
+    outputs = []
+    for make in (PagedKVStore.for_model, functional_store):
+        store = make(model, num_blocks=48, block_size=4)
+        sessions = [store.open(p) for p in prompts]
+        for session, prompt in zip(sessions, prompts):  # each prompt through its own caches
+            mx.eval(model(mx.array(prompt)[None], cache=session.caches))
+        caches = store.batch(sessions)
+        token = mx.array([[p[-1]] for p in prompts])
+        steps = []
+        for _ in range(9):  # pipelined as mlx-lm's batch generator: one async step ahead
+            logits = model(token, cache=caches)[:, -1]
+            token = mx.argmax(logits, axis=-1)[:, None]
+            mx.async_eval(token)
+            steps.append(logits)
+        mx.eval(steps)
+        outputs.append(
+            (steps, [pool_bytes(store, s) for s in sessions], writes_to(store, in_place))
+        )
+        for session in sessions:
+            session.close()
+        store.close()
+    (steps, pools, layers), (f_steps, f_pools, _) = outputs
+    assert layers == list(range(1, model.args.num_hidden_layers)) * 9
+    for got, want in zip(steps, f_steps):
+        assert mx.array_equal(got, want).item()
+    for got, want in zip(pools, f_pools):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_operations_between_in_place_steps_see_and_keep_every_row(in_place):
+    """Between pipelined steps, before they are evaluated: another request opens on the shared
+    prefix and prefills (functional writes of the same pools), the first is trimmed and decodes
+    over the trimmed positions again, a third is closed and its blocks reused. Every pool read
+    and written afterwards holds what functional writes give."""
+    model = tiny_model("qwen3", seed=1)
+    prompt = prompt_tokens(12, seed=9)
+    results = []
+    for make in (PagedKVStore.for_model, functional_store):
+        store = make(model, num_blocks=40, block_size=4)
+        first, short = store.open(prompt), store.open(prompt_tokens(6, seed=2))
+        mx.eval(model(mx.array(short.remaining_prompt)[None], cache=short.caches))
+        others = []
+
+        def between(n, store=store, first=first, short=short, others=others):
+            if n == 3:  # a second request on the first's prefix, prefilled mid-decode
+                other = store.open(prompt + [7, 8])
+                others.append(other)
+                mx.eval(model(mx.array(other.remaining_prompt)[None], cache=other.caches))
+            if n == 5:
+                short.close()  # its blocks go back to the pool for the steps that follow
+            if n == 6:
+                for cache in first.caches:
+                    cache.trim(2)
+
+        tokens, logits = pipelined_decode(model, first.caches, prompt, 12, between)
+        other = others[0]
+        more, _ = pipelined_decode(model, other.caches, [tokens[-1]], 4)
+        results.append((tokens, more, pool_bytes(store, first), pool_bytes(store, other)))
+        assert writes_to(store, in_place) or make is functional_store  # the in-place path ran
+        store.check_invariants()
+        store.close()
+    (tokens, more, a, b), (f_tokens, f_more, f_a, f_b) = results
+    assert tokens == f_tokens and more == f_more
+    for got, want in zip(a + b, f_a + f_b):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_second_thread_makes_the_store_write_functionally_from_then_on(in_place):
+    model = tiny_model("llama", seed=7)
+    prompt = prompt_tokens(8, seed=3)
+    results = []
+    for make in (PagedKVStore.for_model, functional_store):
+        store = make(model, num_blocks=40, block_size=4)
+        first = store.open(prompt)
+        tokens, _ = pipelined_decode(model, first.caches, prompt, 5)
+        count = len(writes_to(store, in_place))
+        assert count or make is functional_store
+        seen = []
+
+        def elsewhere(store=store, seen=seen):
+            other = store.open(prompt_tokens(5, seed=8))
+            mx.eval(model(mx.array(other.remaining_prompt)[None], cache=other.caches))
+            seen.append(pool_bytes(store, other))
+            other.close()
+
+        worker = threading.Thread(target=elsewhere)
+        worker.start()
+        worker.join()
+        assert store.shared
+        later, _ = pipelined_decode(model, first.caches, [tokens[-1]], 5)
+        assert len(writes_to(store, in_place)) == count  # shared: functional writes from then on
+        results.append((tokens + later, pool_bytes(store, first), seen[0]))
+        store.close()
+    (tokens, a, b), (f_tokens, f_a, f_b) = results
+    assert tokens == f_tokens
+    for got, want in zip(a + b, f_a + f_b):
+        np.testing.assert_array_equal(got, want)
+
+
+# -- the kernel (CUDA) ---------------------------------------------------------------------------
+
+
+def _pool_and_rows(dtype, blocks, block_size, heads, dim, count, seed):
+    rng = np.random.default_rng(seed)
+    pool = rng.normal(size=(blocks, block_size, heads, dim)).astype(np.float32)
+    rows = rng.normal(size=(2, count, heads, dim)).astype(np.float32)
+    return (
+        mx.array(pool).astype(dtype), mx.array(pool * 2).astype(dtype),
+        mx.array(rows[0]).astype(dtype), mx.array(rows[1]).astype(dtype),
+    )  # fmt: skip
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize(
+    "heads, dim, slots", [(2, 64, [9]), (8, 128, [3, 40, 17]), (1, 80, [0, 63])]
+)
+def test_the_kernel_writes_exactly_its_rows_and_returns_the_tables(dtype, heads, dim, slots):
+    k_pool, v_pool, keys, values = _pool_and_rows(dtype, 16, 4, heads, dim, len(slots), seed=dim)
+    mx.eval(k_pool, v_pool, keys, values)
+    want_k, want_v = np.array(k_pool.astype(mx.float32)), np.array(v_pool.astype(mx.float32))
+    for i, slot in enumerate(slots):
+        want_k[slot // 4, slot % 4] = np.array(keys[i].astype(mx.float32))
+        want_v[slot // 4, slot % 4] = np.array(values[i].astype(mx.float32))
+    tables = mx.array(np.arange(3 * 7, dtype=np.int32).reshape(3, 7))
+    slot_array = mx.array(slots, dtype=mx.int32)
+    out = write.write_rows(k_pool, v_pool, keys, values, slot_array, tables, tables)
+    assert out.tolist() == tables.tolist()  # evaluates the write
+    np.testing.assert_array_equal(np.array(k_pool.astype(mx.float32)), want_k)
+    np.testing.assert_array_equal(np.array(v_pool.astype(mx.float32)), want_v)
+
+
+@on_cuda
+@pytest.mark.parametrize("path", ["kernel", "gather"])
+def test_readers_through_the_returned_tables_run_after_lazy_chains_of_writes(path):
+    """Twenty decode positions written in place, each read right after its write, all in one
+    lazy graph evaluated once: read n equals attention over rows 0..n. Then the last position is
+    written again in the same graph, and the read after it sees the new row."""
+    dtype, heads, dim, block_size = mx.float16, 2, 64, 4
+    storage = KVStorage(config(num_layers=1, num_kv_heads=heads, head_dim=dim, dtype="float16"))
+    rng = np.random.default_rng(0)
+    rows = mx.array(rng.normal(size=(2, 21, heads, dim)).astype(np.float32)).astype(dtype)
+    queries = mx.array(rng.normal(size=(21, 1, 4, 1, dim)).astype(np.float32)).astype(dtype)
+    table = np.array([5, 2, 9, 0, 11, 7], np.int32)  # fragmented: positions 0..23
+    positions = list(range(20)) + [19]  # the last: position 19 again, with row 20
+    outputs = []
+    for n, position in enumerate(positions):
+        slot = mx.array([int(table[position // block_size]) * block_size + position % block_size])
+        batch = decode_batch([table], [position + 1], None)
+        k_pool, v_pool = storage.pools(0)
+        tables = storage.write_in_place(
+            0, slot, rows[0, n : n + 1], rows[1, n : n + 1], batch.tables
+        )
+        if path == "kernel":
+            launch = decode.prepare(queries[n], k_pool, batch, 0.125, False)
+            outputs.append(launch(queries[n], k_pool, v_pool, None, tables))
+        else:
+            read = replace(batch, tables=tables)
+            outputs.append(gather_decode(queries[n], k_pool, v_pool, read, 0.125))
+    mx.eval(outputs)
+    for n, (position, out) in enumerate(zip(positions, outputs)):
+        visible = list(range(position)) + [n]  # the rows at positions 0..position
+        keys = rows[0][mx.array(visible)][None].transpose(0, 2, 1, 3)
+        values = rows[1][mx.array(visible)][None].transpose(0, 2, 1, 3)
+        want = mx.fast.scaled_dot_product_attention(queries[n], keys, values, scale=0.125)
+        err = mx.abs(out.astype(mx.float32) - want.astype(mx.float32)).max().item()
+        assert err <= 2e-3, (n, err)
