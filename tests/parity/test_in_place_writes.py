@@ -16,6 +16,7 @@ Three kinds of tests:
 from __future__ import annotations
 
 import threading
+import types
 from dataclasses import replace
 
 import mlx.core as mx
@@ -72,19 +73,26 @@ def test_a_step_writes_in_place_only_if_the_store_allows_it_and_the_device_has_t
     assert write.in_place_device() is (decode.backend() == "cuda")
 
 
-def test_settle_completes_one_layer_or_all_and_reading_the_pools_settles_them():
+def test_settle_completes_one_layer_or_all_and_reading_the_pools_settles_them(monkeypatch):
+    from pagedkv.mlx_backend import storage as storage_module
+
     storage = KVStorage(config())
     evaluated = []
-    storage.unsettled = {0: mx.array([1]) + 1, 2: mx.array([5]) * 2}
-    storage.settle(1)  # nothing pending there
-    assert set(storage.unsettled) == {0, 2}
-    token = storage.unsettled[2]
+    spy = types.SimpleNamespace(eval=lambda *arrays: evaluated.append(arrays))
+    monkeypatch.setattr(storage_module, "mx", spy)
+    first, second = mx.array([1]) + 1, mx.array([5]) * 2
+    storage.unsettled = {0: first, 2: second}
+    storage.settle(1)  # nothing pending there: nothing evaluated
+    assert set(storage.unsettled) == {0, 2} and evaluated == []
     storage.settle(2)
-    assert set(storage.unsettled) == {0} and token.item() == 10
-    evaluated.append(storage.unsettled[0])
+    assert set(storage.unsettled) == {0} and len(evaluated) == 1
+    assert len(evaluated[0][0]) == 1 and evaluated[0][0][0] is second
     assert len(storage.keys) == 3 and storage.unsettled == {}  # the public lists settle all
-    storage.unsettled = {1: mx.array([0])}
-    assert len(storage.values) == 3 and storage.unsettled == {}
+    assert evaluated[1][0][0] is first
+    storage.unsettled = {1: second}
+    assert len(storage.values) == 3 and storage.unsettled == {} and evaluated[2][0][0] is second
+    storage.settle()
+    assert len(evaluated) == 3  # nothing left: no evaluation
     k_pool, v_pool = storage.pools(1)
     assert k_pool is storage.keys[1] and v_pool is storage.values[1]
 
