@@ -15,6 +15,7 @@ Three kinds of tests:
 
 from __future__ import annotations
 
+import re
 import threading
 import types
 from dataclasses import replace
@@ -95,6 +96,51 @@ def test_settle_completes_one_layer_or_all_and_reading_the_pools_settles_them(mo
     assert len(evaluated) == 3  # nothing left: no evaluation
     k_pool, v_pool = storage.pools(1)
     assert k_pool is storage.keys[1] and v_pool is storage.values[1]
+
+
+def test_the_write_kernel_is_built_once_per_variant_and_launched_over_rows_and_tables(monkeypatch):
+    """Host side of `write.write_rows`, with a fake kernel object: one object per (pool dtype,
+    row size) under a name of its own; the inputs in the declared order, every declared name but
+    `after` used by the source; threads for every row element and every table entry; the output a
+    tables-shaped int32 array."""
+    built, launched = [], []
+
+    def fake_cuda_kernel(**spec):
+        built.append(spec)
+
+        def launch(**call):
+            launched.append(call)
+            return [mx.zeros(call["output_shapes"][0], call["output_dtypes"][0])]
+
+        return launch
+
+    monkeypatch.setattr(write.mx.fast, "cuda_kernel", fake_cuda_kernel)
+    write._kernel.cache_clear()
+    try:
+        pool = mx.zeros((8, 4, 2, 64), mx.float16)
+        keys, slots = mx.zeros((3, 2, 64), mx.float16), mx.array([1, 9, 30], dtype=mx.int32)
+        tables = mx.zeros((3, 700), mx.int32)
+        args = (pool, pool, keys, keys, slots, tables, tables)
+        out = write.write_rows(*args)
+        write.write_rows(*args)
+        write.write_rows(pool.astype(mx.bfloat16), pool, keys, keys, slots[:1], tables[:1], tables)
+    finally:
+        write._kernel.cache_clear()
+    assert out.shape == (3, 700) and out.dtype == mx.int32
+    assert len(built) == 2  # float16 once, bfloat16 once
+    names = [spec["name"] for spec in built]
+    assert len(set(names)) == 2 and "float16_r128" in names[0] and "bfloat16_r128" in names[1]
+    for spec in built:
+        assert spec["output_names"] == ["tables_out"]
+        assert spec["input_names"][-1] == "after"  # read by no one: only its data edge matters
+        for name in (*spec["input_names"][:-1], *spec["output_names"]):
+            assert re.search(rf"\b{name}\b", spec["source"]), name
+        assert "//" not in spec["source"] and "constexpr int ROW = 128;" in spec["source"]
+    first, second, third = launched
+    assert [a is b for a, b in zip(first["inputs"], args)] == [True] * 7
+    assert first["grid"] == (2176, 1, 1)  # 2100 table entries > 384 row elements, in 128s
+    assert third["grid"] == (768, 1, 1)  # 700 entries: 6 threadblocks of 128
+    assert first["threadgroup"] == (128, 1, 1) and first["output_dtypes"] == [mx.int32]
 
 
 # -- the adapter's in-place path against functional writes ----------------------------------------

@@ -334,7 +334,7 @@ def test_a_decode_step_reads_through_the_tables_a_layer_hands_it(monkeypatch):
     written, later = mx.array(np.array(step.tables)), mx.array(np.array(step.tables))
     assert step.attend(q, pool, pool, None, 0.125, None, written) is written
     assert step.attend(q, pool, pool, None, 0.125, None, later) is later  # prepared once
-    assert seen == [written] and step.batch(None).tables is step.tables
+    assert len(seen) == 1 and seen[0] is written and step.batch(None).tables is step.tables
 
 
 def test_a_step_call_with_sinks_prepares_the_sinks_variant(calls, monkeypatch):

@@ -19,6 +19,7 @@ FILES = {
     "cuda": _HERE / "paged_decode.cu",
     "cuda_mma": _HERE / "paged_decode_mma.cu",
     "metal": _HERE / "paged_decode.metal",
+    "write": _HERE / "write_rows.cu",  # the in-place decode write (kernels/write.py)
 }
 
 

@@ -12,23 +12,22 @@ writes, so nothing would wait for the rows. Its output is a copy of the step's b
 every reader of the step (the fused kernel, or the gather) takes that copy as its tables and so
 runs after the write; the next write to the same pools takes it as `after`, so writes to one pool
 keep their order. Every other use of the pools first completes the writes
-(`KVStorage.settle`). The `source` file is `write_rows.cu`.
+(`KVStorage.settle`). The kernel's source is `write_rows.cu`.
 """
 
 from __future__ import annotations
 
 import os
 from functools import cache
-from pathlib import Path
 
 import mlx.core as mx
 
 from pagedkv.errors import ConfigError
+from pagedkv.mlx_backend.kernels import source
 from pagedkv.mlx_backend.kernels.decode import THREADS, backend, cuda_constants
 
 ENV = "PAGEDKV_DECODE_WRITES"  # auto (in place where the device has the kernel) | functional
 CHOICES = ("auto", "functional")
-SOURCE = Path(__file__).with_name("write_rows.cu")
 
 
 def setting() -> str:
@@ -46,12 +45,6 @@ def in_place_device() -> bool:
 
 
 @cache
-def _body() -> str:
-    lines = SOURCE.read_text().split("//// write\n", 1)[1].splitlines()
-    return "".join(line.split("//")[0].strip() + "\n" for line in lines if line.split("//")[0])
-
-
-@cache
 def _kernel(dtype: mx.Dtype, row: int):
     """One kernel object per pool dtype and row size (MLX caches compiled kernels by name)."""
     name = f"pagedkv_write_rows_{str(dtype).split('.')[-1]}_r{row}"
@@ -59,7 +52,7 @@ def _kernel(dtype: mx.Dtype, row: int):
         name=name,
         input_names=["k_pool", "v_pool", "k_new", "v_new", "slots", "tables", "after"],
         output_names=["tables_out"],
-        source=cuda_constants([("T", dtype), ("ROW", row)]) + _body(),
+        source=cuda_constants([("T", dtype), ("ROW", row)]) + source.sections("write")["write"],
     )
 
 
