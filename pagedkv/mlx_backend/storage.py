@@ -10,11 +10,14 @@ In a pipelined decode the previous step's kernels still hold the pools, so the m
 writes its decode rows in place on CUDA (`write_in_place`, `kernels/write.py`): the rows go into
 the pool's buffer and the pool array stays. Those writes are ordered only for the readers that
 take their output; every other method here first completes them (`settle`). What that changes: a
-lazy read of positions that were later trimmed or freed and written again in place, evaluated
-only after the new write, sees the new rows (a functional write would have left it the old ones).
+write is not ordered after earlier reads of the rows it overwrites, so a lazy read of positions
+that were later trimmed or freed and written again in place, if evaluated together with (or
+after) the new write, may see the new rows (a functional write would have left it the old ones).
 """
 
 from __future__ import annotations
+
+import threading
 
 import mlx.core as mx
 
@@ -34,6 +37,7 @@ class KVStorage:
         mx.eval(self._keys, self._values)
         # layer -> the output of its newest in-place write, maybe not yet evaluated
         self.unsettled: dict[int, mx.array] = {}
+        self._unsettled_lock = threading.Lock()
 
     @property
     def keys(self) -> list[mx.array]:
@@ -61,9 +65,10 @@ class KVStorage:
         ready only after the write: whatever reads these pools in this step reads through it.
         CUDA only (`write.in_place_available`); inputs are trusted."""
         pool_k, pool_v = self._keys[layer], self._values[layer]
-        after = self.unsettled.get(layer, tables)  # the previous write first
-        tables = write.write_rows(pool_k, pool_v, keys, values, slots, tables, after)
-        self.unsettled[layer] = tables
+        with self._unsettled_lock:
+            after = self.unsettled.get(layer, tables)  # the previous write first
+            tables = write.write_rows(pool_k, pool_v, keys, values, slots, tables, after)
+            self.unsettled[layer] = tables
         return tables
 
     def settle(self, layer: int | None = None) -> None:
@@ -72,12 +77,13 @@ class KVStorage:
         they still hold. Cheap when there are none."""
         if not self.unsettled:
             return
-        if layer is None:
-            pending = list(self.unsettled.values())
-            self.unsettled.clear()
-        else:
-            token = self.unsettled.pop(layer, None)
-            pending = [] if token is None else [token]
+        with self._unsettled_lock:  # taken whole: a write made meanwhile is never dropped
+            if layer is None:
+                pending = list(self.unsettled.values())
+                self.unsettled.clear()
+            else:
+                token = self.unsettled.pop(layer, None)
+                pending = [] if token is None else [token]
         if pending:
             mx.eval(pending)
 

@@ -68,7 +68,8 @@ class DecodeStep:
         tables = pad_tables(tables)
         step = DecodeStep(clock, list(seqs), list(starts), published, tables, lengths, slots)
         step.flat = flat
-        step.in_place = in_place and in_place_device()
+        # a hole (-1) never holds the new row; were it so, the kernel would write out of bounds
+        step.in_place = in_place and min(blocks) >= 0 and in_place_device()
         return step
 
     @property

@@ -5,10 +5,10 @@ reader of the step reads through the tables the write returned.
 Three kinds of tests:
 - the setting and the bookkeeping (`settle`, the step's flag), on any device;
 - the adapter's in-place path end to end against a store with functional writes: on a CUDA GPU with
-  the real kernel; elsewhere (the CPU in CI) with `write.write_rows` replaced by an MLX array update
-  of the same pool objects, so the plumbing (which write goes where, which tables each reader
-  takes, what settles when) is tested everywhere. What only the GPU can show (that the kernel's
-  rows land, and that readers are ordered after a write MLX cannot see) is the CUDA run's;
+  the real kernel; elsewhere (the CPU in CI) with `DeferredWrites`, which lands a write only when
+  a reader ordered after it (through the tables it returned) or `settle` comes, so a reader the
+  library forgot to order reads stale rows here too. What only the GPU can show (that the
+  kernel's rows land, and that MLX really orders the readers) is the CUDA run's;
 - the kernel itself, byte for byte and under lazy chains of writes and reads: CUDA only (skipped
   elsewhere with that reason).
 """
@@ -146,24 +146,70 @@ def test_the_write_kernel_is_built_once_per_variant_and_launched_over_rows_and_t
 # -- the adapter's in-place path against functional writes ----------------------------------------
 
 
-def _emulated_write_rows(k_pool, v_pool, keys, values, slots, tables, after):
-    """write.write_rows without CUDA: the same pool objects updated (MLX replaces an updated
-    array's data under the same Python object, which is what the storage holds)."""
-    block_size = k_pool.shape[1]
-    blocks, rows = slots // block_size, slots % block_size
-    k_pool[blocks, rows] = keys
-    v_pool[blocks, rows] = values
-    return tables + 0 * after.reshape(-1)[:1]  # a new array, after `after`, as the kernel's
+class DeferredWrites:
+    """`write.write_rows` without CUDA, as the GPU orders it: a write lands only when something
+    ordered after it runs. Here that is a read through the tables it returned (or a later
+    write's), or `settle`; a read of the pool by any other means sees it without the write, as a
+    GPU read racing the kernel may. So a reader the library forgot to order reads stale rows,
+    and the comparison with functional writes fails."""
+
+    def __init__(self) -> None:
+        self.queues: dict[int, list] = {}  # id(pool) -> [(returned tables, apply)], K and V alike
+
+    def write_rows(self, k_pool, v_pool, keys, values, slots, tables, after):
+        def apply():  # MLX updates an array's data under the same Python object
+            block_size = k_pool.shape[1]
+            k_pool[slots // block_size, slots % block_size] = keys
+            v_pool[slots // block_size, slots % block_size] = values
+
+        returned = tables + 0  # a new array, as the kernel's output
+        queue = self.queues.setdefault(id(k_pool), [])  # the closure keeps the pools (and ids)
+        self.queues[id(v_pool)] = queue
+        queue.append((returned, apply))
+        return returned
+
+    def land(self, pool, through=None) -> None:
+        """The pending writes to `pool` up to the one that returned `through` (None: all)."""
+        queue = self.queues.get(id(pool), [])
+        ends = [
+            i for i, (returned, _) in enumerate(queue) if through is None or returned is through
+        ]
+        if ends:
+            for _, apply in queue[: ends[0] + 1]:
+                apply()
+            del queue[: ends[0] + 1]
 
 
 @pytest.fixture
 def in_place(monkeypatch):
-    """The in-place path on: the real kernel on CUDA, the emulation elsewhere. Returns a list of
+    """The in-place path on: the real kernel on CUDA, `DeferredWrites` elsewhere, with every
+    gather that can read a pool landing the writes it is ordered after. Returns a list of
     (storage, layer) per in-place write, in order."""
+    from pagedkv.mlx_backend import attention
+    from pagedkv.mlx_lm import batch, layer_cache
+
     monkeypatch.delenv(write.ENV, raising=False)
     if not CUDA:
-        monkeypatch.setattr(write, "write_rows", _emulated_write_rows)
+        deferred = DeferredWrites()
+        monkeypatch.setattr(write, "write_rows", deferred.write_rows)
         monkeypatch.setattr(step_module, "in_place_device", lambda: True)
+        gather = attention.gather_batch
+
+        def ordered_gather(pool, tables):
+            deferred.land(pool, through=tables)
+            return gather(pool, tables)
+
+        for module in (attention, layer_cache, batch):
+            monkeypatch.setattr(module, "gather_batch", ordered_gather)
+        settle = KVStorage.settle
+
+        def landing_settle(self, layer=None):
+            for n in range(len(self._keys)) if layer is None else [layer]:
+                if n in self.unsettled:
+                    deferred.land(self._keys[n])
+            settle(self, layer)
+
+        monkeypatch.setattr(KVStorage, "settle", landing_settle)
     writes: list[tuple[KVStorage, int]] = []
     original = KVStorage.write_in_place
 
@@ -178,6 +224,62 @@ def in_place(monkeypatch):
 def writes_to(store, writes) -> list[int]:
     """The layers of the in-place writes to this store's pools (a batch's probe has its own)."""
     return [layer for storage, layer in writes if storage is store.cache.storage]
+
+
+READERS = ["gather", "attention_decode", "attention_prefill", "write_kv", "copy_rows", "keys"]
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_every_other_use_of_a_pool_comes_after_a_pending_in_place_write(in_place, reader):
+    """A row written in place and not yet read through its tables (as in the middle of a decode
+    step): each backend operation that reads or rewrites the pool sees it."""
+    from pagedkv.mlx_backend import PagedCache
+
+    cache = PagedCache(config(num_layers=2))
+    seq, _ = cache.add_sequence([1, 2, 3, 4, 5])
+    rng = np.random.default_rng(3)
+    history = mx.array(rng.normal(size=(2, 6, 2, 8)).astype(np.float32))  # [K/V, positions, h, d]
+    cache.write_kv(seq, 1, 0, history[0, :5], history[1, :5])
+    cache.extend(seq, [6])
+    block = int(cache.block_table_array(seq)[5 // 4])
+    slot = mx.array([block * 4 + 5 % 4], dtype=mx.int32)
+    cache.storage.write_in_place(
+        1, slot, history[0, 5:], history[1, 5:], mx.zeros((1, 2), mx.int32)
+    )
+    want_k, want_v = history[0], history[1]
+    queries = mx.array(rng.normal(size=(1, 2, 8)).astype(np.float32))
+    if reader == "gather":
+        keys, values = cache.gather(seq, 1)
+        assert mx.array_equal(keys, want_k).item() and mx.array_equal(values, want_v).item()
+    elif reader == "attention_decode":
+        got = cache.attention_decode(1, [seq], queries)
+        want = mx.fast.scaled_dot_product_attention(
+            queries[:, :, None], want_k.transpose(1, 0, 2)[None],
+            want_v.transpose(1, 0, 2)[None], scale=8**-0.5,
+        )[:, :, 0]  # fmt: skip
+        assert mx.abs(got - want).max().item() < 1e-5
+    elif reader == "attention_prefill":
+        from pagedkv.mlx_backend.attention import attention_prefill
+
+        got = attention_prefill(cache, seq, 1, queries)
+        want = mx.fast.scaled_dot_product_attention(
+            queries.transpose(1, 0, 2)[None], want_k.transpose(1, 0, 2)[None],
+            want_v.transpose(1, 0, 2)[None], scale=8**-0.5,
+        )[0].transpose(1, 0, 2)  # fmt: skip
+        assert mx.abs(got - want).max().item() < 1e-5
+    elif reader == "write_kv":  # a functional write of the same pool, another position
+        cache.extend(seq, [7])
+        cache.write_kv(seq, 1, 6, history[0, :1], history[1, :1])
+        keys, _ = cache.gather(seq, 1)
+        assert mx.array_equal(keys[:6], want_k).item() and mx.array_equal(keys[6], want_k[0]).item()
+    elif reader == "copy_rows":  # copy-on-write of the written block into a free one
+        free = next(b for b in range(cache.config.num_blocks) if b != block and b != 0)
+        cache.storage.copy_rows(block, free, 2)
+        copied = cache.storage.pools(1)[0][free, :2]
+        assert mx.array_equal(copied, want_k[4:6]).item()
+    else:
+        k_pool = cache.storage.keys[1]
+        assert mx.array_equal(k_pool[block, 1], want_k[5]).item()
 
 
 def functional_store(model, **kwargs):
@@ -377,7 +479,9 @@ def test_the_kernel_writes_exactly_its_rows_and_returns_the_tables(dtype, heads,
 def test_readers_through_the_returned_tables_run_after_lazy_chains_of_writes(path):
     """Twenty decode positions written in place, each read right after its write, all in one
     lazy graph evaluated once: read n equals attention over rows 0..n. Then the last position is
-    written again in the same graph, and the read after it sees the new row."""
+    written again, and the read after it sees the new row. (The rewrite comes after the first
+    twenty reads are evaluated: a write is ordered after earlier writes and before the reads
+    through its tables, not after earlier reads of the rows it overwrites.)"""
     dtype, heads, dim, block_size = mx.float16, 2, 64, 4
     storage = KVStorage(config(num_layers=1, num_kv_heads=heads, head_dim=dim, dtype="float16"))
     rng = np.random.default_rng(0)
@@ -387,6 +491,8 @@ def test_readers_through_the_returned_tables_run_after_lazy_chains_of_writes(pat
     positions = list(range(20)) + [19]  # the last: position 19 again, with row 20
     outputs = []
     for n, position in enumerate(positions):
+        if n == 20:
+            mx.eval(outputs)
         slot = mx.array([int(table[position // block_size]) * block_size + position % block_size])
         batch = decode_batch([table], [position + 1], None)
         k_pool, v_pool = storage.pools(0)
