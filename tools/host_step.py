@@ -32,11 +32,13 @@ SHAPE = dict(SMALL, num_hidden_layers=32)  # 32 layers of the small benchmark mo
 def without_async_eval() -> None:
     import pagedkv.mlx_backend.storage as storage
     import pagedkv.mlx_lm.layer_cache as layer_cache
+    import pagedkv.mlx_lm.layer_decode as layer_decode
     import pagedkv.mlx_lm.store as store
 
     fake = types.SimpleNamespace(**{k: getattr(mx, k) for k in dir(mx) if not k.startswith("__")})
     fake.async_eval = lambda *arrays: None
-    storage.mx = layer_cache.mx = store.mx = fake  # the backend's writes, the step's scheduling
+    # the backend's writes, the step's scheduling
+    storage.mx = layer_cache.mx = layer_decode.mx = store.mx = fake
 
 
 def with_kernel_stub() -> None:

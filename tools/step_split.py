@@ -42,6 +42,7 @@ import mlx.core as mx
 import pagedkv.mlx_backend.kernels.decode as kernel
 import pagedkv.mlx_backend.storage as storage
 import pagedkv.mlx_lm.layer_cache as layer_cache
+import pagedkv.mlx_lm.layer_decode as layer_decode
 import pagedkv.mlx_lm.store as store_module
 from pagedkv.benchmarks.throughput import dense_side, paged_side, prompts_for
 from pagedkv.models import LLAMA3_8B, SMALL, random_model
@@ -115,13 +116,13 @@ def apply(variant: str) -> None:
     if kernel.cuda_arch is not _REAL["arch"] or "simt" in options:
         kernel._PLANS.clear()  # the plans remember which pass 1 they chose
     kernel.cuda_arch = (lambda: 0) if "simt" in options else _REAL["arch"]
-    layer_cache.mx = store_module.mx = mx
+    layer_cache.mx = layer_decode.mx = store_module.mx = mx
     if "pool" in options and int(options["pool"]) < 1:
         sys.exit("step_split: pool=K needs K >= 1")
     if "lazyall" in options:
         quiet = types.SimpleNamespace(**{k: getattr(mx, k) for k in dir(mx) if k[0] != "_"})
         quiet.async_eval = lambda *arrays: None
-        storage.mx = layer_cache.mx = store_module.mx = quiet
+        storage.mx = layer_cache.mx = layer_decode.mx = store_module.mx = quiet
     if "stub" in options:
         launches = int(options["stub"])
         if _COPY is None or launches < 1:  # on the CPU routed decode never launches the kernel

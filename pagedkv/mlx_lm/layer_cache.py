@@ -1,32 +1,23 @@
-"""mlx-lm's per-layer cache protocol over the paged store."""
+"""mlx-lm's per-layer cache protocol over the paged store (its decode-step hot path:
+`layer_decode.py`)."""
 
 from __future__ import annotations
 
 import sys
-import threading
-from types import CodeType
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from pagedkv.errors import InvalidArgumentError, KVDtypeError, KVShapeError, OutOfBlocksError
 from pagedkv.mlx_backend.attention import gather_batch
-from pagedkv.mlx_lm import routing
-from pagedkv.mlx_lm.callers import HELPER, passes_history_through
-from pagedkv.mlx_lm.step import DecodeStep
+from pagedkv.mlx_lm.layer_decode import ADAPTER_CODES, FLOATS, DecodeStepLayer
 
 if TYPE_CHECKING:
     from pagedkv.mlx_lm.session import Session
     from pagedkv.mlx_lm.store import PagedKVStore
 
 
-_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
-# update_and_fetch methods that call this class's (batch.py's): the model's frame is above them.
-# Keyed by id: hashing a code object hashes its bytecode; the value keeps the id from being reused.
-ADAPTER_CODES: dict[int, CodeType] = {}
-
-
-class PagedLayerCache:
+class PagedLayerCache(DecodeStepLayer):
     """mlx-lm's cache protocol for one layer of one or more sessions."""
 
     def __init__(
@@ -40,6 +31,7 @@ class PagedLayerCache:
         # the last decode fetch (lazy keys, values) and its step, for routed attention
         # (keys, values, DecodeStep, (k_pool, v_pool), tables: the step's, as the write left them)
         self._fetched: tuple | None = None
+        self._written: tuple | None = None  # (DecodeStep, tables) of the last in-place write
         self._unfetched: tuple  # this cache's placeholders (see _set_sessions)
         cfg = self.cache.config
         # rows of exactly the pool's shape (not zero-padded into it): decode's fast path applies
@@ -107,177 +99,6 @@ class PagedLayerCache:
         step = self._record_step(starts)  # decode: the group's later layers reuse this step
         return self._fetch_in(step, pools, sys._getframe(1))
 
-    def _step_for(self, keys, values) -> DecodeStep | None:
-        """The group's current decode step if this call is a later layer's part of it: one new
-        position per session at the starts the step wrote, under the clock it wrote at, rows of
-        exactly the pool's shape and dtype, every session open and its prompt published. Else
-        None (the full path)."""
-        step = self.store.steps[self.group]
-        if step is None or not self._plain or step.thread != threading.get_ident():
-            return None
-        if not isinstance(keys, mx.array) or not isinstance(values, mx.array):
-            return None
-        if keys.shape != self._row_shape or values.shape != keys.shape:
-            return None  # also a batch of another size: _row_shape is [B, kv_heads, 1, dim]
-        if keys.dtype != self._dtype or values.dtype != self._dtype:
-            return None
-        if step.clock != self.cache.clock or not step.published:
-            return None  # the full path publishes a prompt when its last layer is written
-        group, slot, sessions = self.group, self.slot, self.sessions
-        if len(sessions) == 1:  # the usual single request, without building lists
-            session = sessions[0]
-            session._require_open()
-            if session.offsets[slot] != step.starts[0] or session.seqs[group] != step.seqs[0]:
-                return None
-            return step
-        for session in sessions:
-            session._require_open()
-        if [s.offsets[slot] for s in sessions] != step.starts:
-            return None
-        return step if [s.seqs[group] for s in sessions] == step.seqs else None
-
-    def _write_in_step(self, step: DecodeStep, keys, values, caller) -> tuple[mx.array, mx.array]:
-        """This layer's rows to the slots the step's first layer wrote (checked there): one
-        update per pool, under the cache's lock like every write."""
-        self._fetched = None  # the last step's lazy gather would make the write copy the pool
-        cache, batch = self.cache, len(self.sessions)
-        # One row: exactly the target slice's shape `[1, 1, kv_heads, dim]`, so the write is one
-        # graph node besides the reshape (another shape would add a broadcast node; each node is
-        # host work when MLX evaluates the step). Several: `[B, kv_heads, dim]` for the scatter.
-        shape = (1, 1, keys.shape[1], keys.shape[3]) if batch == 1 else (batch, *keys.shape[1::2])
-        rows_k, rows_v = keys.reshape(shape), values.reshape(shape)
-        storage, layer, store, group = cache.storage, self.layer, self.store, self.group
-        last = layer == cache.config.num_layers - 1  # the step's last layer in this group
-        with store.lock:  # decided under `enter`'s lock: a newcomer waits for this write
-            lazy = not store.shared and not last
-            if lazy:  # the group's last layer schedules it (see store.enter)
-                store.pending.setdefault(group, []).append(layer)
-        if not lazy and store.pending:  # the step so far (or a shared store's first write)
-            store.schedule_pending()
-        tables = step.tables
-        with cache._lock:  # as every write: a pool is read, updated and replaced
-            if step.in_place and not store.shared:  # one thread: into the pools' own buffers
-                tables = storage.write_in_place(
-                    layer, step.flat_slots(), rows_k.reshape(batch, *shape[-2:]),
-                    rows_v.reshape(batch, *shape[-2:]), step.tables,
-                )  # fmt: skip
-                if not lazy:
-                    mx.async_eval(tables)
-            else:
-                storage.settle(layer)  # in-place writes of a store that became shared
-                k_pool, v_pool = storage.pools(layer)
-                if batch == 1:  # the storage's one-run write, without building the run list
-                    block, row = step.slots
-                    k_pool[block : block + 1, row : row + 1] = rows_k
-                    v_pool[block : block + 1, row : row + 1] = rows_v
-                else:
-                    k_pool[step.slots] = rows_k
-                    v_pool[step.slots] = rows_v
-                if not lazy:  # scheduled under the lock, as the backend's writes are
-                    mx.async_eval(k_pool, v_pool)
-            pools = storage.pools(layer)
-        slot = self.slot
-        for session in self.sessions:
-            session.offsets[slot] += 1
-        return self._fetch_in(step, pools, caller, tables)
-
-    def _record_step(self, starts: list[int]) -> DecodeStep:
-        """Records the decode step this layer just wrote, for the group's later layers."""
-        cache, group, store = self.cache, self.group, self.store
-        seqs = [s.seqs[group] for s in self.sessions]
-        tables = [cache.block_table_array(seq) for seq in seqs]
-        published = not store.prefix_sharing or all(s.committed for s in self.sessions)
-        step = DecodeStep.build(
-            cache.clock, seqs, published, tables, starts, cache.size, store.in_place_writes
-        )
-        store.steps[group] = step  # one assignment: threads never see half a step
-        return step
-
-    def _fetch_in(self, step: DecodeStep, pools: tuple[mx.array, mx.array], caller, tables=None):
-        """The decode fetch from `pools`: the pool arrays as this layer's write left them. Not
-        `storage.keys[layer]` read later: by then another thread may have replaced it with a
-        write still running on that thread's stream, which this thread cannot wait for (MLX:
-        "There is no Stream ... in current thread"). A caller proven to hand the history straight
-        to the routed helper (`caller`: the model's frame) gets placeholders, which the helper
-        answers from `pools` (callers.py); any other caller gets the lazy history, left
-        unevaluated when routed attention answers. `tables`: the step's tables as this layer's
-        write returned them (in place: reading through them waits for the write)."""
-        tables = step.tables if tables is None else tables
-        if self._history_unread(caller):
-            keys, values = self._unfetched
-            self._fetched = (keys, values, step, pools, tables)
-            return keys, values
-        keys, values = self._gather(tables, step.length, pools)
-        self._fetched = (keys, values, step, pools, tables)
-        return keys, values
-
-    def _history_unread(self, frame) -> bool:
-        """Whether the model function at `frame` (this call's caller) passes the fetched history
-        only to the routed helper, which this store answers (callers.py)."""
-        if not self._plain or self.store._unroute is None:  # not routed: nothing answers
-            return False
-        code = frame.f_code
-        while ADAPTER_CODES.get(id(code)) is code:
-            frame = frame.f_back
-            code = frame.f_code
-        if frame.f_globals.get(HELPER) is not routing.paged_sdpa:
-            return False
-        return passes_history_through(code)
-
-    def routed_attention(self, queries, keys, values, scale, mask, sinks, extra=False):
-        """Decode attention straight from the pools (the fused kernel where dispatch allows), for
-        `routing.paged_sdpa`. Returns (output, keys, values). It answers only the exact call it
-        can: the keys and values this cache just returned, one query per session, a float scale,
-        a mask this cache made (or none), sinks of one logit per query head, no `extra` keyword
-        arguments. Otherwise the output is None and keys/values are what the model's own
-        attention must use: the arguments, with placeholders replaced by the real history.
-        Raises InvalidArgumentError for placeholders this cache did not just hand out."""
-        fetched = self._fetched
-        if fetched is None or keys is not fetched[0] or values is not fetched[1]:
-            if _is_placeholder(keys) or _is_placeholder(values):
-                raise InvalidArgumentError(
-                    "attention got a paged cache's placeholder history that is not the one "
-                    "this cache's last update_and_fetch returned; pass update_and_fetch's "
-                    "result straight to scaled_dot_product_attention."
-                )
-            return None, keys, values
-        self._fetched = None  # consumed: the lazy history must not outlive the call
-        out = None if extra else self._attend(fetched, queries, scale, mask, sinks)
-        if out is None and keys is self._unfetched[0]:  # the history the model must read after all
-            step, pools, tables = fetched[2:]
-            keys, values = self._gather(tables, step.length, pools)
-        return out, keys, values
-
-    def _attend(self, fetched, queries, scale, mask, sinks) -> mx.array | None:
-        """The routed output for `routed_attention`, or None where the call is not one it answers."""
-        if self.store._unroute is None or not self._plain:
-            return None  # unrouted, or a layer zero-padded into its group's pool (gather slices it)
-        shape = queries.shape if isinstance(queries, mx.array) else ()
-        batch, kv_heads, _, head_dim = self._row_shape  # one query per session, the pool's dim
-        if (
-            len(shape) != 4
-            or shape[0] != batch
-            or shape[2] != 1
-            or shape[3] != head_dim
-            or shape[1] % kv_heads
-            or queries.dtype not in _FLOATS
-            or not isinstance(scale, (int, float))
-            or isinstance(scale, bool)
-        ):
-            return None
-        if sinks is not None and (not isinstance(sinks, mx.array) or sinks.shape != (shape[1],)):
-            return None
-        if mask is None:
-            window = None
-        else:
-            known, window = self.store.mask_window(mask)
-            if not known:
-                return None
-        step, (k_pool, v_pool), tables = fetched[2:]  # as this layer's write left them
-        out = step.attend(queries, k_pool, v_pool, window, float(scale), sinks, tables)
-        self.store.routed_calls += 1
-        return out
-
     def _validate(self, keys, values) -> int:
         """Every check before the first change; returns the number of new positions."""
         k_heads, k_dim, v_heads, v_dim = self.store.layer_shapes[self.slot]
@@ -301,7 +122,7 @@ class PagedLayerCache:
                     f"update_and_fetch got {name} {tuple(array.shape)}; layer {self.layer} of "
                     f"this cache expects [{batch}, {heads}, L, {dim}]."
                 )
-            if array.dtype not in _FLOATS:
+            if array.dtype not in FLOATS:
                 raise KVDtypeError(
                     f"update_and_fetch {name} are {array.dtype}; pass float16, bfloat16 or float32."
                 )
@@ -375,6 +196,10 @@ class PagedLayerCache:
         if pools is None:
             storage, layer = self.cache.storage, self.layer
             with self.cache._lock:
+                written = self._written_now()
+                if written is not None:  # read through the write's tables: no waiting for it
+                    step, tables = written
+                    return self._gather(tables, step.length, storage.pools(layer))
                 storage.settle(layer)  # read only after the decode writes made in place
                 pools = storage.pools(layer)
         length = max(s.offsets[self.slot] for s in self.sessions)
@@ -465,11 +290,6 @@ class PagedLayerCache:
         tables = [cache.block_table_array(s.seqs[self.group]) for s in self.sessions]
         blocks = {int(b) for table in tables for b in table if b >= 0}
         return len(blocks) * (cfg.bytes_per_block // cfg.num_layers)
-
-
-def _is_placeholder(array) -> bool:
-    """A cache's `_unfetched` array (empty, one axis): no real K/V history looks like it."""
-    return isinstance(array, mx.array) and array.shape == (0,)
 
 
 def _out_of_blocks(cache, asked: str) -> None:

@@ -409,6 +409,39 @@ def test_operations_between_in_place_steps_see_and_keep_every_row(in_place):
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_model_that_reads_another_layers_history_each_step_does_not_wait_for_it(
+    in_place, monkeypatch
+):
+    """afm7's K/V-reusing layers (as gemma3n's shared ones) call `keys_and_values()` on another
+    layer's cache every step. That read goes through the tables the layer's in-place write returned (nothing
+    settled during the decode) and gives what functional writes give."""
+    from tests.parity import zoo
+
+    model = zoo.build("afm7", seed=1)
+    prompt = prompt_tokens(9, seed=5)
+    settled = []
+    settle = KVStorage.settle
+
+    def counted(self, layer=None):
+        if self.unsettled and (layer is None or layer in self.unsettled):
+            settled.append(layer)
+        settle(self, layer)
+
+    results = []
+    for make in (PagedKVStore.for_model, functional_store):
+        store = make(model, num_blocks=32, block_size=4)
+        session = store.open(prompt)
+        mx.eval(model(mx.array(prompt)[None], cache=session.caches))
+        monkeypatch.setattr(KVStorage, "settle", counted)  # from the first decode step on
+        tokens, logits = pipelined_decode(model, session.caches, [prompt[-1]], 8)
+        monkeypatch.setattr(KVStorage, "settle", settle)
+        results.append((tokens, logits, writes_to(store, in_place)))
+        store.close()
+    (tokens, logits, layers), (f_tokens, f_logits, _) = results
+    assert layers and settled == []
+    assert tokens == f_tokens and mx.array_equal(logits, f_logits).item()
+
+
 def test_a_second_thread_makes_the_store_write_functionally_from_then_on(in_place):
     model = tiny_model("llama", seed=7)
     prompt = prompt_tokens(8, seed=3)

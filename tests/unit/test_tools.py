@@ -112,12 +112,14 @@ def test_ncu_decode_times_each_kernel_at_its_own_rule_and_the_forced_counts():
     assert ncu_decode.split_counts(32, 1, [2, 8]) == [1, 2]
 
 
-def decode_two_steps(variant: str):
+def decode_two_steps(variant: str, on_step=None):
     """Prefill 20 tokens, then two decode steps of the small model on a paged store with
-    `tools/step_split.py`'s `variant` applied (the shipped code restored afterwards)."""
+    `tools/step_split.py`'s `variant` applied (the shipped code restored afterwards).
+    `on_step(step)`: called with each decode step the variant records."""
     import mlx.core as mx
 
     from pagedkv.mlx_lm import PagedKVStore
+    from pagedkv.mlx_lm.layer_cache import PagedLayerCache
     from pagedkv.models import SMALL, random_model
 
     step_split = load("step_split")
@@ -127,6 +129,15 @@ def decode_two_steps(variant: str):
     try:
         step_split.apply(variant)
         mx.eval(model(mx.array(session.remaining_prompt)[None], cache=session.caches))
+        if on_step is not None:
+            recorded = PagedLayerCache._record_step
+
+            def record(self, starts):
+                step = recorded(self, starts)
+                on_step(step)
+                return step
+
+            PagedLayerCache._record_step = record  # apply("") below puts the real one back
         outs = [model(mx.array([[token]]), cache=session.caches) for token in (3, 4)]
         mx.eval(outs)
         return outs
@@ -317,17 +328,49 @@ def test_step_split_refuses_unknown_or_bad_variants(variant):
     step_split.apply("")
 
 
+def test_step_split_functional_variant_turns_in_place_writes_off_and_back_on(monkeypatch):
+    """`functional` records every step with in-place writes off (the code before them), here
+    where the device is made to look as if it had the kernel (an MLX update stands in for it);
+    the output is the same, and `apply("")` gives the steps their in-place writes back."""
+    mx = pytest.importorskip("mlx.core")
+    from pagedkv.mlx_backend.kernels import write
+    from pagedkv.mlx_lm import step as step_module
+    from pagedkv.mlx_lm.layer_cache import PagedLayerCache
+
+    def write_rows(k_pool, v_pool, keys, values, slots, tables, after):
+        size = k_pool.shape[1]
+        k_pool[slots // size, slots % size] = keys
+        v_pool[slots // size, slots % size] = values
+        return tables + 0
+
+    monkeypatch.setattr(step_module, "in_place_device", lambda: True)
+    monkeypatch.setattr(write, "write_rows", write_rows)
+    record = PagedLayerCache._record_step
+    outs, steps = {}, {}
+    for variant in ("functional", ""):
+        steps[variant] = []
+        outs[variant] = decode_two_steps(variant, steps[variant].append)
+    assert len(steps["functional"]) == len(steps[""]) == 2  # one record per decode step
+    assert not any(step.in_place for step in steps["functional"])
+    assert all(step.in_place for step in steps[""])
+    assert PagedLayerCache._record_step is record
+    for functional, real in zip(outs["functional"], outs[""]):
+        assert mx.allclose(functional, real).item()
+
+
 def test_step_split_lazyall_variant_leaves_the_output_and_restores_scheduling():
     """`lazyall` schedules no write inside the step; the step's output is the same, and the
     shipped code's scheduling is back after `apply("")`."""
     mx = pytest.importorskip("mlx.core")
     import pagedkv.mlx_backend.storage as storage
     import pagedkv.mlx_lm.layer_cache as layer_cache
+    import pagedkv.mlx_lm.layer_decode as layer_decode
     import pagedkv.mlx_lm.store as store_module
 
     for lazy, real in zip(decode_two_steps("lazyall"), decode_two_steps("")):
         assert mx.allclose(lazy, real).item()
-    assert storage.mx is mx and layer_cache.mx is mx and store_module.mx is mx
+    modules = (storage, layer_cache, layer_decode, store_module)
+    assert all(module.mx is mx for module in modules)
 
 
 def test_donation_probe_times_every_mode_and_refuses_an_empty_array(capsys):
