@@ -59,15 +59,11 @@ class DecodeStepLayer:
         return step if [s.seqs[group] for s in sessions] == step.seqs else None
 
     def _write_in_step(self, step: DecodeStep, keys, values, caller) -> tuple[mx.array, mx.array]:
-        """This layer's rows to the slots the step's first layer wrote (checked there): one
-        update per pool, under the cache's lock like every write."""
+        """This layer's rows to the slots the step's first layer wrote (checked there), under the
+        cache's lock like every write: in place where the step allows it (one kernel for both
+        pools, `kernels/write.py`), else one update per pool."""
         self._fetched = None  # the last step's lazy gather would make the write copy the pool
         cache, batch = self.cache, len(self.sessions)
-        # One row: exactly the target slice's shape `[1, 1, kv_heads, dim]`, so the write is one
-        # graph node besides the reshape (another shape would add a broadcast node; each node is
-        # host work when MLX evaluates the step). Several: `[B, kv_heads, dim]` for the scatter.
-        shape = (1, 1, keys.shape[1], keys.shape[3]) if batch == 1 else (batch, *keys.shape[1::2])
-        rows_k, rows_v = keys.reshape(shape), values.reshape(shape)
         storage, layer, store, group = cache.storage, self.layer, self.store, self.group
         last = layer == cache.config.num_layers - 1  # the step's last layer in this group
         with store.lock:  # decided under `enter`'s lock: a newcomer waits for this write
@@ -79,15 +75,21 @@ class DecodeStepLayer:
         tables = step.tables
         with cache._lock:  # as every write: a pool is read, updated and replaced
             if step.in_place and not store.shared:  # one thread: into the pools' own buffers
+                rows = (batch, keys.shape[1], keys.shape[3])  # [B, kv_heads, dim]
                 tables = storage.write_in_place(
-                    layer, step.flat_slots(), rows_k.reshape(batch, *shape[-2:]),
-                    rows_v.reshape(batch, *shape[-2:]), step.tables,
-                )  # fmt: skip
+                    layer, step.flat_slots(), keys.reshape(rows), values.reshape(rows), step.tables
+                )
                 if not lazy:
                     mx.async_eval(tables)
                 self._written = (step, tables)
             else:
                 storage.settle(layer)  # in-place writes of a store that became shared
+                # One row: exactly the target slice's shape `[1, 1, kv_heads, dim]`, so the write
+                # is one graph node besides the reshape (another shape would add a broadcast
+                # node; each is host work when MLX evaluates the step). Several: `[B, kv_heads,
+                # dim]` for the scatter.
+                shape = (1, 1, *keys.shape[1::2]) if batch == 1 else (batch, *keys.shape[1::2])
+                rows_k, rows_v = keys.reshape(shape), values.reshape(shape)
                 k_pool, v_pool = storage.pools(layer)
                 if batch == 1:  # the storage's one-run write, without building the run list
                     block, row = step.slots
