@@ -63,7 +63,7 @@ class KVStorage:
         """keys/values `[n, heads, dim]` (the pool's dtype) into the pools' buffers at `slots`
         `[n]` int32 (block * block_size + row). Returns a copy of `tables` `[B, T]` int32 that is
         ready only after the write: whatever reads these pools in this step reads through it.
-        CUDA only (`write.in_place_available`); inputs are trusted."""
+        CUDA only (`write.in_place_device`); inputs are trusted."""
         pool_k, pool_v = self._keys[layer], self._values[layer]
         with self._unsettled_lock:
             after = self.unsettled.get(layer, tables)  # the previous write first

@@ -5,6 +5,8 @@ tensor-core pass 1 for 16-bit pools on NVIDIA GPUs from sm_80 (`paged_decode_mma
 - `source`: the kernel files, cut into sections.
 - `decode`: shape choices, kernel objects built once per variant, the launch (`paged_decode`).
 - `dispatch`: which path runs (`PAGEDKV_ATTENTION=auto|kernel|gather`) and the Metal self-check.
+- `write`: the mlx-lm adapter's decode rows written into the pools' buffers on CUDA
+  (`write_rows.cu`, `PAGEDKV_DECODE_WRITES=auto|functional`).
 """
 
 from pagedkv.mlx_backend.kernels.decode import DecodeBatch, paged_decode
