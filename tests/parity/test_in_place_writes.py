@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from pagedkv import Config
-from pagedkv.errors import ConfigError
+from pagedkv.errors import ConfigError, KVShapeError
 from pagedkv.mlx_backend.attention import decode_batch, gather_decode
 from pagedkv.mlx_backend.kernels import decode, write
 from pagedkv.mlx_backend.storage import KVStorage
@@ -157,6 +157,11 @@ class DeferredWrites:
         self.queues: dict[int, list] = {}  # id(pool) -> [(returned tables, apply)], K and V alike
 
     def write_rows(self, k_pool, v_pool, keys, values, slots, tables, after):
+        # what the kernel trusts its caller for: rows of the pool's dtype and row shape
+        row = (slots.size, *k_pool.shape[2:])
+        assert keys.dtype == values.dtype == k_pool.dtype == v_pool.dtype, "rows of another dtype"
+        assert keys.shape == values.shape == row, "rows of another shape"
+
         def apply():  # MLX updates an array's data under the same Python object
             block_size = k_pool.shape[1]
             k_pool[slots // block_size, slots % block_size] = keys
@@ -440,6 +445,40 @@ def test_a_model_that_reads_another_layers_history_each_step_does_not_wait_for_i
     (tokens, logits, layers), (f_tokens, f_logits, _) = results
     assert layers and settled == []
     assert tokens == f_tokens and mx.array_equal(logits, f_logits).item()
+
+
+@pytest.mark.parametrize("odd", ["values float16", "keys float16", "values numpy"])
+def test_a_later_layer_given_rows_the_kernel_cannot_take_goes_the_checked_way(in_place, odd):
+    """The in-place kernel reads rows as the pool's dtype and row shape. A later layer's rows of
+    another dtype, or not an mx.array, take the checked path (cast, or refused with nothing
+    changed) and never reach it."""
+    cfg = config(num_layers=3, num_kv_heads=2, head_dim=8)
+    stores = [PagedKVStore(cfg), PagedKVStore(cfg)]
+    stores[1].in_place_writes = False
+    rng = np.random.default_rng(4)
+    rows = [mx.array(rng.normal(size=(1, 2, n, 8)).astype(np.float32)) for n in (5, 1, 1, 1)]
+    results = []
+    for store in stores:
+        session = store.open([1, 2, 3, 4, 5])
+        for cache in session.caches:
+            cache.update_and_fetch(rows[0], rows[0] + 1)
+        session.caches[0].update_and_fetch(rows[1], rows[1] + 1)  # the step's first layer
+        keys, values = rows[2], rows[2] + 1
+        if odd == "values numpy":
+            with pytest.raises(KVShapeError):
+                session.caches[1].update_and_fetch(keys, np.array(values))
+            assert session.offsets == [6, 5, 5]
+        else:
+            if odd == "keys float16":
+                keys = keys.astype(mx.float16)
+            else:
+                values = values.astype(mx.float16)
+            session.caches[1].update_and_fetch(keys, values)
+        session.caches[1 if odd == "values numpy" else 2].update_and_fetch(rows[3], rows[3] + 1)
+        results.append(pool_bytes(store, session))
+    assert writes_to(stores[0], in_place)  # the in-place path was on for the other layers
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_a_second_thread_makes_the_store_write_functionally_from_then_on(in_place):
