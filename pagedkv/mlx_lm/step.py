@@ -5,9 +5,9 @@ to reach the step takes the full path of `PagedLayerCache.update_and_fetch`: eve
 reservation of the new positions in the cache (which ticks its clock), the write through the
 backend's validated `write_kv` / `write_kv_batch`. It then records a `DecodeStep`: the slots it
 wrote, the padded block tables, the lengths. Every later layer of the group in the same step finds
-the step by its key and only checks its own arrays, writes its rows to the same slots (one update
-per pool) and builds its lazy fetch: no per-layer metadata work, which is most of the host's time
-in a decode step.
+the step by its key and only checks its own arrays, writes its rows to the same slots (on CUDA
+one in-place kernel, `kernels/write.py`; else one update per pool) and builds its lazy fetch: no
+per-layer metadata work, which is most of the host's time in a decode step.
 
 Why reusing the step is exact: the key is (the cache's clock, the sequences, each one's start).
 Every metadata operation ticks the clock (add, extend, decode_step, commit, fork, trim, free,
@@ -66,11 +66,12 @@ class DecodeStep:
         lengths = tuple(s + 1 for s in starts)
         flat = tuple(b * block_size + r for b, r in zip(blocks, rows))
         tables = pad_tables(tables)
-        step = DecodeStep(clock, list(seqs), list(starts), published, tables, lengths, slots)
-        step.flat = flat
         # a hole (-1) never holds the new row; were it so, the kernel would write out of bounds
-        step.in_place = in_place and min(blocks) >= 0 and in_place_device()
-        return step
+        in_place = in_place and min(blocks) >= 0 and in_place_device()
+        return DecodeStep(
+            clock, list(seqs), list(starts), published, tables, lengths, slots,
+            flat=flat, in_place=in_place,
+        )  # fmt: skip
 
     @property
     def length(self) -> int:
