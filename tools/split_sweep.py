@@ -9,8 +9,10 @@ ids) and so is the timing: many calls per synchronize, consecutive calls on diff
 the K/V so nothing is read from L2 (`pagedkv.benchmarks.gather`). Per cell it prints
 microseconds per call for contiguous SDPA (MLX's default path: cuDNN on CUDA), the kernel with the
 count `split_count` picks, and the kernel at every forced count the cell allows; the best forced
-count is starred. What the next change to `decode.split_count` or the kernel is judged by. Needs a
-GPU with a kernel backend (CUDA; Metal untested); on the CPU it says so and exits 1.
+count is starred. On CUDA it also times the rule's count with the splits merged by a second
+kernel (`two_launch_us`, the form before the single launch). What the next change to
+`decode.split_count` or the kernel is judged by. Needs a GPU with a kernel backend (CUDA; Metal
+untested); on the CPU it says so and exits 1.
 """
 
 from __future__ import annotations
@@ -60,11 +62,24 @@ def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, f
     }
     row["rule_splits"] = decode.prepare(query, pools[0][0], decode_batch, scale, False).splits
     row["rule_us"] = kernel_us(None)
+    if decode.backend() == "cuda" and row["rule_splits"] > 1:  # A/B: the merge as its own kernel
+        decode.ONE_LAUNCH = False
+        try:
+            row["two_launch_us"] = kernel_us(None)
+        finally:
+            decode.ONE_LAUNCH = True
     blocks = -(-context // BLOCK)
     for n in splits:
         if n <= min(blocks, decode.MAX_SPLITS):  # a split holds whole blocks
             row[f"s{n}_us"] = kernel_us(n)
     return row
+
+
+def two_launch_text(row: dict) -> str:
+    if "two_launch_us" not in row:
+        return ""
+    us = row["two_launch_us"]
+    return f"; as two launches {us:.1f} us, {us / row['cudnn_us']:.2f}x"
 
 
 def main(argv: list[str]) -> int:
@@ -95,7 +110,7 @@ def main(argv: list[str]) -> int:
         print(
             f"[{i}/{len(cells)}] ctx {context} batch {batch}: cudnn {row['cudnn_us']:.1f} us, "
             f"rule {row['rule_splits']} splits {row['rule_us']:.1f} us "
-            f"({row['rule_us'] / row['cudnn_us']:.2f}x); forced {cells_text}",
+            f"({row['rule_us'] / row['cudnn_us']:.2f}x{two_launch_text(row)}); forced {cells_text}",
             flush=True,
         )
     if args.csv:

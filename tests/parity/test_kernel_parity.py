@@ -214,3 +214,64 @@ def test_16_bit_pools_on_the_kernel_older_gpus_run(without_tensor_cores, dtype, 
     GPU the cases above run the mma kernel for them, so this holds the other one to the same."""
     check(dtype, head_dim, 16, 4, RAGGED, splits=splits)
     check(dtype, head_dim, 32, 8, [1, 700, 1500], splits=splits, window=100)
+
+
+ON_CUDA = kernel.backend() == "cuda"
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the single-launch merge is CUDA's (Metal: two launches)")
+@pytest.mark.parametrize(
+    "dtype, head_dim, group, splits, sinks",
+    [("float32", 128, 4, 8, False), ("float16", 128, 8, 64, True), ("bfloat16", 64, 1, 3, False),
+     ("bfloat16", 256, 4, 5, True), ("float16", 80, 4, 256, False)],
+)  # fmt: skip
+def test_one_launch_equals_two_launches_bit_for_bit(
+    monkeypatch, dtype, head_dim, group, splits, sinks
+):
+    """The single launch merges the same partials with the same code as the merge kernel, so its
+    output is identical, not merely close (both pass-1 kernels: float32 takes the other one)."""
+    (queries, k_pool, v_pool, batch, sink_logits), _, _ = case(
+        dtype, head_dim, 16, group, RAGGED + [2000], sinks=sinks
+    )
+    one = kernel.prepare(queries, k_pool, batch, 0.1, sinks, splits)
+    monkeypatch.setattr(kernel, "ONE_LAUNCH", False)
+    two = kernel.prepare(queries, k_pool, batch, 0.1, sinks, splits)
+    assert one.one_launch and not two.one_launch
+    a, b = one(queries, k_pool, v_pool, sink_logits), two(queries, k_pool, v_pool, sink_logits)
+    assert mx.array_equal(a, b)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the single-launch merge is CUDA's (Metal: two launches)")
+def test_one_launch_calls_evaluated_together_each_count_on_their_own_counters():
+    """Forty independent calls in one evaluation (MLX's CUDA graph may run them at the same time),
+    on two shapes: every output equals the same call evaluated alone."""
+    cases = [case("float16", 128, 16, 4, RAGGED + [3000], seed=s)[0] for s in (1, 2)]
+    alone = [kernel.paged_decode(q, k, v, batch, 0.1, num_splits=16) for q, k, v, batch, _ in cases]
+    mx.eval(alone)
+    together = [
+        kernel.paged_decode(q, k, v, batch, 0.1, num_splits=16)
+        for _ in range(20)
+        for q, k, v, batch, _ in cases
+    ]
+    mx.eval(together)
+    for i, out in enumerate(together):
+        assert mx.array_equal(out, alone[i % 2]), i
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the single-launch merge is CUDA's (Metal: two launches)")
+def test_a_compiled_call_replays_its_counters_from_zero():
+    """Under mx.compile the counters a call was given are part of the compiled graph and reused
+    by every replay: the last block of each group puts its counter back to zero."""
+    (queries, k_pool, v_pool, batch, _), _, _ = case("bfloat16", 128, 16, 4, RAGGED + [1500])
+    want = kernel.paged_decode(queries, k_pool, v_pool, batch, 0.1, num_splits=6)
+
+    @mx.compile
+    def attend(q):
+        return kernel.paged_decode(q, k_pool, v_pool, batch, 0.1, num_splits=6)
+
+    for _ in range(3):
+        assert mx.array_equal(attend(queries), want)
+    shifted = queries * 2
+    assert mx.array_equal(
+        attend(shifted), kernel.paged_decode(shifted, k_pool, v_pool, batch, 0.1, num_splits=6)
+    )

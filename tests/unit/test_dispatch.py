@@ -316,7 +316,8 @@ def test_a_tensor_core_shape_serves_its_whole_group_up_to_8_queries_and_names_it
 
 def test_plans_take_pass_1_from_the_tensor_core_source_only_where_it_applies(monkeypatch):
     """Which source each kernel object of a CUDA plan is built from, with kernel building faked
-    (no GPU here): the mma pass 1 on sm_80+ for covered shapes, never for the merge kernel."""
+    (no GPU here): the mma pass 1 on sm_80+ for covered shapes (also in the single launch),
+    never for the merge kernel."""
     built = []
     monkeypatch.setattr(
         decode, "_kernel", lambda backend, name, part, constants="": built.append((backend, part))
@@ -329,7 +330,7 @@ def test_plans_take_pass_1_from_the_tensor_core_source_only_where_it_applies(mon
         built.clear()
         decode.Plan.of.cache_clear()
         plan = decode.plan_for(queries, pool, False, "cuda")
-        assert built == [(pass1, "final"), (pass1, "split"), ("cuda", "reduce")]
+        assert built == [(pass1, "final"), (pass1, "split"), ("cuda", "reduce"), (pass1, "once")]
         assert plan.shape.tensor_cores == (pass1 == "cuda_mma")
         assert ("L", plan.shape.lanes) not in plan.template  # CUDA bakes values into the source
     built.clear()

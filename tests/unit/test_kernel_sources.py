@@ -23,7 +23,7 @@ TO_METAL = {
 CUDA_ONLY = {
     "__device__", "__forceinline__", "__half2float", "__int_as_float", "__uint_as_float",
     "__ushort_as_half", "make_uint4", "reinterpret_cast", "pragma", "unroll", "short", "unsigned",
-    "size_t", "lanes",
+    "size_t", "lanes", "__ldcg",
 }  # fmt: skip
 METAL_ONLY = {
     "INFINITY", "as_type", "half", "inline", "thread", "uint", "ushort", "device", "size_t",
@@ -44,7 +44,9 @@ CUDA, METAL = source.sections("cuda"), source.sections("metal")
 
 
 def test_both_files_have_the_same_sections_in_order():
-    assert list(CUDA) == list(METAL) == ["header", "partial", "merge", "final", "split", "reduce"]
+    assert list(CUDA) == list(METAL) == [
+        "header", "partial", "merge", "final", "split", "reduce", "merge_splits",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("section", list(CUDA))
@@ -90,3 +92,30 @@ def test_the_tensor_core_pass_1_ends_where_the_shared_merge_begins():
         assert f"#define {macro}" in MMA["header"]
     assert source.pass1_body("cuda_mma", split=True).endswith(CUDA["merge"] + CUDA["split"])
     assert source.pass1_body("cuda_mma", split=False).endswith(CUDA["merge"] + CUDA["final"])
+
+
+ONCE = source.sections("once")
+
+
+def test_the_single_launch_merge_reads_what_both_cuda_passes_1_declare():
+    """paged_decode_once.cu's `arrive` runs after either CUDA pass 1's `split` epilogue, then
+    `merge_splits` once per query of the tile: the names it takes from pass 1 are declared by
+    both, and the joined body closes every brace it opens."""
+    assert list(ONCE) == ["arrive"]
+    taken = {"b", "head0", "HQ", "num_splits"}
+    assert taken <= set(IDENTIFIER.findall(ONCE["arrive"] + CUDA["merge_splits"]))
+    for backend in ("cuda", "cuda_mma"):
+        assert taken <= set(IDENTIFIER.findall(source.sections(backend)["partial"])), backend
+        body = source.once_body(backend)
+        assert body.count("{") == body.count("}"), backend
+        assert body.startswith(source.pass1_body(backend, split=True)), backend
+        assert "#define PKV_PARTIAL" in source.sections(backend)["header"], backend
+
+
+def test_both_merge_kernels_are_the_setup_and_the_shared_merge():
+    for backend in ("cuda", "metal"):
+        parts = source.sections(backend)
+        assert source.reduce_body(backend) == parts["reduce"] + parts["merge_splits"]
+        assert "num_splits = o_ml_shape[1]" in parts["reduce"]
+        body = source.reduce_body(backend)
+        assert body.count("{") == body.count("}"), backend

@@ -7,6 +7,7 @@ parity suite's (tests/parity/test_kernel_parity.py); what is decided on the host
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -145,12 +146,78 @@ def test_one_split_is_one_launch_of_the_final_pass(calls):
     assert sinks.tolist() == [0.0] and sinks.dtype == mx.float32  # no sinks: one unused float
 
 
-def test_several_splits_write_partials_that_the_reduce_kernel_merges(calls):
+def test_several_splits_merge_in_the_same_launch_on_cuda(calls):
     queries, k_pool, batch = inputs(longest=600)
     sinks = mx.array([0.5] * 8, mx.bfloat16)
     out = decode.paged_decode(queries, k_pool, k_pool, batch, 0.125, sinks, backend_name="cuda")
-    split, reduce = calls
+    (call,) = calls
     splits = decode.split_count(decode.plan_for(queries, k_pool, True, "cuda").shape, 3, 600)
+    assert splits == 2 and call["part"] == "once" and call["name"].endswith("_sinks")
+    assert "constexpr int MAX_SPLITS = 256;" in call["constants"]  # the merge's weight buffer
+    assert call["grid"] == (splits * THREADS, 2, 3) and call["threadgroup"] == (THREADS, 1, 1)
+    assert call["shapes"] == [(24, splits, 64), (24, splits, 2), (3, 8, 1, 64)]
+    assert call["dtypes"] == [mx.float32, mx.float32, mx.float16]
+    *pass1, arrivals = call["inputs"]
+    assert pass1[-1].tolist() == [0.5] * 8 and pass1[-1].dtype == mx.float32
+    assert arrivals.dtype == mx.int32 and arrivals.tolist() == [0] * (3 * 2)  # rows x kv heads
+    assert out.shape == queries.shape and out.dtype == mx.float16
+
+
+def test_each_single_launch_counts_on_counters_no_other_call_was_given(calls, monkeypatch):
+    monkeypatch.setattr(decode, "ARRIVALS", decode.Arrivals())
+    claimed = []
+    take = decode.ARRIVALS._claim
+    monkeypatch.setattr(decode.ARRIVALS, "_claim", lambda n: claimed.append(take(n)) or claimed[-1])
+    queries, k_pool, batch = inputs(longest=600)
+    launch = decode.prepare(queries, k_pool, batch, 0.1, False, backend_name="cuda")
+    for _ in range(3):  # three layers of one step: three sets of counters
+        launch(queries, k_pool, k_pool)
+    assert [start for _, start in claimed] == [0, 6, 12]
+    assert len({id(buffer) for buffer, _ in claimed}) == 1
+
+
+def test_counters_come_from_a_fresh_buffer_when_one_runs_out(monkeypatch):
+    monkeypatch.setattr(decode.Arrivals, "SIZE", 8)
+    arrivals = decode.Arrivals()
+    first, second, big = arrivals._claim(5), arrivals._claim(5), arrivals._claim(20)
+    assert first[1] == 0 and second[1] == 0 and first[0] is not second[0]  # 5 + 5 > 8
+    assert big[1] == 0 and big[0].shape == (20,)  # more than a buffer: one of its own
+    view = arrivals.take(3)
+    assert view.shape == (3,) and view.dtype == mx.int32 and view.tolist() == [0, 0, 0]
+
+
+def test_counters_handed_out_to_threads_never_overlap(monkeypatch):
+    monkeypatch.setattr(decode.Arrivals, "SIZE", 64)
+    arrivals, claimed = decode.Arrivals(), []
+
+    def worker():
+        for n in (3, 5, 7) * 20:
+            buffer, start = arrivals._claim(n)
+            claimed.append((buffer, start, start + n))  # holds the buffer: ids stay unique
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_buffer: dict[int, list] = {}
+    for buffer, start, stop in claimed:
+        by_buffer.setdefault(id(buffer), []).append((start, stop))
+    for ranges in by_buffer.values():
+        ranges.sort()
+        assert all(a_stop <= b_start for (_, a_stop), (b_start, _) in zip(ranges, ranges[1:]))
+        assert ranges[-1][1] <= 64
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_several_splits_write_partials_that_the_reduce_kernel_merges(calls, backend, monkeypatch):
+    """Metal always, CUDA with ONE_LAUNCH off (the A/B form): pass 1, then the merge kernel."""
+    monkeypatch.setattr(decode, "ONE_LAUNCH", False)
+    queries, k_pool, batch = inputs(longest=600)
+    sinks = mx.array([0.5] * 8, mx.bfloat16)
+    out = decode.paged_decode(queries, k_pool, k_pool, batch, 0.125, sinks, backend_name=backend)
+    split, reduce = calls
+    splits = decode.split_count(decode.plan_for(queries, k_pool, True, backend).shape, 3, 600)
     assert splits == 2  # 600 keys: two splits of at least MIN_SPLIT_KEYS
     assert split["part"] == "split" and reduce["part"] == "reduce"
     assert split["name"].endswith("_sinks") and reduce["name"].endswith("_sinks")
@@ -196,7 +263,7 @@ def test_a_forced_split_count_is_the_launch_grid(calls, forced):
     assert launch.splits == forced
     launch(queries, k_pool, k_pool)
     assert calls[0]["grid"] == (forced * THREADS, 2, 3)
-    assert [c["part"] for c in calls] == (["final"] if forced == 1 else ["split", "reduce"])
+    assert [c["part"] for c in calls] == (["final"] if forced == 1 else ["once"])
 
 
 def test_a_prepared_launch_serves_every_layer_of_the_step(calls):
@@ -228,8 +295,9 @@ def test_a_layer_written_in_place_is_read_through_the_tables_its_write_returned(
 KERNEL_OBJECTS = [
     (backend, part)
     for backend in ("cuda", "cuda_mma", "metal")
-    for part in ("final", "split", "reduce")
+    for part in ("final", "split", "reduce", "once")
     if (backend, part) != ("cuda_mma", "reduce")  # the merge kernel is built from paged_decode.cu
+    and (backend, part) != ("metal", "once")  # Metal merges with a second launch
 ]
 
 
@@ -257,7 +325,8 @@ def test_each_kernel_object_is_built_with_the_names_its_source_uses(monkeypatch,
         want_in, want_out = ["o_acc", "o_ml", "sinks"], ["out"]
     else:
         want_in = ["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks"]
-        want_out = ["o_acc", "o_ml"] if part == "split" else ["out"]
+        want_out = {"split": ["o_acc", "o_ml"], "once": ["o_acc", "o_ml", "out"]}.get(part, ["out"])
+        want_in += ["arrivals"] if part == "once" else []
     assert built["input_names"] == want_in and built["output_names"] == want_out
     assert built["name"] == f"test_{backend}_{part}"
     words = set(re.findall(r"\w+", built["source"]))  # the body (header helpers name their own)

@@ -8,7 +8,9 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
 - the query tile `QT`: how many of a kv head's G query heads one threadblock serves from each
   K/V load (G itself when the registers and the merge buffer allow);
 - the split count: enough splits that a launch fills the GPU, none shorter than MIN_SPLIT_KEYS
-  keys; their partials a second kernel merges (`split_count`). One split is one pass;
+  keys (`split_count`). One split is one pass. On CUDA the splits' partials are merged in the
+  same launch (`paged_decode_once.cu`: the last threadblock of each group merges them;
+  `ONE_LAUNCH`); on Metal a second kernel merges them;
 - on CUDA GPUs with tensor cores (sm_80 and later), for 16-bit pools read by queries of the same
   dtype and head_dim a multiple of 32 up to 128, pass 1 is `paged_decode_mma.cu` instead
   (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions.
@@ -16,6 +18,7 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -28,6 +31,7 @@ TARGET_BLOCKS = 512  # threadblocks a launch aims at: one wave, ~4 per SM on an 
 TARGET_BLOCKS_MMA = 256  # the same for the tensor-core pass 1: 2 per SM (198 registers at d128)
 MIN_SPLIT_KEYS = 256  # no split reads fewer keys: shorter ones cost more to merge than they add
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
+ONE_LAUNCH = True  # CUDA: merge the splits in pass 1's launch (False: a second kernel, for A/B)
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the GPU parity suite runs
@@ -156,7 +160,14 @@ def _kernel(backend_name: str, name: str, part: str, constants: str = ""):
     `constants`: declarations put before the body (CUDA: the variant's template values)."""
     parts = source.sections(backend_name)
     if part == "reduce":
-        inputs, outputs, body = ["o_acc", "o_ml", "sinks"], ["out"], parts["reduce"]
+        inputs, outputs, body = (
+            ["o_acc", "o_ml", "sinks"],
+            ["out"],
+            source.reduce_body(backend_name),
+        )
+    elif part == "once":  # CUDA only: pass 1 and the merge in one launch
+        inputs = ["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks", "arrivals"]
+        outputs, body = ["o_acc", "o_ml", "out"], source.once_body(backend_name)
     else:
         inputs = ["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks"]
         split = part == "split"
@@ -195,6 +206,36 @@ def _scalar(value: float) -> mx.array:
     return mx.array([value], dtype=mx.float32)
 
 
+class Arrivals:
+    """Zeroed int32 counters for the single-launch merge (`paged_decode_once.cu`), each handed
+    out to one call only: MLX's CUDA graphs order kernels by their data alone, so two independent
+    calls may run at the same time and must not count on one counter. Counters come as views of
+    one zeroed buffer (a fresh buffer when it runs out), so a call costs a slice, not a fill."""
+
+    SIZE = 1 << 18  # counters per buffer (1 MiB): a call takes batch x kv heads x query tiles
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer: mx.array | None = None
+        self._next = 0
+
+    def take(self, count: int) -> mx.array:
+        """`count` zeroed counters no other call has been given."""
+        buffer, start = self._claim(count)
+        return buffer[start : start + count]
+
+    def _claim(self, count: int) -> tuple[mx.array, int]:
+        with self._lock:
+            if self._buffer is None or self._next + count > self._buffer.size:
+                self._buffer = mx.zeros((max(count, self.SIZE),), dtype=mx.int32)
+                self._next = 0
+            start, self._next = self._next, self._next + count
+            return self._buffer, start
+
+
+ARRIVALS = Arrivals()
+
+
 def split_count(shape: Shape, batch: int, longest: int) -> int:
     """Splits per row: enough that the launch has about one wave of threadblocks (TARGET_BLOCKS,
     TARGET_BLOCKS_MMA for the tensor-core pass 1, which holds fewer per SM), none shorter than
@@ -220,6 +261,7 @@ class Plan:
     final: object  # kernel objects (built once; MLX compiles each template at first call)
     split: object
     reduce: object
+    once: object | None  # CUDA: `split` and `reduce` in one launch (None on Metal)
 
     @staticmethod
     @cache
@@ -239,13 +281,14 @@ class Plan:
         parts = (("final", template), ("split", template), ("reduce", reduce_template))
         if backend_name == "cuda":  # the values go into the source; the calls pass none
             pass1 = "cuda_mma" if shape.tensor_cores else "cuda"
+            parts += (("once", template + [("MAX_SPLITS", MAX_SPLITS)]),)
             kernels = [
                 _kernel("cuda" if p == "reduce" else pass1, shape.name(p), p, cuda_constants(t))
                 for p, t in parts
             ]
             template, reduce_template = [], []
         else:  # Metal keeps template arguments (what has been written for it so far)
-            kernels = [_kernel(backend_name, shape.name(p), p) for p, _ in parts]
+            kernels = [_kernel(backend_name, shape.name(p), p) for p, _ in parts] + [None]
         heads_grid = shape.kv_heads * (shape.group // shape.query_tile)
         return Plan(shape, template, reduce_template, heads_grid, *kernels)
 
@@ -292,6 +335,7 @@ class Launch:
     step_inputs: tuple  # (tables, bounds, scale): the same for every layer of the step
     queries_shape: tuple
     queries_dtype: mx.Dtype
+    one_launch: bool = False  # several splits merged in pass 1's launch (`Plan.once`)
 
     def __call__(self, queries, k_pool, v_pool, sinks=None, tables=None) -> mx.array:
         """`queries` of the prepared shape and dtype; pools of the prepared pool's shape.
@@ -309,10 +353,18 @@ class Launch:
             )  # fmt: skip
             return out
         rows, q_heads, head_dim = shape[0], shape[1], shape[-1]
+        partials = [(rows * q_heads, self.splits, head_dim), (rows * q_heads, self.splits, 2)]
+        if self.one_launch:
+            arrivals = ARRIVALS.take(rows * plan.heads_grid)
+            _, _, out = plan.once(
+                inputs=inputs + [arrivals], template=plan.template, grid=self.grid,
+                threadgroup=(THREADS, 1, 1), output_shapes=partials + [shape],
+                output_dtypes=[mx.float32, mx.float32, self.queries_dtype],
+            )  # fmt: skip
+            return out
         o_acc, o_ml = plan.split(
             inputs=inputs, template=plan.template, grid=self.grid, threadgroup=(THREADS, 1, 1),
-            output_shapes=[(rows * q_heads, self.splits, head_dim), (rows * q_heads, self.splits, 2)],
-            output_dtypes=[mx.float32, mx.float32],
+            output_shapes=partials, output_dtypes=[mx.float32, mx.float32],
         )  # fmt: skip
         (out,) = plan.reduce(
             inputs=[o_acc, o_ml, sinks], template=plan.reduce_template,
@@ -339,7 +391,8 @@ def prepare(
     splits = num_splits if num_splits is not None else split_count(plan.shape, rows, batch.longest)
     grid = (splits * THREADS, plan.heads_grid, rows)
     step_inputs = (batch.tables, batch.bounds, _scalar(float(scale)))
-    return Launch(plan, splits, grid, step_inputs, tuple(queries.shape), queries.dtype)
+    one_launch = ONE_LAUNCH and splits > 1 and plan.once is not None
+    return Launch(plan, splits, grid, step_inputs, tuple(queries.shape), queries.dtype, one_launch)
 
 
 def paged_decode(

@@ -9,7 +9,8 @@
 //   merge    pass 1: its lane groups' states merged per output element (opens a loop)
 //   final    pass 1 epilogue when one split covers the sequence: normalised output
 //   split    pass 1 epilogue when several splits do: unnormalised partials
-//   reduce   pass 2 body: one warp per (sequence, query head) merges the splits
+//   reduce   pass 2 body: one threadblock per (sequence, query head) row; its merge is
+//   merge_splits  the splits of one row merged (pass 2, and the single launch's last block)
 //
 // Template constants (MLX turns them into constexprs): D head_dim, BS block_size,
 // KVH kv heads, G query heads per kv head, QT query heads per threadblock, L lanes
@@ -22,6 +23,7 @@
 #define PKV_LOG2E 1.4426950408889634f
 #define PKV_NEG_BIG -1e30f  // "no key yet": finite, so exp2(PKV_NEG_BIG - max) == 0 without NaN
 #define PKV_NEG_INF __int_as_float(0xff800000)  // a masked key's score
+#define PKV_PARTIAL(x) __ldcg(&(x))  // a split's partial, read through L2 (merge_splits)
 
 // 16 bytes of the pool as floats: 4 float32, or 8 float16 / bfloat16 (KIND).
 template <int KIND>
@@ -210,18 +212,24 @@ __device__ __forceinline__ void pkv_unpack(const uint4& raw, float* out) {
   }
 
 //// reduce
-  // One threadblock per (sequence, query head) row: merge its splits' partials.
-  // Weights exp2(m_s - max) go to shared memory once; then each thread sums its output
-  // elements over the splits (coalesced reads of the partials, independent loads).
+  // One threadblock per (sequence, query head) row: merge its splits' partials
+  // (`merge_splits`, which the single-launch form in paged_decode_once.cu also runs).
   constexpr int HQ = KVH * G;
   const int row = blockIdx.x, num_splits = o_ml_shape[1];
+
+//// merge_splits
+  // Merge the splits of row `row` (of num_splits). Weights exp2(m_s - max) go to shared memory
+  // once; then each thread sums its output elements over the splits (coalesced reads of the
+  // partials, independent loads). Partials are read through L2 (PKV_PARTIAL): in the single
+  // launch other threadblocks wrote them moments ago.
+  {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const float* ml = o_ml + (size_t)row * num_splits * 2;
   __shared__ float weights[MAX_SPLITS];
   __shared__ float across[4];
 
   float top = PKV_NEG_BIG;
-  for (int s = tid; s < num_splits; s += 128) top = fmaxf(top, ml[2 * s]);
+  for (int s = tid; s < num_splits; s += 128) top = fmaxf(top, PKV_PARTIAL(ml[2 * s]));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
   if (lane == 0) across[warp] = top;
@@ -233,9 +241,9 @@ __device__ __forceinline__ void pkv_unpack(const uint4& raw, float* out) {
 
   float sum = 0.f;
   for (int s = tid; s < num_splits; s += 128) {
-    float weight = exp2f(ml[2 * s] - top);
+    float weight = exp2f(PKV_PARTIAL(ml[2 * s]) - top);
     weights[s] = weight;
-    sum += weight * ml[2 * s + 1];
+    sum += weight * PKV_PARTIAL(ml[2 * s + 1]);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -248,6 +256,8 @@ __device__ __forceinline__ void pkv_unpack(const uint4& raw, float* out) {
   for (int d = tid; d < D; d += 128) {
     float out_d = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < num_splits; s++) out_d += weights[s] * partial[(size_t)s * D + d];
+    for (int s = 0; s < num_splits; s++) out_d += weights[s] * PKV_PARTIAL(partial[(size_t)s * D + d]);
     out[(size_t)row * D + d] = static_cast<TQ>(out_d / sum);
+  }
+  __syncthreads();  // `weights` and `across` are free again (the single launch merges QT rows)
   }

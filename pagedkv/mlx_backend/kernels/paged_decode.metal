@@ -12,6 +12,7 @@
 #define PKV_LOG2E 1.4426950408889634f
 #define PKV_NEG_BIG -1e30f  // "no key yet": finite, so exp2(PKV_NEG_BIG - max) == 0 without NaN
 #define PKV_NEG_INF (-INFINITY)  // a masked key's score
+#define PKV_PARTIAL(x) (x)  // a split's partial (CUDA reads it through L2; one launch per pass here)
 
 // 16 bytes of the pool as floats: 4 float32, or 8 float16 / bfloat16 (KIND).
 template <int KIND>
@@ -178,17 +179,21 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
 
 //// reduce
   // One threadgroup per (sequence, query head) row: merge its splits' partials.
-  // Weights exp2(m_s - max) go to threadgroup memory once; then each thread sums its output
-  // elements over the splits (coalesced reads of the partials, independent loads).
   constexpr int HQ = KVH * G;
   const int row = threadgroup_position_in_grid.x, num_splits = o_ml_shape[1];
+
+//// merge_splits
+  // Merge the splits of row `row` (of num_splits). Weights exp2(m_s - max) go to threadgroup
+  // memory once; then each thread sums its output elements over the splits (coalesced reads of
+  // the partials, independent loads).
+  {
   const int tid = thread_position_in_threadgroup.x, lane = tid % 32, warp = tid / 32;
   const size_t ml = size_t(row) * num_splits * 2;
   threadgroup float weights[MAX_SPLITS];
   threadgroup float across[4];
 
   float top = PKV_NEG_BIG;
-  for (int s = tid; s < num_splits; s += 128) top = max(top, o_ml[ml + 2 * s]);
+  for (int s = tid; s < num_splits; s += 128) top = max(top, PKV_PARTIAL(o_ml[ml + 2 * s]));
   for (int o = 16; o > 0; o >>= 1) top = max(top, simd_shuffle_xor(top, ushort(o)));
   if (lane == 0) across[warp] = top;
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -199,9 +204,9 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
 
   float sum = 0.f;
   for (int s = tid; s < num_splits; s += 128) {
-    float weight = exp2(o_ml[ml + 2 * s] - top);
+    float weight = exp2(PKV_PARTIAL(o_ml[ml + 2 * s]) - top);
     weights[s] = weight;
-    sum += weight * o_ml[ml + 2 * s + 1];
+    sum += weight * PKV_PARTIAL(o_ml[ml + 2 * s + 1]);
   }
   for (int o = 16; o > 0; o >>= 1) sum += simd_shuffle_xor(sum, ushort(o));
   if (lane == 0) across[warp] = sum;
@@ -212,6 +217,8 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
   const size_t partial = size_t(row) * num_splits * D;
   for (int d = tid; d < D; d += 128) {
     float out_d = 0.f;
-    for (int s = 0; s < num_splits; s++) out_d += weights[s] * o_acc[partial + size_t(s) * D + d];
+    for (int s = 0; s < num_splits; s++) out_d += weights[s] * PKV_PARTIAL(o_acc[partial + size_t(s) * D + d]);
     out[size_t(row) * D + d] = static_cast<TQ>(out_d / sum);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // `weights` and `across` are free again
   }

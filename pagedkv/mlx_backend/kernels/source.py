@@ -1,6 +1,7 @@
 """Kernel sources: `paged_decode.cu` and `paged_decode.metal`, cut into their `//// name` sections,
-and `paged_decode_mma.cu`, the tensor-core pass 1 for CUDA ("cuda_mma": its own header and
-partial; the in-block merge, epilogues and merge kernel of `paged_decode.cu`).
+`paged_decode_mma.cu`, the tensor-core pass 1 for CUDA ("cuda_mma": its own header and
+partial; the in-block merge, epilogues and merge kernel of `paged_decode.cu`), and
+`paged_decode_once.cu`, the CUDA epilogue that merges the splits in pass 1's own launch.
 
 The first two files hold the same kernel in the same order, so they can be read side by side; this
 module only splits them, drops comments and indentation (MLX rebuilds and hashes the whole source string
@@ -19,6 +20,7 @@ FILES = {
     "cuda": _HERE / "paged_decode.cu",
     "cuda_mma": _HERE / "paged_decode_mma.cu",
     "metal": _HERE / "paged_decode.metal",
+    "once": _HERE / "paged_decode_once.cu",  # the single-launch merge (CUDA)
     "write": _HERE / "write_rows.cu",  # the in-place decode write (kernels/write.py)
 }
 
@@ -51,3 +53,16 @@ def pass1_body(backend: str, split: bool) -> str:
     """Pass 1: the blocked online softmax, then the normalised output (one split) or partials."""
     shared = sections("cuda" if backend == "cuda_mma" else backend)
     return sections(backend)["partial"] + shared["merge"] + shared["split" if split else "final"]
+
+
+def reduce_body(backend: str) -> str:
+    """Pass 2: one threadblock per (sequence, query head) row merges that row's splits."""
+    parts = sections(backend)
+    return parts["reduce"] + parts["merge_splits"]
+
+
+def once_body(backend: str) -> str:
+    """Pass 1 with several splits and the merge in one CUDA launch: the split epilogue, then the
+    last threadblock of a (sequence, kv head, query tile) merges each of its QT rows."""
+    merge = sections("cuda")["merge_splits"]
+    return pass1_body(backend, split=True) + sections("once")["arrive"] + merge + "}\n"
