@@ -7,7 +7,6 @@ parity suite's (tests/parity/test_kernel_parity.py); what is decided on the host
 from __future__ import annotations
 
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -159,54 +158,23 @@ def test_several_splits_merge_in_the_same_launch_on_cuda(calls):
     assert call["dtypes"] == [mx.float32, mx.float32, mx.float16]
     *pass1, arrivals = call["inputs"]
     assert pass1[-1].tolist() == [0.5] * 8 and pass1[-1].dtype == mx.float32
-    assert arrivals.dtype == mx.int32 and arrivals.tolist() == [0] * (3 * 2)  # rows x kv heads
+    assert arrivals.dtype == mx.int32 and arrivals.tolist() == [0] * (3 * 2 + 1)  # rows x kv heads
     assert out.shape == queries.shape and out.dtype == mx.float16
 
 
-def test_each_single_launch_counts_on_counters_no_other_call_was_given(calls, monkeypatch):
-    monkeypatch.setattr(decode, "ARRIVALS", decode.Arrivals())
-    claimed = []
-    take = decode.ARRIVALS._claim
-    monkeypatch.setattr(decode.ARRIVALS, "_claim", lambda n: claimed.append(take(n)) or claimed[-1])
-    queries, k_pool, batch = inputs(longest=600)
-    launch = decode.prepare(queries, k_pool, batch, 0.1, False, backend_name="cuda")
-    for _ in range(3):  # three layers of one step: three sets of counters
-        launch(queries, k_pool, k_pool)
-    assert [start for _, start in claimed] == [0, 6, 12]
-    assert len({id(buffer) for buffer, _ in claimed}) == 1
-
-
-def test_counters_come_from_a_fresh_buffer_when_one_runs_out(monkeypatch):
-    monkeypatch.setattr(decode.Arrivals, "SIZE", 8)
-    arrivals = decode.Arrivals()
-    first, second, big = arrivals._claim(5), arrivals._claim(5), arrivals._claim(20)
-    assert first[1] == 0 and second[1] == 0 and first[0] is not second[0]  # 5 + 5 > 8
-    assert big[1] == 0 and big[0].shape == (20,)  # more than a buffer: one of its own
-    view = arrivals.take(3)
-    assert view.shape == (3,) and view.dtype == mx.int32 and view.tolist() == [0, 0, 0]
-
-
-def test_counters_handed_out_to_threads_never_overlap(monkeypatch):
-    monkeypatch.setattr(decode.Arrivals, "SIZE", 64)
-    arrivals, claimed = decode.Arrivals(), []
-
-    def worker():
-        for n in (3, 5, 7) * 20:
-            buffer, start = arrivals._claim(n)
-            claimed.append((buffer, start, start + n))  # holds the buffer: ids stay unique
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    by_buffer: dict[int, list] = {}
-    for buffer, start, stop in claimed:
-        by_buffer.setdefault(id(buffer), []).append((start, stop))
-    for ranges in by_buffer.values():
-        ranges.sort()
-        assert all(a_stop <= b_start for (_, a_stop), (b_start, _) in zip(ranges, ranges[1:]))
-        assert ranges[-1][1] <= 64
+def test_each_single_launch_counts_on_its_own_copy_of_zeros(calls):
+    """The counters are a broadcast view (strides 0) that MLX must copy for a kernel taking
+    row-contiguous inputs, so each launch gets a fresh zeroed buffer; never one element (that
+    would pass as contiguous and be shared)."""
+    queries, k_pool, batch = inputs(rows=1, longest=600)
+    queries, k_pool = queries[:, :2], k_pool[:, :, :1]  # 1 kv head x 1 tile: 1 counter
+    decode.paged_decode(queries, k_pool, k_pool, batch, 0.1, backend_name="cuda")
+    *_, arrivals = calls[0]["inputs"]
+    assert arrivals.shape == (2,) and arrivals.tolist() == [0, 0]
+    assert decode.zero_counters(1) is arrivals  # one view per count, built once
+    view = decode.zero_counters(6)
+    assert view.shape == (7,) and view.dtype == mx.int32 and not any(view.tolist())
+    assert mx.array_equal(mx.contiguous(view), mx.zeros((7,), mx.int32))
 
 
 @pytest.mark.parametrize("backend", ["cuda", "metal"])

@@ -18,9 +18,8 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 
@@ -206,34 +205,17 @@ def _scalar(value: float) -> mx.array:
     return mx.array([value], dtype=mx.float32)
 
 
-class Arrivals:
-    """Zeroed int32 counters for the single-launch merge (`paged_decode_once.cu`), each handed
-    out to one call only: MLX's CUDA graphs order kernels by their data alone, so two independent
-    calls may run at the same time and must not count on one counter. Counters come as views of
-    one zeroed buffer (a fresh buffer when it runs out), so a call costs a slice, not a fill."""
-
-    SIZE = 1 << 18  # counters per buffer (1 MiB): a call takes batch x kv heads x query tiles
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer: mx.array | None = None
-        self._next = 0
-
-    def take(self, count: int) -> mx.array:
-        """`count` zeroed counters no other call has been given."""
-        buffer, start = self._claim(count)
-        return buffer[start : start + count]
-
-    def _claim(self, count: int) -> tuple[mx.array, int]:
-        with self._lock:
-            if self._buffer is None or self._next + count > self._buffer.size:
-                self._buffer = mx.zeros((max(count, self.SIZE),), dtype=mx.int32)
-                self._next = 0
-            start, self._next = self._next, self._next + count
-            return self._buffer, start
-
-
-ARRIVALS = Arrivals()
+@lru_cache(maxsize=64)
+def zero_counters(count: int) -> mx.array:
+    """Arrival counters for the single-launch merge (`paged_decode_once.cu`): `count` + 1 zeros
+    as a broadcast view of one scalar. A kernel takes its inputs row-contiguous, so MLX copies
+    this view into a fresh zeroed buffer inside every launch's own evaluation: no two launches
+    count on one counter, not even two that MLX's CUDA graph runs at the same time or replays of
+    one call under mx.compile, and no counter needs putting back. One more element than
+    counted: a one-element view would count as contiguous and not be copied."""
+    zeros = mx.broadcast_to(mx.array(0, dtype=mx.int32), (count + 1,))
+    mx.eval(zeros)
+    return zeros
 
 
 def split_count(shape: Shape, batch: int, longest: int) -> int:
@@ -355,7 +337,7 @@ class Launch:
         rows, q_heads, head_dim = shape[0], shape[1], shape[-1]
         partials = [(rows * q_heads, self.splits, head_dim), (rows * q_heads, self.splits, 2)]
         if self.one_launch:
-            arrivals = ARRIVALS.take(rows * plan.heads_grid)
+            arrivals = zero_counters(rows * plan.heads_grid)
             _, _, out = plan.once(
                 inputs=inputs + [arrivals], template=plan.template, grid=self.grid,
                 threadgroup=(THREADS, 1, 1), output_shapes=partials + [shape],

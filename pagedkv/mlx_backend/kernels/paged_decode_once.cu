@@ -10,25 +10,25 @@
 // same partials, merged by the same code in the same order, so outputs are bitwise equal.
 //
 // `arrivals` (int32, one per threadblock group: [sequence][kv head x query tile], zero at launch)
-// counts the splits done. The input is const to MLX; the kernel writes it anyway, as
-// write_rows.cu does the pools. Independent kernels may run at the same time under MLX's CUDA
-// graphs, so kernels/decode.py gives every call counters no other call uses; the last block puts
-// its counter back to zero all the same, so a replayed launch (mx.compile) starts from zero.
+// counts the splits done. The input is const to MLX; the kernel writes it anyway. It is a copy
+// MLX makes for this launch alone (kernels/decode.py: `zero_counters`): independent kernels may
+// run at the same time under MLX's CUDA graphs, so no two launches may share a counter.
 // Metal keeps two launches: ordering between threadgroups of one dispatch is not something this
 // project can test without Apple hardware.
 
 //// arrive
-  // Every thread's partials reach L2 before its block is counted (fence, then barrier).
+  // Release: every thread's partials are visible device-wide before its block is counted.
+  // Acquire: the counting thread fences after seeing the count, before the barrier that lets
+  // its block read the other blocks' partials (through L2: PKV_PARTIAL).
   __shared__ bool pkv_last;
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     int* arrived = const_cast<int*>(arrivals) + (size_t)b * gridDim.y + blockIdx.y;
     pkv_last = atomicAdd(arrived, 1) == num_splits - 1;
-    if (pkv_last) *arrived = 0;  // every other split has counted itself: reset for a replay
+    __threadfence();
   }
   __syncthreads();
   if (!pkv_last) return;
-  __threadfence();  // the other blocks' partials, read below through L2, are complete
   for (int g = 0; g < QT; g++) {
     const int row = b * HQ + head0 + g;
