@@ -3,8 +3,8 @@
 
     python tools/call_cost.py
 
-The kernel is timed as shipped (on CUDA the splits merge in pass 1's launch) and as the split
-pass plus the merge kernel (the two-launch form).
+The kernel is timed as shipped and with its splits merged the other way (in pass 1's launch, or
+by a second kernel: `decode.ONE_LAUNCH`).
 Llama-3-8B's attention shape at batch 1 and 2k context, bfloat16. Times graph building only (no
 evaluation), 3000 calls each: what every layer of a decode step pays in Python and MLX's C++ before
 the device sees anything. Needs a GPU with a kernel backend (the kernel object cannot be built on
@@ -40,16 +40,16 @@ def main() -> None:
         return timeit.timeit(fn, number=CALLS) / CALLS * 1e6
 
     kernel = per_call_us(lambda: launch(queries, pool, pool))
-    two = dataclasses.replace(launch, one_launch=False)  # split pass + merge kernel
-    mx.eval(two(queries, pool, pool))
-    two_launches = per_call_us(lambda: two(queries, pool, pool))
+    other = dataclasses.replace(launch, one_launch=not launch.one_launch)  # the other merge
+    mx.eval(other(queries, pool, pool))
+    other_us = per_call_us(lambda: other(queries, pool, pool))
     sdpa = per_call_us(
         lambda: mx.fast.scaled_dot_product_attention(queries, keys, keys, scale=0.088)
     )
     write = per_call_us(lambda: pool.__setitem__((5, slice(3, 4)), row))
     print(
         f"graph building per call: kernel {kernel:.2f} us ({launch.splits} splits, one launch: "
-        f"{launch.one_launch}; as two launches {two_launches:.2f} us), mx.fast.sdpa {sdpa:.2f} us, "
+        f"{launch.one_launch}; the other way {other_us:.2f} us), mx.fast.sdpa {sdpa:.2f} us, "
         f"pool row write {write:.2f} us"
     )
 

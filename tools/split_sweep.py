@@ -9,8 +9,8 @@ ids) and so is the timing: many calls per synchronize, consecutive calls on diff
 the K/V so nothing is read from L2 (`pagedkv.benchmarks.gather`). Per cell it prints
 microseconds per call for contiguous SDPA (MLX's default path: cuDNN on CUDA), the kernel with the
 count `split_count` picks, and the kernel at every forced count the cell allows; the best forced
-count is starred. On CUDA it also times the rule's count with the splits merged by a second
-kernel (`two_launch_us`, the form before the single launch). What the next change to
+count is starred. On CUDA it also times the rule's count both ways the splits can merge: in pass
+1's launch (`one_launch_us`) and by a second kernel (`two_launch_us`). What the next change to
 `decode.split_count` or the kernel is judged by. Needs a GPU with a kernel backend (CUDA; Metal
 untested); on the CPU it says so and exits 1.
 """
@@ -62,12 +62,14 @@ def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, f
     }
     row["rule_splits"] = decode.prepare(query, pools[0][0], decode_batch, scale, False).splits
     row["rule_us"] = kernel_us(None)
-    if decode.backend() == "cuda" and row["rule_splits"] > 1:  # A/B: the merge as its own kernel
-        decode.ONE_LAUNCH = False
+    if decode.backend() == "cuda" and row["rule_splits"] > 1:  # A/B: where the splits merge
+        shipped = decode.ONE_LAUNCH
         try:
-            row["two_launch_us"] = kernel_us(None)
+            for one_launch, column in ((True, "one_launch_us"), (False, "two_launch_us")):
+                decode.ONE_LAUNCH = one_launch
+                row[column] = kernel_us(None)
         finally:
-            decode.ONE_LAUNCH = True
+            decode.ONE_LAUNCH = shipped
     blocks = -(-context // BLOCK)
     for n in splits:
         if n <= min(blocks, decode.MAX_SPLITS):  # a split holds whole blocks
@@ -78,8 +80,8 @@ def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, f
 def two_launch_text(row: dict) -> str:
     if "two_launch_us" not in row:
         return ""
-    us = row["two_launch_us"]
-    return f"; as two launches {us:.1f} us, {us / row['cudnn_us']:.2f}x"
+    one, two, cudnn = row["one_launch_us"], row["two_launch_us"], row["cudnn_us"]
+    return f"; one launch {one:.1f} us {one / cudnn:.2f}x, two launches {two:.1f} us {two / cudnn:.2f}x"
 
 
 def main(argv: list[str]) -> int:
