@@ -233,6 +233,7 @@ def test_one_launch_equals_two_launches_bit_for_bit(
     (queries, k_pool, v_pool, batch, sink_logits), _, _ = case(
         dtype, head_dim, 16, group, RAGGED + [2000], sinks=sinks
     )
+    monkeypatch.setattr(kernel, "ONE_LAUNCH", True)
     one = kernel.prepare(queries, k_pool, batch, 0.1, sinks, splits)
     monkeypatch.setattr(kernel, "ONE_LAUNCH", False)
     two = kernel.prepare(queries, k_pool, batch, 0.1, sinks, splits)
@@ -242,9 +243,10 @@ def test_one_launch_equals_two_launches_bit_for_bit(
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the single-launch merge is CUDA's (Metal: two launches)")
-def test_one_launch_calls_evaluated_together_each_count_on_their_own_counters():
+def test_one_launch_calls_evaluated_together_each_count_on_their_own_counters(monkeypatch):
     """Forty independent calls in one evaluation (MLX's CUDA graph may run them at the same time),
     on two shapes: every output equals the same call evaluated alone."""
+    monkeypatch.setattr(kernel, "ONE_LAUNCH", True)
     cases = [case("float16", 128, 16, 4, RAGGED + [3000], seed=s)[0] for s in (1, 2)]
     alone = [kernel.paged_decode(q, k, v, batch, 0.1, num_splits=16) for q, k, v, batch, _ in cases]
     mx.eval(alone)
@@ -259,10 +261,11 @@ def test_one_launch_calls_evaluated_together_each_count_on_their_own_counters():
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the single-launch merge is CUDA's (Metal: two launches)")
-def test_compiled_calls_replayed_together_each_count_on_their_own_counters():
+def test_compiled_calls_replayed_together_each_count_on_their_own_counters(monkeypatch):
     """Under mx.compile the counters are part of the compiled graph; MLX copies them into a fresh
     buffer at every replay (`decode.zero_counters`), so replays evaluated together, which the
     CUDA graph may run at the same time, stay exact; and so do later replays."""
+    monkeypatch.setattr(kernel, "ONE_LAUNCH", True)
     (queries, k_pool, v_pool, batch, _), _, _ = case("bfloat16", 128, 16, 4, RAGGED + [1500])
     inputs = [queries * scale for scale in (1.0, 2.0, -0.5)]
     want = [kernel.paged_decode(q, k_pool, v_pool, batch, 0.1, num_splits=6) for q in inputs]

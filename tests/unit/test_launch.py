@@ -145,7 +145,8 @@ def test_one_split_is_one_launch_of_the_final_pass(calls):
     assert sinks.tolist() == [0.0] and sinks.dtype == mx.float32  # no sinks: one unused float
 
 
-def test_several_splits_merge_in_the_same_launch_on_cuda(calls):
+def test_several_splits_merge_in_the_same_launch_on_cuda(calls, monkeypatch):
+    monkeypatch.setattr(decode, "ONE_LAUNCH", True)
     queries, k_pool, batch = inputs(longest=600)
     sinks = mx.array([0.5] * 8, mx.bfloat16)
     out = decode.paged_decode(queries, k_pool, k_pool, batch, 0.125, sinks, backend_name="cuda")
@@ -162,10 +163,11 @@ def test_several_splits_merge_in_the_same_launch_on_cuda(calls):
     assert out.shape == queries.shape and out.dtype == mx.float16
 
 
-def test_each_single_launch_counts_on_its_own_copy_of_zeros(calls):
+def test_each_single_launch_counts_on_its_own_copy_of_zeros(calls, monkeypatch):
     """The counters are a broadcast view (strides 0) that MLX must copy for a kernel taking
     row-contiguous inputs, so each launch gets a fresh zeroed buffer; never one element (that
     would pass as contiguous and be shared)."""
+    monkeypatch.setattr(decode, "ONE_LAUNCH", True)
     queries, k_pool, batch = inputs(rows=1, longest=600)
     queries, k_pool = queries[:, :2], k_pool[:, :, :1]  # 1 kv head x 1 tile: 1 counter
     decode.paged_decode(queries, k_pool, k_pool, batch, 0.1, backend_name="cuda")
@@ -179,8 +181,9 @@ def test_each_single_launch_counts_on_its_own_copy_of_zeros(calls):
 
 @pytest.mark.parametrize("backend", ["cuda", "metal"])
 def test_several_splits_write_partials_that_the_reduce_kernel_merges(calls, backend, monkeypatch):
-    """Metal always, CUDA with ONE_LAUNCH off (the A/B form): pass 1, then the merge kernel."""
-    monkeypatch.setattr(decode, "ONE_LAUNCH", False)
+    """Metal always; CUDA as shipped (ONE_LAUNCH off): pass 1, then the merge kernel. Metal
+    merges this way even with ONE_LAUNCH on."""
+    monkeypatch.setattr(decode, "ONE_LAUNCH", backend == "metal")
     queries, k_pool, batch = inputs(longest=600)
     sinks = mx.array([0.5] * 8, mx.bfloat16)
     out = decode.paged_decode(queries, k_pool, k_pool, batch, 0.125, sinks, backend_name=backend)
@@ -231,7 +234,7 @@ def test_a_forced_split_count_is_the_launch_grid(calls, forced):
     assert launch.splits == forced
     launch(queries, k_pool, k_pool)
     assert calls[0]["grid"] == (forced * THREADS, 2, 3)
-    assert [c["part"] for c in calls] == (["final"] if forced == 1 else ["once"])
+    assert [c["part"] for c in calls] == (["final"] if forced == 1 else ["split", "reduce"])
 
 
 def test_a_prepared_launch_serves_every_layer_of_the_step(calls):

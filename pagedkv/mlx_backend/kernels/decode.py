@@ -8,9 +8,10 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
 - the query tile `QT`: how many of a kv head's G query heads one threadblock serves from each
   K/V load (G itself when the registers and the merge buffer allow);
 - the split count: enough splits that a launch fills the GPU, none shorter than MIN_SPLIT_KEYS
-  keys (`split_count`). One split is one pass. On CUDA the splits' partials are merged in the
-  same launch (`paged_decode_once.cu`: the last threadblock of each group merges them;
-  `ONE_LAUNCH`); on Metal a second kernel merges them;
+  keys (`split_count`). One split is one pass; several write partials that a second kernel
+  merges. On CUDA they can instead merge in pass 1's own launch (`paged_decode_once.cu`: the
+  last threadblock of each group merges them), which is off until it has run on a GPU
+  (`ONE_LAUNCH`; ADR 0002, thirteenth session);
 - on CUDA GPUs with tensor cores (sm_80 and later), for 16-bit pools read by queries of the same
   dtype and head_dim a multiple of 32 up to 128, pass 1 is `paged_decode_mma.cu` instead
   (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions.
@@ -30,7 +31,10 @@ TARGET_BLOCKS = 512  # threadblocks a launch aims at: one wave, ~4 per SM on an 
 TARGET_BLOCKS_MMA = 256  # the same for the tensor-core pass 1: 2 per SM (198 registers at d128)
 MIN_SPLIT_KEYS = 256  # no split reads fewer keys: shorter ones cost more to merge than they add
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
-ONE_LAUNCH = True  # CUDA: merge the splits in pass 1's launch (False: a second kernel, for A/B)
+# CUDA: merge the splits in pass 1's launch instead of a second kernel. Written, compiled by
+# nvcc, never yet run on a GPU: off until the GPU parity suite and an A/B (tools/split_sweep.py)
+# have. Set it True to try; the tests and tools set it to compare both forms.
+ONE_LAUNCH = False
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the GPU parity suite runs
