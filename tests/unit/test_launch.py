@@ -227,14 +227,18 @@ def test_cuda_constants_follow_the_pass_1_source(calls):
     assert f"constexpr int U = {shape.unroll};" in simt["constants"]
 
 
+@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("forced", [1, 5, decode.MAX_SPLITS])
-def test_a_forced_split_count_is_the_launch_grid(calls, forced):
+def test_a_forced_split_count_is_the_launch_grid(calls, forced, one_launch, monkeypatch):
+    monkeypatch.setattr(decode, "ONE_LAUNCH", one_launch)
     queries, k_pool, batch = inputs()
     launch = decode.prepare(queries, k_pool, batch, 0.1, False, forced, "cuda")
     assert launch.splits == forced
+    assert launch.one_launch == (one_launch and forced > 1)  # one split has nothing to merge
     launch(queries, k_pool, k_pool)
     assert calls[0]["grid"] == (forced * THREADS, 2, 3)
-    assert [c["part"] for c in calls] == (["final"] if forced == 1 else ["split", "reduce"])
+    several = ["once"] if one_launch else ["split", "reduce"]
+    assert [c["part"] for c in calls] == (["final"] if forced == 1 else several)
 
 
 def test_a_prepared_launch_serves_every_layer_of_the_step(calls):

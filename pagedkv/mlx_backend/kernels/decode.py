@@ -321,7 +321,7 @@ class Launch:
     step_inputs: tuple  # (tables, bounds, scale): the same for every layer of the step
     queries_shape: tuple
     queries_dtype: mx.Dtype
-    one_launch: bool = False  # several splits merged in pass 1's launch (`Plan.once`)
+    one_launch: bool  # several splits merged in pass 1's launch (`Plan.once`)
 
     def __call__(self, queries, k_pool, v_pool, sinks=None, tables=None) -> mx.array:
         """`queries` of the prepared shape and dtype; pools of the prepared pool's shape.
