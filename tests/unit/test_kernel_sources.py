@@ -101,7 +101,7 @@ def test_the_single_launch_merge_reads_what_both_cuda_passes_1_declare():
     """paged_decode_once.cu's `arrive` runs after either CUDA pass 1's `split` epilogue, then
     `merge_splits` once per query of the tile: the names it takes from pass 1 are declared by
     both, and the joined body closes every brace it opens."""
-    assert list(ONCE) == ["arrive"]
+    assert list(ONCE) == ["arrive", "close"]
     taken = {"b", "head0", "HQ", "num_splits"}
     assert taken <= set(IDENTIFIER.findall(ONCE["arrive"] + CUDA["merge_splits"]))
     for backend in ("cuda", "cuda_mma"):

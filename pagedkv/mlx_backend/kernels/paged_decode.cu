@@ -23,7 +23,7 @@
 #define PKV_LOG2E 1.4426950408889634f
 #define PKV_NEG_BIG -1e30f  // "no key yet": finite, so exp2(PKV_NEG_BIG - max) == 0 without NaN
 #define PKV_NEG_INF __int_as_float(0xff800000)  // a masked key's score
-#define PKV_PARTIAL(x) __ldcg(&(x))  // a split's partial, read through L2 (merge_splits)
+#define PKV_PARTIAL(x) (x)  // a split's partial (the single launch reads it through L2)
 
 // 16 bytes of the pool as floats: 4 float32, or 8 float16 / bfloat16 (KIND).
 template <int KIND>
@@ -220,9 +220,7 @@ __device__ __forceinline__ void pkv_unpack(const uint4& raw, float* out) {
 //// merge_splits
   // Merge the splits of row `row` (of num_splits). Weights exp2(m_s - max) go to shared memory
   // once; then each thread sums its output elements over the splits (coalesced reads of the
-  // partials, independent loads). Partials are read through L2 (PKV_PARTIAL): in the single
-  // launch other threadblocks wrote them moments ago.
-  {
+  // partials, independent loads).
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const float* ml = o_ml + (size_t)row * num_splits * 2;
   __shared__ float weights[MAX_SPLITS];
@@ -258,6 +256,4 @@ __device__ __forceinline__ void pkv_unpack(const uint4& raw, float* out) {
 #pragma unroll 8
     for (int s = 0; s < num_splits; s++) out_d += weights[s] * PKV_PARTIAL(partial[(size_t)s * D + d]);
     out[(size_t)row * D + d] = static_cast<TQ>(out_d / sum);
-  }
-  __syncthreads();  // `weights` and `across` are free again (the single launch merges QT rows)
   }

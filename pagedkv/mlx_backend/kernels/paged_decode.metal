@@ -12,7 +12,7 @@
 #define PKV_LOG2E 1.4426950408889634f
 #define PKV_NEG_BIG -1e30f  // "no key yet": finite, so exp2(PKV_NEG_BIG - max) == 0 without NaN
 #define PKV_NEG_INF (-INFINITY)  // a masked key's score
-#define PKV_PARTIAL(x) (x)  // a split's partial (CUDA reads it through L2; one launch per pass here)
+#define PKV_PARTIAL(x) (x)  // a split's partial (CUDA's single launch reads it through L2)
 
 // 16 bytes of the pool as floats: 4 float32, or 8 float16 / bfloat16 (KIND).
 template <int KIND>
@@ -186,7 +186,6 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
   // Merge the splits of row `row` (of num_splits). Weights exp2(m_s - max) go to threadgroup
   // memory once; then each thread sums its output elements over the splits (coalesced reads of
   // the partials, independent loads).
-  {
   const int tid = thread_position_in_threadgroup.x, lane = tid % 32, warp = tid / 32;
   const size_t ml = size_t(row) * num_splits * 2;
   threadgroup float weights[MAX_SPLITS];
@@ -219,6 +218,4 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
     float out_d = 0.f;
     for (int s = 0; s < num_splits; s++) out_d += weights[s] * PKV_PARTIAL(o_acc[partial + size_t(s) * D + d]);
     out[size_t(row) * D + d] = static_cast<TQ>(out_d / sum);
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // `weights` and `across` are free again
   }

@@ -30,7 +30,7 @@
 #define PKV_LOG2E 1.4426950408889634f
 #define PKV_NEG_BIG -1e30f  // "no key yet": finite, so exp2(PKV_NEG_BIG - max) == 0 without NaN
 #define PKV_NEG_INF __int_as_float(0xff800000)  // a masked key's score
-#define PKV_PARTIAL(x) __ldcg(&(x))  // a split's partial, read through L2 (merge_splits)
+#define PKV_PARTIAL(x) (x)  // a split's partial (the single launch reads it through L2)
 
 // Two floats as one 32-bit pair of the pool's 16-bit type (KIND 1 float16, 2 bfloat16), lo first.
 template <int KIND>

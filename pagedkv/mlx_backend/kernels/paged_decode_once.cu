@@ -1,8 +1,8 @@
 // Split-K decode in one launch (CUDA): pass 1 with several splits, then the last threadblock of
 // each (sequence, kv head, query tile) to finish merges the splits' partials itself, so no
-// second kernel is launched. Appended to pass 1's `split` epilogue (paged_decode.cu or
-// paged_decode_mma.cu), followed by paged_decode.cu's `merge_splits` once per query of the tile
-// and a closing brace (kernels/source.py: `once_body`).
+// second kernel is launched. `arrive` follows pass 1's `split` epilogue (paged_decode.cu or
+// paged_decode_mma.cu) and opens a loop over the tile's queries whose body is paged_decode.cu's
+// `merge_splits`, closed by `close` (kernels/source.py: `once_body`).
 //
 // Why: a decode call at batch 1 waits on the host, not the GPU (two custom-kernel launches cost
 // about 29 us of host time on the H200 against cuDNN's 6; docs/benchmarks.md section 3), and the
@@ -30,5 +30,11 @@
   }
   __syncthreads();
   if (!pkv_last) return;
+#undef PKV_PARTIAL
+#define PKV_PARTIAL(x) __ldcg(&(x))  // written by other threadblocks during this launch
   for (int g = 0; g < QT; g++) {
     const int row = b * HQ + head0 + g;
+
+//// close
+    __syncthreads();  // `weights` and `across` are free again for the tile's next query
+  }
