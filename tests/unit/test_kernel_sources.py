@@ -119,3 +119,16 @@ def test_both_merge_kernels_are_the_setup_and_the_shared_merge():
         assert "num_splits = o_ml_shape[1]" in parts["reduce"]
         body = source.reduce_body(backend)
         assert body.count("{") == body.count("}"), backend
+
+
+def test_only_the_single_launch_reads_partials_through_l2():
+    """The two-launch merge reads its partials with plain loads, as it did when the GPU suites
+    verified it; the single launch, whose partials other threadblocks wrote during the same
+    launch, redefines PKV_PARTIAL to an L2 load after its blocks have arrived."""
+    for backend in ("cuda", "cuda_mma", "metal"):
+        assert "#define PKV_PARTIAL(x) (x)" in source.sections(backend)["header"], backend
+    assert "__ldcg" not in source.reduce_body("cuda")
+    arrive = ONCE["arrive"]
+    assert arrive.index("#define PKV_PARTIAL(x) __ldcg(&(x))") > arrive.index(
+        "if (!pkv_last) return;"
+    )
