@@ -163,11 +163,8 @@ def _kernel(backend_name: str, name: str, part: str, constants: str = ""):
     `constants`: declarations put before the body (CUDA: the variant's template values)."""
     parts = source.sections(backend_name)
     if part == "reduce":
-        inputs, outputs, body = (
-            ["o_acc", "o_ml", "sinks"],
-            ["out"],
-            source.reduce_body(backend_name),
-        )
+        inputs, outputs = ["o_acc", "o_ml", "sinks"], ["out"]
+        body = source.reduce_body(backend_name)
     elif part == "once":  # CUDA only: pass 1 and the merge in one launch
         inputs = ["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks", "arrivals"]
         outputs, body = ["o_acc", "o_ml", "out"], source.once_body(backend_name)
