@@ -3,12 +3,13 @@
 
     python tools/call_cost.py
 
-The kernel is timed as shipped and with its splits merged the other way (in pass 1's launch, or
-by a second kernel: `decode.ONE_LAUNCH`).
 Llama-3-8B's attention shape at batch 1 and 2k context, bfloat16. Times graph building only (no
 evaluation), 3000 calls each: what every layer of a decode step pays in Python and MLX's C++ before
 the device sees anything. Needs a GPU with a kernel backend (the kernel object cannot be built on
 the CPU).
+
+The kernel is timed as shipped and with its splits merged the other way (in pass 1's launch, or
+by a second kernel: `decode.ONE_LAUNCH`).
 """
 
 from __future__ import annotations
