@@ -1,6 +1,6 @@
 """The paged decode kernel at forced split counts against the split-count rule and cuDNN.
 
-    python tools/split_sweep.py [CELLS] [--splits 1,2,4,...] [--csv PATH]
+    python tools/split_sweep.py [CELLS] [--splits 1,2,4,...] [--csv PATH] [--ab-rounds N]
     e.g.  python tools/split_sweep.py 2048x1,8192x1,32768x1,4096x16
 
 CELLS: context x batch (default: 2048, 8192 and 32768 at batch 1, 4 and 16). The cell is
@@ -10,7 +10,8 @@ the K/V so nothing is read from L2 (`pagedkv.benchmarks.gather`). Per cell it pr
 microseconds per call for contiguous SDPA (MLX's default path: cuDNN on CUDA), the kernel with the
 count `split_count` picks, and the kernel at every forced count the cell allows; the best forced
 count is starred. On CUDA it also times the rule's count both ways the splits can merge: in pass
-1's launch (`one_launch_us`) and by a second kernel (`two_launch_us`). What the next change to
+1's launch (`one_launch_us`) and by a second kernel (`two_launch_us`), alternated `--ab-rounds`
+times (median; a batch-1 cell moves by up to 10 us between two timings of the same code). What the next change to
 `decode.split_count` or the kernel is judged by. Needs a GPU with a kernel backend (CUDA; Metal
 untested); on the CPU it says so and exits 1.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 
 from pagedkv.benchmarks.gather import (
@@ -44,7 +46,9 @@ def parse_splits(text: str) -> tuple[int, ...]:
     return tuple(int(i) for i in items)
 
 
-def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, float]:
+def sweep_cell(
+    context: int, batch: int, splits: tuple[int, ...], ab_rounds: int = 1
+) -> dict[str, float]:
     query, pools, dense, decode_batch = cell_arrays(context, batch, BLOCK)
     scale = HEAD_DIM**-0.5
 
@@ -63,13 +67,15 @@ def sweep_cell(context: int, batch: int, splits: tuple[int, ...]) -> dict[str, f
     row["rule_splits"] = decode.prepare(query, pools[0][0], decode_batch, scale, False).splits
     row["rule_us"] = kernel_us(None)
     if decode.backend() == "cuda" and row["rule_splits"] > 1:  # A/B: where the splits merge
-        shipped = decode.ONE_LAUNCH
+        shipped, times = decode.ONE_LAUNCH, {"one_launch_us": [], "two_launch_us": []}
         try:
-            for one_launch, column in ((True, "one_launch_us"), (False, "two_launch_us")):
-                decode.ONE_LAUNCH = one_launch
-                row[column] = kernel_us(None)
+            for _ in range(ab_rounds):  # alternated, so a drift in clocks hits both alike
+                for one_launch, column in ((True, "one_launch_us"), (False, "two_launch_us")):
+                    decode.ONE_LAUNCH = one_launch
+                    times[column].append(kernel_us(None))
         finally:
             decode.ONE_LAUNCH = shipped
+        row.update({column: statistics.median(t) for column, t in times.items()})
     blocks = -(-context // BLOCK)
     for n in splits:
         if n <= min(blocks, decode.MAX_SPLITS):  # a split holds whole blocks
@@ -91,18 +97,23 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--splits", default=",".join(map(str, DEFAULT_SPLITS)))
     parser.add_argument("--csv", default=None, help="also write the rows here")
+    parser.add_argument(
+        "--ab-rounds", type=int, default=3, help="one/two-launch timings alternated, median taken"
+    )
     args = parser.parse_args(argv)
     try:
         cells = parse_cells(args.cells) if args.cells else DEFAULT_CELLS
         splits = parse_splits(args.splits)
     except ValueError as error:
         parser.error(str(error))
+    if args.ab_rounds < 1:
+        parser.error(f"--ab-rounds must be at least 1, got {args.ab_rounds}")
     if decode.backend() is None:
         print("split_sweep: the default device has no kernel backend (CUDA or Metal GPU)")
         return 1
     rows = []
     for i, (context, batch) in enumerate(cells, 1):
-        row = sweep_cell(context, batch, splits)
+        row = sweep_cell(context, batch, splits, args.ab_rounds)
         rows.append(row)
         forced = {k: v for k, v in row.items() if k.startswith("s") and k.endswith("_us")}
         best = min(forced, key=forced.get, default=None)  # none when every count is too many

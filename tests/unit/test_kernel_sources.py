@@ -99,8 +99,9 @@ ONCE = source.sections("once")
 
 def test_the_single_launch_merge_reads_what_both_cuda_passes_1_declare():
     """paged_decode_once.cu's `arrive` runs after either CUDA pass 1's `split` epilogue, then
-    `merge_splits` once per query of the tile: the names it takes from pass 1 are declared by
-    both, and the joined body closes every brace it opens."""
+    `merge_splits` for the tile's QT rows at once (MR = QT; the merge kernel's MR is 1): the
+    names it takes from pass 1 are declared by both, and the joined body closes every brace it
+    opens."""
     assert list(ONCE) == ["arrive", "close"]
     taken = {"b", "head0", "HQ", "num_splits"}
     assert taken <= set(IDENTIFIER.findall(ONCE["arrive"] + CUDA["merge_splits"]))
@@ -110,6 +111,9 @@ def test_the_single_launch_merge_reads_what_both_cuda_passes_1_declare():
         assert body.count("{") == body.count("}"), backend
         assert body.startswith(source.pass1_body(backend, split=True)), backend
         assert "#define PKV_PARTIAL" in source.sections(backend)["header"], backend
+    assert "constexpr int MR = QT;" in ONCE["arrive"]
+    for merge_kernel in (CUDA["reduce"], METAL["reduce"]):
+        assert "constexpr int MR = 1;" in merge_kernel
 
 
 def test_both_merge_kernels_are_the_setup_and_the_shared_merge():

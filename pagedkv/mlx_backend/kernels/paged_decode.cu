@@ -213,47 +213,82 @@ __device__ __forceinline__ void pkv_unpack(const uint4& raw, float* out) {
 
 //// reduce
   // One threadblock per (sequence, query head) row: merge its splits' partials
-  // (`merge_splits`, which the single-launch form in paged_decode_once.cu also runs).
+  // (`merge_splits`, which the single-launch form in paged_decode_once.cu also runs, there for
+  // the QT rows of a query tile at once).
   constexpr int HQ = KVH * G;
-  const int row = blockIdx.x, num_splits = o_ml_shape[1];
+  constexpr int MR = 1;
+  const int row0 = blockIdx.x, num_splits = o_ml_shape[1];
 
 //// merge_splits
-  // Merge the splits of row `row` (of num_splits). Weights exp2(m_s - max) go to shared memory
-  // once; then each thread sums its output elements over the splits (coalesced reads of the
-  // partials, independent loads).
+  // Merge the splits of the MR consecutive rows from `row0` (num_splits each). Weights
+  // exp2(m_s - max) go to shared memory once; then each thread sums its output elements over
+  // the splits (coalesced reads of the partials, independent loads). The rows' loads are issued
+  // together, so MR rows wait about as long as one; a row's arithmetic, and its order, is the
+  // same whatever MR is.
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const float* ml = o_ml + (size_t)row * num_splits * 2;
-  __shared__ float weights[MAX_SPLITS];
-  __shared__ float across[4];
-
-  float top = PKV_NEG_BIG;
-  for (int s = tid; s < num_splits; s += 128) top = fmaxf(top, PKV_PARTIAL(ml[2 * s]));
+  __shared__ float weights[MR][MAX_SPLITS];
+  __shared__ float across[MR][4];
+  float top[MR], sink[MR], sum[MR];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-  if (lane == 0) across[warp] = top;
-  __syncthreads();
-  top = fmaxf(fmaxf(across[0], across[1]), fmaxf(across[2], across[3]));
-  const float sink = HAS_SINKS ? sinks[row % HQ] * PKV_LOG2E : PKV_NEG_BIG;
-  top = fmaxf(top, sink);
-  __syncthreads();  // everyone has read `across` before it is reused below
+  for (int r = 0; r < MR; r++) top[r] = PKV_NEG_BIG;
 
-  float sum = 0.f;
   for (int s = tid; s < num_splits; s += 128) {
-    float weight = exp2f(PKV_PARTIAL(ml[2 * s]) - top);
-    weights[s] = weight;
-    sum += weight * PKV_PARTIAL(ml[2 * s + 1]);
+#pragma unroll
+    for (int r = 0; r < MR; r++) {
+      const float* ml = o_ml + ((size_t)(row0 + r) * num_splits + s) * 2;
+      top[r] = fmaxf(top[r], PKV_PARTIAL(ml[0]));
+    }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) across[warp] = sum;
+  for (int r = 0; r < MR; r++) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) top[r] = fmaxf(top[r], __shfl_xor_sync(0xffffffffu, top[r], o));
+    if (lane == 0) across[r][warp] = top[r];
+  }
   __syncthreads();
-  sum = across[0] + across[1] + across[2] + across[3];
-  if (HAS_SINKS) sum += exp2f(sink - top);
+#pragma unroll
+  for (int r = 0; r < MR; r++) {
+    top[r] = fmaxf(fmaxf(across[r][0], across[r][1]), fmaxf(across[r][2], across[r][3]));
+    sink[r] = HAS_SINKS ? sinks[(row0 + r) % HQ] * PKV_LOG2E : PKV_NEG_BIG;
+    top[r] = fmaxf(top[r], sink[r]);
+    sum[r] = 0.f;
+  }
+  __syncthreads();  // everyone has read `across` before it is reused below
 
-  const float* partial = o_acc + (size_t)row * num_splits * D;
+  for (int s = tid; s < num_splits; s += 128) {
+#pragma unroll
+    for (int r = 0; r < MR; r++) {
+      const float* ml = o_ml + ((size_t)(row0 + r) * num_splits + s) * 2;
+      float weight = exp2f(PKV_PARTIAL(ml[0]) - top[r]);
+      weights[r][s] = weight;
+      sum[r] += weight * PKV_PARTIAL(ml[1]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < MR; r++) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], o);
+    if (lane == 0) across[r][warp] = sum[r];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < MR; r++) {
+    sum[r] = across[r][0] + across[r][1] + across[r][2] + across[r][3];
+    if (HAS_SINKS) sum[r] += exp2f(sink[r] - top[r]);
+  }
+
   for (int d = tid; d < D; d += 128) {
-    float out_d = 0.f;
+    float out_d[MR];
+#pragma unroll
+    for (int r = 0; r < MR; r++) out_d[r] = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < num_splits; s++) out_d += weights[s] * PKV_PARTIAL(partial[(size_t)s * D + d]);
-    out[(size_t)row * D + d] = static_cast<TQ>(out_d / sum);
+    for (int s = 0; s < num_splits; s++) {
+#pragma unroll
+      for (int r = 0; r < MR; r++) {
+        const float* partial = o_acc + ((size_t)(row0 + r) * num_splits + s) * D;
+        out_d[r] += weights[r][s] * PKV_PARTIAL(partial[d]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < MR; r++) out[(size_t)(row0 + r) * D + d] = static_cast<TQ>(out_d[r] / sum[r]);
   }

@@ -178,44 +178,68 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
   }
 
 //// reduce
-  // One threadgroup per (sequence, query head) row: merge its splits' partials.
+  // One threadgroup per (sequence, query head) row: merge its splits' partials (`merge_splits`,
+  // written for MR rows at once like paged_decode.cu's; Metal always merges one).
   constexpr int HQ = KVH * G;
-  const int row = threadgroup_position_in_grid.x, num_splits = o_ml_shape[1];
+  constexpr int MR = 1;
+  const int row0 = threadgroup_position_in_grid.x, num_splits = o_ml_shape[1];
 
 //// merge_splits
-  // Merge the splits of row `row` (of num_splits). Weights exp2(m_s - max) go to threadgroup
-  // memory once; then each thread sums its output elements over the splits (coalesced reads of
-  // the partials, independent loads).
+  // Merge the splits of the MR consecutive rows from `row0` (num_splits each). Weights
+  // exp2(m_s - max) go to threadgroup memory once; then each thread sums its output elements
+  // over the splits (coalesced reads of the partials, independent loads). A row's arithmetic,
+  // and its order, is the same whatever MR is.
   const int tid = thread_position_in_threadgroup.x, lane = tid % 32, warp = tid / 32;
-  const size_t ml = size_t(row) * num_splits * 2;
-  threadgroup float weights[MAX_SPLITS];
-  threadgroup float across[4];
+  threadgroup float weights[MR][MAX_SPLITS];
+  threadgroup float across[MR][4];
+  float top[MR], sink[MR], sum[MR];
+  for (int r = 0; r < MR; r++) top[r] = PKV_NEG_BIG;
 
-  float top = PKV_NEG_BIG;
-  for (int s = tid; s < num_splits; s += 128) top = max(top, PKV_PARTIAL(o_ml[ml + 2 * s]));
-  for (int o = 16; o > 0; o >>= 1) top = max(top, simd_shuffle_xor(top, ushort(o)));
-  if (lane == 0) across[warp] = top;
+  for (int s = tid; s < num_splits; s += 128) {
+    for (int r = 0; r < MR; r++) {
+      const size_t ml = (size_t(row0 + r) * num_splits + s) * 2;
+      top[r] = max(top[r], PKV_PARTIAL(o_ml[ml]));
+    }
+  }
+  for (int r = 0; r < MR; r++) {
+    for (int o = 16; o > 0; o >>= 1) top[r] = max(top[r], simd_shuffle_xor(top[r], ushort(o)));
+    if (lane == 0) across[r][warp] = top[r];
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  top = max(max(across[0], across[1]), max(across[2], across[3]));
-  const float sink = HAS_SINKS ? sinks[row % HQ] * PKV_LOG2E : PKV_NEG_BIG;
-  top = max(top, sink);
+  for (int r = 0; r < MR; r++) {
+    top[r] = max(max(across[r][0], across[r][1]), max(across[r][2], across[r][3]));
+    sink[r] = HAS_SINKS ? sinks[(row0 + r) % HQ] * PKV_LOG2E : PKV_NEG_BIG;
+    top[r] = max(top[r], sink[r]);
+    sum[r] = 0.f;
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone has read `across` before reuse
 
-  float sum = 0.f;
   for (int s = tid; s < num_splits; s += 128) {
-    float weight = exp2(PKV_PARTIAL(o_ml[ml + 2 * s]) - top);
-    weights[s] = weight;
-    sum += weight * PKV_PARTIAL(o_ml[ml + 2 * s + 1]);
+    for (int r = 0; r < MR; r++) {
+      const size_t ml = (size_t(row0 + r) * num_splits + s) * 2;
+      float weight = exp2(PKV_PARTIAL(o_ml[ml]) - top[r]);
+      weights[r][s] = weight;
+      sum[r] += weight * PKV_PARTIAL(o_ml[ml + 1]);
+    }
   }
-  for (int o = 16; o > 0; o >>= 1) sum += simd_shuffle_xor(sum, ushort(o));
-  if (lane == 0) across[warp] = sum;
+  for (int r = 0; r < MR; r++) {
+    for (int o = 16; o > 0; o >>= 1) sum[r] += simd_shuffle_xor(sum[r], ushort(o));
+    if (lane == 0) across[r][warp] = sum[r];
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  sum = across[0] + across[1] + across[2] + across[3];
-  if (HAS_SINKS) sum += exp2(sink - top);
+  for (int r = 0; r < MR; r++) {
+    sum[r] = across[r][0] + across[r][1] + across[r][2] + across[r][3];
+    if (HAS_SINKS) sum[r] += exp2(sink[r] - top[r]);
+  }
 
-  const size_t partial = size_t(row) * num_splits * D;
   for (int d = tid; d < D; d += 128) {
-    float out_d = 0.f;
-    for (int s = 0; s < num_splits; s++) out_d += weights[s] * PKV_PARTIAL(o_acc[partial + size_t(s) * D + d]);
-    out[size_t(row) * D + d] = static_cast<TQ>(out_d / sum);
+    float out_d[MR];
+    for (int r = 0; r < MR; r++) out_d[r] = 0.f;
+    for (int s = 0; s < num_splits; s++) {
+      for (int r = 0; r < MR; r++) {
+        const size_t partial = (size_t(row0 + r) * num_splits + s) * D;
+        out_d[r] += weights[r][s] * PKV_PARTIAL(o_acc[partial + d]);
+      }
+    }
+    for (int r = 0; r < MR; r++) out[size_t(row0 + r) * D + d] = static_cast<TQ>(out_d[r] / sum[r]);
   }

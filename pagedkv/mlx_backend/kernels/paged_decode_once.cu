@@ -1,8 +1,8 @@
 // Split-K decode in one launch (CUDA): pass 1 with several splits, then the last threadblock of
 // each (sequence, kv head, query tile) to finish merges the splits' partials itself, so no
 // second kernel is launched. `arrive` follows pass 1's `split` epilogue (paged_decode.cu or
-// paged_decode_mma.cu) and opens a loop over the tile's queries whose body is paged_decode.cu's
-// `merge_splits`, closed by `close` (kernels/source.py: `once_body`).
+// paged_decode_mma.cu) and opens a scope for paged_decode.cu's `merge_splits`, run for the
+// tile's QT rows at once, closed by `close` (kernels/source.py: `once_body`).
 //
 // Why: a decode call at batch 1 waits on the host, not the GPU (two custom-kernel launches cost
 // about 29 us of host time on the H200 against cuDNN's 6; docs/benchmarks.md section 3), and the
@@ -32,9 +32,9 @@
   if (!pkv_last) return;
 #undef PKV_PARTIAL
 #define PKV_PARTIAL(x) __ldcg(&(x))  // written by other threadblocks during this launch
-  for (int g = 0; g < QT; g++) {
-    const int row = b * HQ + head0 + g;
+  {  // merge_splits declares names pass 1 has used
+    constexpr int MR = QT;
+    const int row0 = b * HQ + head0;
 
 //// close
-    __syncthreads();  // `weights` and `across` are free again for the tile's next query
   }
