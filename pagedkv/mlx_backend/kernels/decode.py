@@ -31,9 +31,9 @@ TARGET_BLOCKS = 512  # threadblocks a launch aims at: one wave, ~4 per SM on an 
 TARGET_BLOCKS_MMA = 256  # the same for the tensor-core pass 1: 2 per SM (198 registers at d128)
 MIN_SPLIT_KEYS = 256  # no split reads fewer keys: shorter ones cost more to merge than they add
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
-# CUDA: merge the splits in pass 1's launch instead of a second kernel. Written, compiled by
-# nvcc, never yet run on a GPU: off until the GPU parity suite and an A/B (tools/split_sweep.py)
-# have. Set it True to try; the tests and tools set it to compare both forms.
+# CUDA: merge the splits in pass 1's launch instead of a second kernel. Bit-for-bit the same
+# output on the H100, but no faster there (ADR 0002, fourteenth session), so off; the tests and
+# tools set it to compare both forms.
 ONE_LAUNCH = False
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
