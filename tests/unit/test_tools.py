@@ -394,3 +394,24 @@ def test_step_split_pool_variant_sizes_the_store_k_times():
     assert step_split.tokens_ahead("lazyall", prompts, 50) == 50
     assert step_split.tokens_ahead("pool=1", prompts, 50) == 50
     assert step_split.tokens_ahead("pool=4+lazyall", prompts, 50) == 4 * 150 - 100
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv"),
+    [("sdpa_check", ["2048"]), ("sdpa_check", ["0x16"]), ("split_sweep", ["--ab-rounds", "0"]),
+     ("split_sweep", ["--splits", "0"])],
+)  # fmt: skip
+def test_gpu_timing_tools_refuse_bad_arguments_before_any_gpu_work(tool, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load(tool).main(argv)
+    assert exit_.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["sdpa_check", "split_sweep"])
+def test_gpu_timing_tools_say_so_without_a_kernel_backend(tool, monkeypatch, capsys):
+    from pagedkv.mlx_backend.kernels import decode
+
+    monkeypatch.setattr(decode, "backend", lambda: None)
+    assert load(tool).main([]) == 1
+    assert "no kernel backend" in capsys.readouterr().out
