@@ -10,8 +10,8 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
 - the split count: enough splits that a launch fills the GPU, none shorter than MIN_SPLIT_KEYS
   keys (`split_count`). One split is one pass; several write partials that a second kernel
   merges. On CUDA they can instead merge in pass 1's own launch (`paged_decode_once.cu`: the
-  last threadblock of each group merges them), which is off until it has run on a GPU
-  (`ONE_LAUNCH`; ADR 0002, thirteenth session);
+  last threadblock of each group merges them): the same output, no faster on the H100, so off
+  and kept for A/B runs on other GPUs (`ONE_LAUNCH`; ADR 0002, fourteenth session);
 - on CUDA GPUs with tensor cores (sm_80 and later), for 16-bit pools read by queries of the same
   dtype and head_dim a multiple of 32 up to 128, pass 1 is `paged_decode_mma.cu` instead
   (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions.
@@ -32,8 +32,8 @@ TARGET_BLOCKS_MMA = 256  # the same for the tensor-core pass 1: 2 per SM (198 re
 MIN_SPLIT_KEYS = 256  # no split reads fewer keys: shorter ones cost more to merge than they add
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 # CUDA: merge the splits in pass 1's launch instead of a second kernel. Bit-for-bit the same
-# output on the H100, but no faster there (ADR 0002, fourteenth session), so off; the tests and
-# tools set it to compare both forms.
+# output on the H100, but no faster there (ADR 0002, fourteenth session), so off; kept so that
+# tools/split_sweep.py can repeat the A/B on another GPU or MLX version (tests cover both forms).
 ONE_LAUNCH = False
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}

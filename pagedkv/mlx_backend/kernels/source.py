@@ -63,7 +63,7 @@ def reduce_body(backend: str) -> str:
 
 def once_body(backend: str) -> str:
     """Pass 1 with several splits and the merge in one CUDA launch: the split epilogue, then the
-    last threadblock of a (sequence, kv head, query tile) merges each of its QT rows."""
+    last threadblock of a (sequence, kv head, query tile) merges its QT rows (MR = QT)."""
     once = sections("once")
     merge = sections("cuda")["merge_splits"]
     return pass1_body(backend, split=True) + once["arrive"] + merge + once["close"]
