@@ -1,8 +1,9 @@
 """Paged decode attention microbench (no model): contiguous SDPA, gather -> SDPA, the fused
 kernel. PAGEDKV_BENCH_FULL=1 runs the whole sweep. Each round issues CALLS calls, then one eval and
 synchronize (small cells would otherwise measure MLX's per-call floor), each call on the next copy
-of the cell's arrays (so that small cells are not read from the L2 cache: `pagedkv.benchmarks.gather`);
-divide by extra_info's calls_per_round for the time per call.
+of the cell's arrays and given the previous call's output as its query, as a model's layers are (so
+that no call's K/V comes from the L2 cache: `pagedkv.benchmarks.gather`); divide by extra_info's
+calls_per_round for the time per call.
 
 pytest bench/bench_gather.py --benchmark-only --benchmark-group-by=group
 """
@@ -14,34 +15,20 @@ import pytest
 mx = pytest.importorskip("mlx.core", reason="the attention benchmarks need MLX (pagedkv[mlx])")
 from pagedkv.benchmarks.gather import (  # noqa: E402
     FULL,
-    HEAD_DIM,
     QUICK,
     cell_arrays,
-    cycling,
-    sdpa_calls,
+    chained,
+    path_calls,
 )
-from pagedkv.mlx_backend.attention import gather_decode  # noqa: E402
 from pagedkv.mlx_backend.kernels import decode  # noqa: E402
 
 SWEEP = FULL if os.environ.get("PAGEDKV_BENCH_FULL") else QUICK
 CALLS = 20
 
 
-def paths(context: int, batch: int, block: int):
-    query, pools, dense, batch_inputs = cell_arrays(context, batch, block)
-    scale = HEAD_DIM**-0.5
-    return {
-        "contiguous": cycling(sdpa_calls(query, dense)),
-        "gather_sdpa": cycling(
-            [lambda k=k, v=v: gather_decode(query, k, v, batch_inputs, scale) for k, v in pools]
-        ),
-        "kernel": cycling(
-            [
-                lambda k=k, v=v: decode.paged_decode(query, k, v, batch_inputs, scale)
-                for k, v in pools
-            ]
-        ),
-    }
+def path_call(context: int, batch: int, block: int, path: str):
+    query, pools, dense, decode_batch = cell_arrays(context, batch, block)
+    return chained(path_calls(pools, dense, decode_batch)[path], query[:, :, None, :])
 
 
 @pytest.mark.parametrize("path", ["contiguous", "gather_sdpa", "kernel"])
@@ -54,7 +41,7 @@ def bench_paged_decode_attention(record_device, context, batch, block, path):
     if record_device.disabled:  # smoke run: one small cell is enough to prove every path works
         context, batch = 64, 1
     record_device.group = f"decode attention ctx={context} batch={batch} block={block}"
-    fn = paths(context, batch, block)[path]
+    fn = path_call(context, batch, block, path)
     calls = 1 if record_device.disabled else CALLS
 
     def round_of_calls():

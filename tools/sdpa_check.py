@@ -1,14 +1,20 @@
-"""Is contiguous SDPA's time in `pagedkv bench gather` what it reads? One cell's cuDNN figure checked.
+"""Is contiguous SDPA's time in `pagedkv bench gather` what it reads? Calls unchained and chained.
 
-    python tools/sdpa_check.py [CONTEXTxBATCH,...]     (default 4096x16,16384x16,32768x16)
+    python tools/sdpa_check.py [CONTEXTxBATCH,...]     (default 1024x1,4096x1,4096x16,16384x16,32768x16)
 
 Why: on the H100 of the fourteenth session the benchmark timed cuDNN at 16k x 16 at 276 us, which
 is 3.9 TB/s of K/V, more than the 3.09 TB/s its own bandwidth probe read (docs/benchmarks.md
-section 3). Per cell this prints contiguous SDPA (MLX's default path) timed three ways: the
-benchmark's (many calls per synchronize, `per_call_us`), repeated three times; one call per
-synchronize, minus the same for a trivial op (minimum of 20); and the largest difference between
-its output and the paged kernel's on the same keys (a result that skipped keys would differ). And
-the read bandwidth from a sum over 2 and 4 GiB. Needs a GPU; on the CPU it says so and exits 1.
+section 3). The suspect: the benchmark then issued its calls independently, and MLX's CUDA graph
+may run independent calls at the same time; two calls reading the same K/V together share its
+reads in the L2 (at 16k x 16 the cell's K/V is 1 GiB, so every call read the same copy).
+
+Per cell, for contiguous SDPA (MLX's default path) and the paged kernel: microseconds per call
+with many calls per synchronize, the calls independent (all on the cell's first query, as the
+fourteenth session's benchmark did) and chained (each call's query the previous call's output, as
+the benchmark now does: `pagedkv.benchmarks.gather.chained`), three times each; one call per
+synchronize minus the same for a trivial op (minimum of 20); and the largest difference between
+the two outputs on the same keys (a result that skipped keys would differ). And the read bandwidth
+from a sum over 2 and 4 GiB. Needs a GPU; on the CPU it says so and exits 1.
 """
 
 from __future__ import annotations
@@ -20,17 +26,18 @@ import time
 import mlx.core as mx
 
 from pagedkv.benchmarks.gather import (
-    HEAD_DIM,
     cell_arrays,
+    chained,
     cycling,
     kv_bytes,
     parse_cells,
+    path_calls,
     per_call_us,
-    sdpa_calls,
 )
 from pagedkv.mlx_backend.kernels import decode
 
-DEFAULT_CELLS = "4096x16,16384x16,32768x16"
+DEFAULT_CELLS = "1024x1,4096x1,4096x16,16384x16,32768x16"
+PATHS = {"contiguous": "SDPA", "kernel": "kernel"}
 
 
 def single_call_us(fn, rounds: int = 20) -> float:
@@ -49,6 +56,22 @@ def sum_tb_s(gib: int) -> float:
     mx.eval(data)
     seconds = per_call_us(lambda: mx.sum(data), max_calls=20) * 1e-6
     return data.nbytes / seconds / 1e12
+
+
+def path_line(name: str, calls: list, query: mx.array, nbytes: int, floor: float) -> str:
+    """One path on one cell: independent, chained and lone timings, in us and TB/s."""
+
+    def text(times: list[float]) -> str:
+        us = ", ".join(f"{t:.1f}" for t in times)
+        return f"{us} us (= {', '.join(f'{nbytes / t / 1e6:.2f}' for t in times)} TB/s)"
+
+    independent = [per_call_us(cycling([lambda c=c: c(query) for c in calls])) for _ in range(3)]
+    linked = [per_call_us(chained(calls, query)) for _ in range(3)]
+    alone = single_call_us(lambda: calls[0](query)) - floor
+    return (
+        f"  {name}: independent {text(independent)}; chained {text(linked)}; "
+        f"one per sync {text([alone])} over the floor"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -72,21 +95,18 @@ def main(argv: list[str]) -> int:
     print(f"one trivial op per synchronize: {floor:.1f} us")
     for context, batch in cells:
         query, pools, dense, decode_batch = cell_arrays(context, batch, 16)
-        sdpa = sdpa_calls(query, dense)
+        query = query[:, :, None, :]
+        calls = path_calls(pools, dense, decode_batch)
         nbytes = kv_bytes(context, batch)
-        many = [per_call_us(cycling(sdpa)) for _ in range(3)]
-        alone = single_call_us(sdpa[0]) - floor
-        paged = decode.paged_decode(query, *pools[0], decode_batch, HEAD_DIM**-0.5)
-        dense_out = sdpa[0]().reshape(paged.shape)
-        error = mx.max(mx.abs(dense_out.astype(mx.float32) - paged.astype(mx.float32))).item()
+        outputs = [calls[path][0](query).astype(mx.float32) for path in PATHS]
+        error = mx.max(mx.abs(outputs[0] - outputs[1])).item()
         print(
             f"ctx {context} batch {batch}: K/V {nbytes / 1e9:.3f} GB in {len(dense)} copies; "
-            f"SDPA many per sync {', '.join(f'{t:.1f}' for t in many)} us "
-            f"(= {', '.join(f'{nbytes / t / 1e6:.2f}' for t in many)} TB/s); one per sync "
-            f"{alone:.1f} us over the floor (= {nbytes / alone / 1e6:.2f} TB/s); "
             f"max |SDPA - kernel| {error:.2e}",
             flush=True,
         )
+        for path, name in PATHS.items():
+            print(path_line(name, calls[path], query, nbytes, floor), flush=True)
     return 0
 
 

@@ -5,8 +5,8 @@
 
 CELLS: context x batch (default: 2048, 8192 and 32768 at batch 1, 4 and 16). The cell is
 `pagedkv bench gather`'s (float16, head_dim 128, 32 query / 8 kv heads, block 16, scattered block
-ids) and so is the timing: many calls per synchronize, consecutive calls on different copies of
-the K/V so nothing is read from L2 (`pagedkv.benchmarks.gather`). Per cell it prints
+ids) and so is the timing: many calls per synchronize, chained as a model's layers are, consecutive
+calls on different copies of the K/V so nothing is read from L2 (`pagedkv.benchmarks.gather`). Per cell it prints
 microseconds per call for contiguous SDPA (MLX's default path: cuDNN on CUDA), the kernel with the
 count `split_count` picks, and the kernel at every forced count the cell allows; the best forced
 count is starred. On CUDA it also times the rule's count both ways the splits can merge: in pass
@@ -26,10 +26,10 @@ import sys
 from pagedkv.benchmarks.gather import (
     HEAD_DIM,
     cell_arrays,
-    cycling,
+    chained,
     parse_cells,
+    path_calls,
     per_call_us,
-    sdpa_calls,
 )
 from pagedkv.mlx_backend.kernels import decode
 
@@ -54,15 +54,17 @@ def sweep_cell(
 
     def kernel_us(num_splits: int | None) -> float:
         calls = [
-            lambda k=k, v=v: decode.paged_decode(query, k, v, decode_batch, scale, None, num_splits)
+            lambda q, k=k, v=v: decode.paged_decode(q, k, v, decode_batch, scale, None, num_splits)
             for k, v in pools
         ]
-        return per_call_us(cycling(calls))
+        return per_call_us(chained(calls, query[:, :, None, :]))
 
     row = {
         "context": context,
         "batch": batch,
-        "cudnn_us": per_call_us(cycling(sdpa_calls(query, dense))),
+        "cudnn_us": per_call_us(
+            chained(path_calls(pools, dense, decode_batch)["contiguous"], query[:, :, None, :])
+        ),
     }
     row["rule_splits"] = decode.prepare(query, pools[0][0], decode_batch, scale, False).splits
     row["rule_us"] = kernel_us(None)

@@ -11,10 +11,14 @@ query per sequence, block ids scattered over a pool with 2x slack (a fragmented 
 - `kernel`: the fused paged kernel (`pagedkv.mlx_backend.kernels`), where the device has one.
 
 Small cells sit on MLX's per-call floor, so each timing runs many calls per synchronize and divides
-(`per_call_us`). Consecutive calls read different copies of the cell's arrays (at least COLD_BYTES
-of K/V in all), as a model's layers read different pools: a small cell read again and again would
-come from the GPU's L2 cache (50 MB on an H100), which in a model the weights have long evicted. A reduction over a 2 GiB array in the same run gives the device's read bandwidth,
-against which the kernel's K/V bytes per second are reported.
+(`per_call_us`). The calls are chained as a model's layers are: each call's query is the previous
+call's output (`chained`). Unchained, MLX's CUDA graph may run consecutive calls at the same time,
+and two calls reading the same K/V together share its reads in the L2 cache (50 MB on an H100),
+which the layers of a decode step never can. Consecutive calls also read different copies of the
+cell's arrays (at least COLD_BYTES of K/V in all), as a model's layers read different pools: a
+small cell read again and again would come from the L2, which in a model the weights have long
+evicted. A reduction over a 2 GiB array in the same run gives the device's read bandwidth, against
+which the kernel's K/V bytes per second are reported.
 """
 
 from __future__ import annotations
@@ -83,6 +87,21 @@ def cycling(calls):
     """One call per invocation, each on the next copy (see the module docstring)."""
     turn = itertools.cycle(calls)
     return lambda: next(turn)()
+
+
+def chained(calls, query):
+    """One call per invocation, each on the next copy, each given the previous call's output as
+    its query (`calls`: query -> output of the query's shape), as a model's layers depend on each
+    other. Independent calls can run at the same time in MLX's CUDA graph: two of them reading one
+    copy of K/V together share its reads in the L2, which no decode step can (module docstring)."""
+    turn = itertools.cycle(calls)
+    last = [query]
+
+    def call():
+        last[0] = next(turn)(last[0])
+        return last[0]
+
+    return call
 
 
 def per_call_us(fn, max_calls: int = 200, budget_s: float = 0.02, repeats: int = 3) -> float:
@@ -165,48 +184,56 @@ def cell_arrays(context: int, batch: int, block: int, dtype=None, copies: int | 
     return query, pools, dense, decode_batch
 
 
-def sdpa_calls(query, dense) -> list:
+def path_calls(pools, dense, decode_batch) -> dict[str, list]:
+    """Per path, one call per copy of a cell's arrays: query `[B, q_heads, 1, D]` -> output of
+    the same shape (what `chained` strings together)."""
     import mlx.core as mx
 
-    q = query[:, :, None, :]
-    return [
-        lambda k=k, v=v: mx.fast.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM**-0.5)
-        for k, v in dense
-    ]
+    from pagedkv.mlx_backend.attention import gather_decode
+    from pagedkv.mlx_backend.kernels import decode
+
+    scale = HEAD_DIM**-0.5
+    return {
+        "contiguous": [
+            lambda q, k=k, v=v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            for k, v in dense
+        ],
+        "gather_sdpa": [
+            lambda q, k=k, v=v: gather_decode(q, k, v, decode_batch, scale) for k, v in pools
+        ],
+        "kernel": [
+            lambda q, k=k, v=v: decode.paged_decode(q, k, v, decode_batch, scale) for k, v in pools
+        ],
+    }
+
+
+def timed_path(path: str, context: int, batch: int, block: int, arrays=None) -> float:
+    """Microseconds per call of one path on one cell, calls chained (`chained`, `per_call_us`).
+    `arrays`: `cell_arrays(context, batch, block)` if already built."""
+    query, pools, dense, decode_batch = arrays or cell_arrays(context, batch, block)
+    calls = path_calls(pools, dense, decode_batch)[path]
+    max_calls = 200
+    if path == "gather_sdpa":  # each call's gathered copy stays in memory until the eval
+        row_bytes = 2 * pools[0][0].itemsize * KV_HEADS * HEAD_DIM  # K and V of one position
+        max_calls = max(1, min(200, 4 * 2**30 // (row_bytes * decode_batch.tables.size * block)))
+    return per_call_us(chained(calls, query[:, :, None, :]), max_calls=max_calls)
 
 
 def contiguous_us(context: int, batch: int, block: int) -> float:
-    query, _, dense, _ = cell_arrays(context, batch, block)
-    return per_call_us(cycling(sdpa_calls(query, dense)))
+    return timed_path("contiguous", context, batch, block)
 
 
 def measure_cell(
     context: int, batch: int, block: int, read_tb_s: float, vector_us: float
 ) -> GatherCell:
-    from pagedkv.mlx_backend.attention import gather_decode
     from pagedkv.mlx_backend.kernels import decode
 
-    query, pools, dense, decode_batch = cell_arrays(context, batch, block)
-    scale = HEAD_DIM**-0.5
-    contiguous = per_call_us(cycling(sdpa_calls(query, dense)))
-    k_pool = pools[0][0]
-    gathered_bytes = 2 * k_pool.itemsize * decode_batch.tables.size * block * KV_HEADS * HEAD_DIM
-    gather = per_call_us(
-        cycling(
-            [lambda k=k, v=v: gather_decode(query, k, v, decode_batch, scale) for k, v in pools]
-        ),
-        max_calls=max(1, min(200, 4 * 2**30 // gathered_bytes)),  # gathered copies stay in memory
-    )
+    arrays = cell_arrays(context, batch, block)
+    contiguous = timed_path("contiguous", context, batch, block, arrays)
+    gather = timed_path("gather_sdpa", context, batch, block, arrays)
     kernel = NAN
     if decode.backend() is not None:
-        kernel = per_call_us(
-            cycling(
-                [
-                    lambda k=k, v=v: decode.paged_decode(query, k, v, decode_batch, scale)
-                    for k, v in pools
-                ]
-            )
-        )
+        kernel = timed_path("kernel", context, batch, block, arrays)
     return GatherCell(context, batch, block, contiguous, vector_us, gather, kernel, read_tb_s)
 
 
