@@ -88,3 +88,18 @@ def test_gather_bench_cycles_enough_copies_that_l2_holds_none(context, batch):
     for _ in range(2 * copies):
         call()
     assert seen == list(range(copies)) * 2
+
+
+def test_gather_bench_chains_calls_like_a_models_layers():
+    """Each timed call gets the previous call's output as its query (so MLX cannot run two calls
+    at once) and reads the next copy of the arrays."""
+    from pagedkv.benchmarks.gather import chained
+
+    seen = []
+
+    def call(copy):
+        return lambda query: seen.append((copy, query)) or query + 1
+
+    call_next = chained([call(0), call(1), call(2)], 10)
+    assert [call_next() for _ in range(4)] == [11, 12, 13, 14]
+    assert seen == [(0, 10), (1, 11), (2, 12), (0, 13)]
