@@ -12,7 +12,8 @@ Per cell, for contiguous SDPA (MLX's default path) and the paged kernel: microse
 with many calls per synchronize, the calls independent (all on the cell's first query, as the
 fourteenth session's benchmark did) and chained (each call's query the previous call's output, as
 the benchmark now does: `pagedkv.benchmarks.gather.chained`), three times each; one call per
-synchronize minus the same for a trivial op (minimum of 20); and the largest difference between
+synchronize minus the same for a trivial op (minimum of 20); the host's share of a chained
+call (building and submitting it, `mx.async_eval`); and the largest difference between
 the two outputs on the same keys (a result that skipped keys would differ). And the read bandwidth
 from a sum over 2 and 4 GiB. Needs a GPU; on the CPU it says so and exits 1.
 """
@@ -52,10 +53,25 @@ def single_call_us(fn, rounds: int = 20) -> float:
 
 
 def sum_tb_s(gib: int) -> float:
-    data = mx.ones((gib * 2**30 // 2,), mx.float16)
+    data = mx.ones((gib, 2**30 // 2), mx.float16)  # 2-D: MLX sizes a dimension as int32
     mx.eval(data)
     seconds = per_call_us(lambda: mx.sum(data), max_calls=20) * 1e-6
     return data.nbytes / seconds / 1e12
+
+
+def host_share_us(fn, calls: int = 200) -> tuple[float, float]:
+    """Per call: host time to build and submit `calls` calls (`mx.async_eval` returns once the
+    work is encoded), and the time until the GPU is done. Equal means the host is the bound."""
+    for _ in range(3):
+        mx.eval(fn())
+    mx.synchronize()
+    start = time.perf_counter()
+    outs = [fn() for _ in range(calls)]
+    mx.async_eval(outs)
+    submitted = time.perf_counter() - start
+    mx.synchronize()
+    done = time.perf_counter() - start
+    return 1e6 * submitted / calls, 1e6 * done / calls
 
 
 def path_line(name: str, calls: list, query: mx.array, nbytes: int, floor: float) -> str:
@@ -68,9 +84,11 @@ def path_line(name: str, calls: list, query: mx.array, nbytes: int, floor: float
     independent = [per_call_us(cycling([lambda c=c: c(query) for c in calls])) for _ in range(3)]
     linked = [per_call_us(chained(calls, query)) for _ in range(3)]
     alone = single_call_us(lambda: calls[0](query)) - floor
+    host, done = host_share_us(chained(calls, query))
     return (
         f"  {name}: independent {text(independent)}; chained {text(linked)}; "
-        f"one per sync {text([alone])} over the floor"
+        f"one per sync {text([alone])} over the floor; chained, host build+submit "
+        f"{host:.1f} of {done:.1f} us per call"
     )
 
 

@@ -105,10 +105,14 @@ def chained(calls, query):
 
 
 def per_call_us(fn, max_calls: int = 200, budget_s: float = 0.02, repeats: int = 3) -> float:
-    """Median over `repeats` of: n calls issued back to back, one eval + synchronize, / n."""
+    """Median over `repeats` of: n calls issued back to back, one eval + synchronize, / n.
+    n is sized from one call timed after three untimed ones: chained calls give the first call
+    the cell's query and later ones an output, whose layout may differ (cuDNN then builds another
+    plan), and a slow timed call would leave n too small to hide the eval+synchronize floor."""
     import mlx.core as mx
 
-    mx.eval(fn())
+    for _ in range(3):
+        mx.eval(fn())
     mx.synchronize()
     start = time.perf_counter()
     mx.eval(fn())
