@@ -103,3 +103,22 @@ def test_gather_bench_chains_calls_like_a_models_layers():
     call_next = chained([call(0), call(1), call(2)], 10)
     assert [call_next() for _ in range(4)] == [11, 12, 13, 14]
     assert seen == [(0, 10), (1, 11), (2, 12), (0, 13)]
+
+
+@pytest.mark.skipif(not HAVE_MLX, reason="the gather bench needs MLX (pagedkv[mlx])")
+def test_gather_bench_paths_compute_the_same_attention():
+    """The timed paths are the same attention: the contiguous K/V is the pools' blocks in table
+    order, so SDPA on it equals gather -> SDPA on the pools, chained call after chained call."""
+    import mlx.core as mx
+
+    from pagedkv.benchmarks.gather import cell_arrays, chained, path_calls
+
+    query, pools, dense, decode_batch = cell_arrays(40, 2, 16, mx.float32, copies=2)
+    query = query[:, :, None, :]
+    calls = path_calls(pools, dense, decode_batch)
+    contiguous = chained(calls["contiguous"], query)
+    gathered = chained(calls["gather_sdpa"], query)
+    for _ in range(3):  # the second call reads the second copy, the third the first again
+        expected, actual = contiguous(), gathered()
+        assert actual.shape == query.shape
+        assert mx.allclose(expected, actual, atol=1e-5).item()
