@@ -69,6 +69,8 @@ def paged_tokens(session, model, max_tokens: int) -> list[int]:
 
 
 def prompt_tokens(length: int, seed: int) -> list[int]:
+    """Random token ids, reproducible by seed. Draw them on one thread: this reseeds MLX's global
+    random key, which concurrent threads would share (a race that crashed a threaded test)."""
     mx.random.seed(1000 + seed)
     return [int(t) for t in mx.random.randint(0, 250, (length,)).tolist()]
 
