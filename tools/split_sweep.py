@@ -7,9 +7,9 @@ CELLS: context x batch (default: 2048, 8192 and 32768 at batch 1, 4 and 16). The
 `pagedkv bench gather`'s (float16, head_dim 128, 32 query / 8 kv heads, block 16, scattered block
 ids) and so is the timing: many calls per synchronize, chained as a model's layers are,
 consecutive calls on different copies of the K/V so nothing is read from L2
-(`pagedkv.benchmarks.gather`). Per cell it prints microseconds per call for contiguous SDPA (MLX's default path: cuDNN on CUDA), the kernel with the
-count `split_count` picks, and the kernel at every forced count the cell allows; the best forced
-count is starred. On CUDA it also times the rule's count both ways the splits can merge: in pass
+(`pagedkv.benchmarks.gather`). Per cell it prints microseconds per call for contiguous SDPA
+(MLX's default path: cuDNN on CUDA), the kernel with the count `split_count` picks, and the kernel
+at every forced count the cell allows; the best forced count is starred. On CUDA it also times the rule's count both ways the splits can merge: in pass
 1's launch (`one_launch_us`) and by a second kernel (`two_launch_us`), alternated `--ab-rounds`
 times (median; a batch-1 cell moves by up to 10 us between two timings of the same code). What
 the next change to `decode.split_count` or the kernel is judged by. Needs a GPU with a kernel
