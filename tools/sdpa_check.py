@@ -1,6 +1,7 @@
 """Is contiguous SDPA's time in `pagedkv bench gather` what it reads? Calls unchained and chained.
 
-    python tools/sdpa_check.py [CONTEXTxBATCH,...]     (default 1024x1,4096x1,4096x16,16384x16,32768x16)
+    python tools/sdpa_check.py [CONTEXTxBATCH,...]
+    (default 1024x1,4096x1,4096x16,16384x16,32768x16)
 
 Why: on the H100 of the fourteenth session the benchmark timed cuDNN at 16k x 16 at 276 us, which
 is 3.9 TB/s of K/V, more than the 3.09 TB/s its own bandwidth probe read (docs/benchmarks.md

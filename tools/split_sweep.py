@@ -9,10 +9,11 @@ ids) and so is the timing: many calls per synchronize, chained as a model's laye
 consecutive calls on different copies of the K/V so nothing is read from L2
 (`pagedkv.benchmarks.gather`). Per cell it prints microseconds per call for contiguous SDPA
 (MLX's default path: cuDNN on CUDA), the kernel with the count `split_count` picks, and the kernel
-at every forced count the cell allows; the best forced count is starred. On CUDA it also times the rule's count both ways the splits can merge: in pass
-1's launch (`one_launch_us`) and by a second kernel (`two_launch_us`), alternated `--ab-rounds`
-times (median; a batch-1 cell moves by up to 10 us between two timings of the same code). What
-the next change to `decode.split_count` or the kernel is judged by. Needs a GPU with a kernel
+at every forced count the cell allows; the best forced count is starred. On CUDA it also times
+the rule's count both ways the splits can merge: in pass 1's launch (`one_launch_us`) and by a
+second kernel (`two_launch_us`), alternated `--ab-rounds` times (median; a batch-1 cell moves by
+up to 10 us between two timings of the same code). What the next change to `decode.split_count`
+or the kernel is judged by. Needs a GPU with a kernel
 backend (CUDA; Metal untested); on the CPU it says so and exits 1.
 """
 
