@@ -102,18 +102,21 @@ __device__ __forceinline__ void pkv_ldmatrix4(unsigned int* out, const void* row
   extern __shared__ __align__(16) unsigned char pkv_shared[];
   unsigned short* ring = reinterpret_cast<unsigned short*>(pkv_shared) + warp * STAGES * 2 * SLOT;
 
-  // Copy the group of 16 keys from `base` into slot `s`: lane l copies row l % 16, pieces
-  // l / 16, l / 16 + 2, ... (keys past the split's end repeat its last key: masked below).
-  const int copy_row = lane % 16;
+  // Copy the group of 16 keys from `base` into slot `s`. Lane l looks up the pool slot of key
+  // l % 16 (keys past the split's end repeat its last key: masked below); then 32 consecutive
+  // 16-byte pieces of the group's rows go per copy instruction, whole rows contiguous, each
+  // lane taking its row's slot from the lane that looked it up.
   auto copy_group = [&](int base, int s) {
-    const int key = min(base + copy_row, t_end - 1);
-    const size_t offset = (((size_t)table[key / BS] * BS + key % BS) * KVH + kvh) * D;
-    unsigned short* k_slot = ring + s * 2 * SLOT + copy_row * ROW;
+    const int key = min(base + lane % 16, t_end - 1);
+    const int my_slot = table[key / BS] * BS + key % BS;
+    unsigned short* k_slot = ring + s * 2 * SLOT;
 #pragma unroll
     for (int i = 0; i < CHUNKS / 2; i++) {
-      const int c = 2 * i + lane / 16;
-      pkv_copy16(k_slot + 8 * c, k_pool + offset + 8 * c);
-      pkv_copy16(k_slot + SLOT + 8 * c, v_pool + offset + 8 * c);
+      const int piece = 32 * i + lane, row = piece / CHUNKS, c = piece % CHUNKS;
+      const int pool_slot = __shfl_sync(0xffffffffu, my_slot, row);
+      const size_t offset = ((size_t)pool_slot * KVH + kvh) * D + 8 * c;
+      pkv_copy16(k_slot + row * ROW + 8 * c, k_pool + offset);
+      pkv_copy16(k_slot + SLOT + row * ROW + 8 * c, v_pool + offset);
     }
   };
 
