@@ -1,7 +1,6 @@
 """The paged decode kernel at forced split counts against the split-count rule and cuDNN.
 
     python tools/split_sweep.py [CELLS] [--splits 1,2,4,...] [--csv PATH] [--ab-rounds N]
-                                [--stages 0,2,3]
     e.g.  python tools/split_sweep.py 2048x1,8192x1,32768x1,4096x16
 
 CELLS: context x batch (default: 2048, 8192 and 32768 at batch 1, 4 and 16). The cell is
@@ -13,10 +12,7 @@ consecutive calls on different copies of the K/V so nothing is read from L2
 at every forced count the cell allows; the best forced count is starred. On CUDA it also times
 the rule's count both ways the splits can merge: in pass 1's launch (`one_launch_us`) and by a
 second kernel (`two_launch_us`), alternated `--ab-rounds` times (median; a batch-1 cell moves by
-up to 10 us between two timings of the same code). With `--stages`, the tensor-core pass 1 at
-each ring size `decode.STAGES` (0: K/V in registers, `paged_decode_mma.cu`; n: staged in shared
-memory, `paged_decode_staged.cu`), each at its own rule's count, alternated the same way, with
-the largest output difference from the first size listed. What the next change to `decode.split_count`
+up to 10 us between two timings of the same code). What the next change to `decode.split_count`
 or the kernel is judged by. Needs a GPU with a kernel
 backend (CUDA; Metal untested); on the CPU it says so and exits 1.
 """
@@ -27,8 +23,6 @@ import argparse
 import csv
 import statistics
 import sys
-
-import mlx.core as mx
 
 from pagedkv.benchmarks.gather import (
     HEAD_DIM,
@@ -54,11 +48,7 @@ def parse_splits(text: str) -> tuple[int, ...]:
 
 
 def sweep_cell(
-    context: int,
-    batch: int,
-    splits: tuple[int, ...],
-    ab_rounds: int = 1,
-    stages: tuple[int, ...] = (),
+    context: int, batch: int, splits: tuple[int, ...], ab_rounds: int = 1
 ) -> dict[str, float]:
     query, pools, dense, decode_batch = cell_arrays(context, batch, BLOCK)
     scale = HEAD_DIM**-0.5
@@ -89,48 +79,11 @@ def sweep_cell(
         finally:
             decode.ONE_LAUNCH = shipped
         row.update({column: statistics.median(t) for column, t in times.items()})
-    if stages:
-        row.update(stages_ab(query, pools, decode_batch, scale, kernel_us, stages, ab_rounds))
     blocks = -(-context // BLOCK)
     for n in splits:
         if n <= min(blocks, decode.MAX_SPLITS):  # a split holds whole blocks
             row[f"s{n}_us"] = kernel_us(n)
     return row
-
-
-def stages_ab(query, pools, decode_batch, scale, kernel_us, stages, rounds) -> dict[str, float]:
-    """Per ring size: median us over `rounds` alternated timings, its rule's split count, and the
-    largest output difference from the first size's output on the cell's first pools."""
-    shipped, times, row, outputs = decode.STAGES, {n: [] for n in stages}, {}, {}
-    k_pool, v_pool = pools[0]
-    try:
-        for _ in range(rounds):
-            for n in stages:
-                decode.STAGES = n
-                times[n].append(kernel_us(None))
-        for n in stages:
-            decode.STAGES = n
-            row[f"stages{n}_splits"] = decode.prepare(
-                query, k_pool, decode_batch, scale, False
-            ).splits
-            out = decode.paged_decode(query, k_pool, v_pool, decode_batch, scale)
-            outputs[n] = out.astype(mx.float32)
-    finally:
-        decode.STAGES = shipped
-    for n in stages:
-        row[f"stages{n}_us"] = statistics.median(times[n])
-        diff = mx.abs(outputs[n] - outputs[stages[0]]).max().item()
-        row[f"stages{n}_diff"] = diff
-    return row
-
-
-def stages_text(row: dict, stages: tuple[int, ...]) -> str:
-    parts = [
-        f"{n}: {row[f'stages{n}_us']:.1f} us ({row[f'stages{n}_splits']} splits, "
-        f"{row[f'stages{n}_us'] / row['cudnn_us']:.2f}x, diff {row[f'stages{n}_diff']:.1e})"
-        for n in stages
-    ]
-    return "; stages " + ", ".join(parts) if parts else ""
 
 
 def two_launch_text(row: dict) -> str:
@@ -150,16 +103,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--ab-rounds", type=int, default=3, help="one/two-launch timings alternated, median taken"
     )
-    parser.add_argument(
-        "--stages", default="", help="ring sizes of the tensor-core pass 1 to A/B (0: registers)"
-    )
     args = parser.parse_args(argv)
     try:
         cells = parse_cells(args.cells) if args.cells else DEFAULT_CELLS
         splits = parse_splits(args.splits)
-        stages = tuple(int(n) for n in args.stages.split(",")) if args.stages else ()
-        if any(not 0 <= n <= 4 or n == 1 for n in stages):
-            raise ValueError(f"--stages are 0 or 2-4, got {args.stages!r}")
     except ValueError as error:
         parser.error(str(error))
     if args.ab_rounds < 1:
@@ -169,7 +116,7 @@ def main(argv: list[str]) -> int:
         return 1
     rows = []
     for i, (context, batch) in enumerate(cells, 1):
-        row = sweep_cell(context, batch, splits, args.ab_rounds, stages)
+        row = sweep_cell(context, batch, splits, args.ab_rounds)
         rows.append(row)
         forced = {k: v for k, v in row.items() if k.startswith("s") and k.endswith("_us")}
         best = min(forced, key=forced.get, default=None)  # none when every count is too many
@@ -179,8 +126,7 @@ def main(argv: list[str]) -> int:
         print(
             f"[{i}/{len(cells)}] ctx {context} batch {batch}: cudnn {row['cudnn_us']:.1f} us, "
             f"rule {row['rule_splits']} splits {row['rule_us']:.1f} us "
-            f"({row['rule_us'] / row['cudnn_us']:.2f}x{two_launch_text(row)}){stages_text(row, stages)}"
-            f"; forced {cells_text}",
+            f"({row['rule_us'] / row['cudnn_us']:.2f}x{two_launch_text(row)}); forced {cells_text}",
             flush=True,
         )
     if args.csv:

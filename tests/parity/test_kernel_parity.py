@@ -96,8 +96,11 @@ def check(dtype, head_dim, block_size, group, lengths, splits=None, **kwargs):
     scale = head_dim**-0.5 * 1.3  # not the default: the scale must reach the kernel
     out = kernel.paged_decode(queries, k_pool, v_pool, batch, scale, sinks, num_splits=splits)
     assert out.dtype == queries.dtype and out.shape == queries.shape
-    shape = kernel.plan_for(queries, k_pool, sinks is not None, kernel.backend()).shape
-    pass1 = f"staged{shape.stages}" if shape.stages else "mma" if shape.tensor_cores else "simt"
+    pass1 = (
+        "mma"
+        if kernel.plan_for(queries, k_pool, sinks is not None, kernel.backend()).shape.tensor_cores
+        else "simt"
+    )
     got = np.array(out.astype(mx.float32))
     used = splits or kernel.split_count(
         kernel.Shape(queries.dtype, k_pool.dtype, head_dim, block_size, k_pool.shape[2], group, sinks is not None),
@@ -211,22 +214,6 @@ def test_16_bit_pools_on_the_kernel_older_gpus_run(without_tensor_cores, dtype, 
     GPU the cases above run the mma kernel for them, so this holds the other one to the same."""
     check(dtype, head_dim, 16, 4, RAGGED, splits=splits)
     check(dtype, head_dim, 32, 8, [1, 700, 1500], splits=splits, window=100)
-
-
-@pytest.mark.skipif(not ON_TENSOR_CORES, reason="needs an NVIDIA GPU of sm_80 or later (mma)")
-@pytest.mark.parametrize("stages", [0, 2, 3, 4])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
-def test_every_ring_size_of_the_tensor_core_kernel(monkeypatch, stages, dtype, head_dim):
-    """The cases above run the shipped ring size (`kernel.STAGES`); the tensor-core pass 1 with
-    K/V in registers (0) and the other ring sizes are held to the same references."""
-    monkeypatch.setattr(kernel, "STAGES", stages)
-    queries = mx.zeros((1, 8, head_dim), mx.float16)
-    pool = mx.zeros((2, 16, 2, head_dim), mx.float16)
-    assert kernel.plan_for(queries, pool, False, "cuda").shape.stages == stages
-    for splits in (None, 1, 7):
-        check(dtype, head_dim, 16, 4, RAGGED, splits=splits)
-        check(dtype, head_dim, 8, 8, [1, 700, 1500], splits=splits, window=100, sinks=True)
 
 
 ON_CUDA = kernel.backend() == "cuda"

@@ -314,39 +314,28 @@ def test_a_tensor_core_shape_serves_its_whole_group_up_to_8_queries_and_names_it
     assert tc.name("reduce") == simt.name("reduce")  # the same merge kernel
 
 
-@pytest.mark.parametrize("stages", [0, 3])
-def test_plans_take_pass_1_from_the_tensor_core_source_only_where_it_applies(monkeypatch, stages):
+def test_plans_take_pass_1_from_the_tensor_core_source_only_where_it_applies(monkeypatch):
     """Which source each kernel object of a CUDA plan is built from, with kernel building faked
-    (no GPU here): the tensor-core pass 1 on sm_80+ for covered shapes (also in the single
-    launch), in registers (STAGES 0) or staged in shared memory, which it then asks for; never
-    for the merge kernel."""
+    (no GPU here): the mma pass 1 on sm_80+ for covered shapes (also in the single launch),
+    never for the merge kernel."""
     built = []
     monkeypatch.setattr(
-        decode,
-        "_kernel",
-        lambda backend, name, part, constants="", shared=0: built.append((backend, part, shared)),
+        decode, "_kernel", lambda backend, name, part, constants="": built.append((backend, part))
     )
     monkeypatch.setattr(decode, "_PLANS", {})
-    monkeypatch.setattr(decode, "STAGES", stages)
     queries, pool = mx.zeros((1, 8, 128), mx.bfloat16), mx.zeros((2, 16, 2, 128), mx.bfloat16)
-    cores = "cuda_staged" if stages else "cuda_mma"
-    for arch, pass1 in ((90, cores), (80, cores), (75, "cuda"), (0, "cuda")):
+    for arch, pass1 in ((90, "cuda_mma"), (80, "cuda_mma"), (75, "cuda"), (0, "cuda")):
         monkeypatch.setattr(decode, "cuda_arch", lambda arch=arch: arch)
         decode._PLANS.clear()
         built.clear()
         decode.Plan.of.cache_clear()
         plan = decode.plan_for(queries, pool, False, "cuda")
-        shared = 4 * stages * 2 * 16 * (128 + 8) * 2 if pass1 == "cuda_staged" else 0
-        assert built == [
-            (pass1, "final", shared), (pass1, "split", shared), ("cuda", "reduce", 0),
-            (pass1, "once", shared),
-        ]  # fmt: skip
-        assert plan.shape.tensor_cores == (pass1 != "cuda")
-        assert plan.shape.stages == (stages if pass1 != "cuda" else 0)
+        assert built == [(pass1, "final"), (pass1, "split"), ("cuda", "reduce"), (pass1, "once")]
+        assert plan.shape.tensor_cores == (pass1 == "cuda_mma")
         assert ("L", plan.shape.lanes) not in plan.template  # CUDA bakes values into the source
     built.clear()
     decode.plan_for(queries.astype(mx.float32), pool.astype(mx.float32), False, "cuda")
-    assert built[0] == ("cuda", "final", 0)  # float32: the one-lane-per-chunk kernel on any GPU
+    assert built[0] == ("cuda", "final")  # float32: the one-lane-per-chunk kernel on any GPU
     decode.Plan.of.cache_clear()
 
 

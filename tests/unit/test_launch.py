@@ -113,9 +113,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(
         decode,
         "_kernel",
-        lambda backend, name, part, constants="", shared=0: FakeKernel(
-            part, recorded, name, constants
-        ),
+        lambda backend, name, part, constants="": FakeKernel(part, recorded, name, constants),
     )
     decode.Plan.of.cache_clear()
     yield recorded

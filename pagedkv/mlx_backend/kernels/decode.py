@@ -14,9 +14,7 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
   and kept for A/B runs on other GPUs (`ONE_LAUNCH`; ADR 0002, fourteenth session);
 - on CUDA GPUs with tensor cores (sm_80 and later), for 16-bit pools read by queries of the same
   dtype and head_dim a multiple of 32 up to 128, pass 1 is `paged_decode_mma.cu` instead
-  (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions;
-  with STAGES > 0, `paged_decode_staged.cu`: the same again, K/V copied ahead into shared memory
-  (`Shape.stages`).
+  (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions.
 """
 
 from __future__ import annotations
@@ -31,12 +29,6 @@ from pagedkv.mlx_backend.kernels import source
 THREADS = 128  # per threadblock / threadgroup: 4 warps or simdgroups
 TARGET_BLOCKS = 512  # threadblocks a launch aims at: one wave, ~4 per SM on an H100 (split_count)
 TARGET_BLOCKS_MMA = 256  # the same for the tensor-core pass 1: 2 per SM (198 registers at d128)
-SMS = 132  # streaming multiprocessors the staged pass 1's wave is sized for (an H100 SXM)
-SHARED_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KiB; 227 per threadblock)
-# The tensor-core pass 1 with K/V staged in shared memory (paged_decode_staged.cu): slots per
-# warp's ring, so STAGES - 1 groups of 16 keys in flight per warp. 0: the register pass 1
-# (paged_decode_mma.cu).
-STAGES = 0
 MIN_SPLIT_KEYS = 256  # no split reads fewer keys: shorter ones cost more to merge than they add
 MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 # CUDA: merge the splits in pass 1's launch instead of a second kernel. Bit-for-bit the same
@@ -70,7 +62,6 @@ class Shape:
     group: int  # query heads per kv head
     has_sinks: bool
     tensor_cores: bool = False  # pass 1 is paged_decode_mma.cu (see `tensor_core_shape`)
-    stages: int = 0  # with tensor_cores: > 0, pass 1 is paged_decode_staged.cu with this ring
 
     @property
     def lanes(self) -> int:
@@ -111,19 +102,11 @@ class Shape:
         """A unique kernel name per variant (MLX caches compiled kernels by name)."""
         q, p = str(self.query_dtype).split(".")[-1], str(self.pool_dtype).split(".")[-1]
         sinks = "_sinks" if self.has_sinks else ""
-        cores = ""
-        if self.tensor_cores and part != "reduce":
-            cores = f"_staged{self.stages}" if self.stages else "_mma"
+        cores = "_mma" if self.tensor_cores and part != "reduce" else ""
         return (
             f"pagedkv_decode_{part}{cores}_q{q}_p{p}_d{self.head_dim}_bs{self.block_size}"
             f"_kv{self.kv_heads}_g{self.group}{sinks}"
         )
-
-
-def staged_bytes(shape: Shape) -> int:
-    """Dynamic shared memory of the staged pass 1: 4 warps x STAGES x (K, V) x 16 rows of
-    head_dim + 8 elements (the merge buffer reuses it)."""
-    return 4 * shape.stages * 2 * 16 * (shape.head_dim + 8) * shape.pool_dtype.size
 
 
 def supported(head_dim: int, pool_dtype: mx.Dtype, query_dtype: mx.Dtype) -> str | None:
@@ -174,11 +157,10 @@ def backend() -> str | None:
 
 
 @cache
-def _kernel(backend_name: str, name: str, part: str, constants: str = "", shared: int = 0):
+def _kernel(backend_name: str, name: str, part: str, constants: str = ""):
     """One kernel object per variant name, built once (compiled by MLX at first call).
-    `backend_name`: "cuda", "cuda_mma" (the tensor-core pass 1), "cuda_staged" (the same, K/V
-    staged in shared memory) or "metal". `constants`: declarations put before the body (CUDA: the
-    variant's template values). `shared`: bytes of dynamic shared memory (CUDA)."""
+    `backend_name`: "cuda", "cuda_mma" (the tensor-core pass 1) or "metal".
+    `constants`: declarations put before the body (CUDA: the variant's template values)."""
     parts = source.sections(backend_name)
     if part == "reduce":
         inputs, outputs = ["o_acc", "o_ml", "sinks"], ["out"]
@@ -191,16 +173,14 @@ def _kernel(backend_name: str, name: str, part: str, constants: str = "", shared
         split = part == "split"
         outputs = ["o_acc", "o_ml"] if split else ["out"]
         body = source.pass1_body(backend_name, split)
-    if not backend_name.startswith("cuda"):
-        return mx.fast.metal_kernel(
-            name=name, input_names=inputs, output_names=outputs, source=body,
-            header=parts["header"],
-        )  # fmt: skip
-    extra = {"shared_memory": shared} if shared else {}
-    return mx.fast.cuda_kernel(
-        name=name, input_names=inputs, output_names=outputs, source=constants + body,
-        header=source.header(backend_name), **extra,
-    )  # fmt: skip
+    make = mx.fast.cuda_kernel if backend_name.startswith("cuda") else mx.fast.metal_kernel
+    return make(
+        name=name,
+        input_names=inputs,
+        output_names=outputs,
+        source=constants + body,
+        header=parts["header"],
+    )
 
 
 CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
@@ -249,8 +229,6 @@ def split_count(shape: Shape, batch: int, longest: int) -> int:
     or are short."""
     blocks_per_row = batch * shape.kv_heads * (shape.group // shape.query_tile)
     target = TARGET_BLOCKS_MMA if shape.tensor_cores else TARGET_BLOCKS
-    if shape.stages:  # as many threadblocks as the SMs' shared memory holds at once
-        target = SMS * max(1, min(4, SHARED_PER_SM // (staged_bytes(shape) + 1024)))
     wanted = -(-target // blocks_per_row)
     return max(1, min(wanted, longest // MIN_SPLIT_KEYS, MAX_SPLITS))
 
@@ -279,21 +257,16 @@ class Plan:
         ]  # fmt: skip
         if shape.tensor_cores:  # paged_decode_mma.cu has no lanes or keys in flight to set
             template = [item for item in template if item[0] not in ("L", "U")]
-        if shape.stages:
-            template.append(("STAGES", shape.stages))
         reduce_template = [
             ("TQ", shape.query_dtype), ("D", shape.head_dim), ("KVH", shape.kv_heads),
             ("G", shape.group), ("HAS_SINKS", shape.has_sinks), ("MAX_SPLITS", MAX_SPLITS),
         ]  # fmt: skip
         parts = (("final", template), ("split", template), ("reduce", reduce_template))
         if backend_name == "cuda":  # the values go into the source; the calls pass none
-            pass1 = "cuda_staged" if shape.stages else "cuda_mma" if shape.tensor_cores else "cuda"
-            shared = staged_bytes(shape) if shape.stages else 0
+            pass1 = "cuda_mma" if shape.tensor_cores else "cuda"
             parts += (("once", template + [("MAX_SPLITS", MAX_SPLITS)]),)
             kernels = [
-                _kernel("cuda", shape.name(p), p, cuda_constants(t))
-                if p == "reduce"
-                else _kernel(pass1, shape.name(p), p, cuda_constants(t), shared)
+                _kernel("cuda" if p == "reduce" else pass1, shape.name(p), p, cuda_constants(t))
                 for p, t in parts
             ]
             template, reduce_template = [], []
@@ -318,7 +291,6 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
         q_heads,
         has_sinks,
         backend_name,
-        STAGES,
     )
     plan = _PLANS.get(key)
     if plan is None:
@@ -329,7 +301,7 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
         )
         shape = Shape(
             queries.dtype, k_pool.dtype, head_dim, block_size, kv_heads, q_heads // kv_heads,
-            has_sinks, tensor_cores, STAGES if tensor_cores else 0,
+            has_sinks, tensor_cores,
         )  # fmt: skip
         plan = _PLANS[key] = Plan.of(shape, backend_name)
     return plan

@@ -1,8 +1,6 @@
 """Kernel sources: `paged_decode.cu` and `paged_decode.metal`, cut into their `//// name` sections,
 `paged_decode_mma.cu`, the tensor-core pass 1 for CUDA ("cuda_mma": its own header and
-partial; the in-block merge, epilogues and merge kernel of `paged_decode.cu`),
-`paged_decode_staged.cu`, the tensor-core pass 1 with K/V staged in shared memory
-("cuda_staged": the mma header and its own, its own partial, the rest as "cuda_mma"), and
+partial; the in-block merge, epilogues and merge kernel of `paged_decode.cu`), and
 `paged_decode_once.cu`, the CUDA epilogue that merges the splits in pass 1's own launch.
 
 The first two files hold the same kernel in the same order, so they can be read side by side; this
@@ -21,7 +19,6 @@ _HERE = Path(__file__).parent
 FILES = {
     "cuda": _HERE / "paged_decode.cu",
     "cuda_mma": _HERE / "paged_decode_mma.cu",
-    "cuda_staged": _HERE / "paged_decode_staged.cu",
     "metal": _HERE / "paged_decode.metal",
     "once": _HERE / "paged_decode_once.cu",  # the single-launch merge (CUDA)
     "write": _HERE / "write_rows.cu",  # the in-place decode write (kernels/write.py)
@@ -52,16 +49,9 @@ def _compact(lines: list[str]) -> str:
 _COMMENT = re.compile(r"//.*$")
 
 
-def header(backend: str) -> str:
-    """What goes before a kernel's signature: the staged pass 1 uses the mma helpers too."""
-    if backend == "cuda_staged":
-        return sections("cuda_mma")["header"] + sections("cuda_staged")["header"]
-    return sections(backend)["header"]
-
-
 def pass1_body(backend: str, split: bool) -> str:
     """Pass 1: the blocked online softmax, then the normalised output (one split) or partials."""
-    shared = sections("cuda" if backend in ("cuda_mma", "cuda_staged") else backend)
+    shared = sections("cuda" if backend == "cuda_mma" else backend)
     return sections(backend)["partial"] + shared["merge"] + shared["split" if split else "final"]
 
 
