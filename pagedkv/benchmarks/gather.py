@@ -8,7 +8,8 @@ query per sequence, block ids scattered over a pool with 2x slack (a fragmented 
   `MLX_CUDA_USE_CUDNN_SDPA=0` (MLX's own vector kernel), measured in a child process because MLX
   reads that switch once per process.
 - `gather_sdpa`: gather the blocks (layout A), then SDPA — the portable path.
-- `kernel`: the fused paged kernel (`pagedkv.mlx_backend.kernels`), where the device has one.
+- `kernel`: the fused paged kernel (`pagedkv.mlx_backend.kernels`), where the device has one,
+  called as a decode step calls it: its launch prepared once, then one call per layer.
 
 Small cells sit on MLX's per-call floor, so each timing runs many calls per synchronize and divides
 (`per_call_us`). The calls are chained as a model's layers are: each call's query is the previous
@@ -190,14 +191,17 @@ def cell_arrays(context: int, batch: int, block: int, dtype=None, copies: int | 
 
 def path_calls(pools, dense, decode_batch) -> dict[str, list]:
     """Per path, one call per copy of a cell's arrays: query `[B, q_heads, 1, D]` -> output of
-    the same shape (what `chained` strings together)."""
+    the same shape (what `chained` strings together). The kernel is called as a decode step calls
+    it (`pagedkv.mlx_lm.step`): its launch prepared once (`decode.prepare`: plan, split count,
+    the step's tables), then one call per layer; where the device has no kernel that path is
+    absent."""
     import mlx.core as mx
 
     from pagedkv.mlx_backend.attention import gather_decode
     from pagedkv.mlx_backend.kernels import decode
 
     scale = HEAD_DIM**-0.5
-    return {
+    calls = {
         "contiguous": [
             lambda q, k=k, v=v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
             for k, v in dense
@@ -205,10 +209,12 @@ def path_calls(pools, dense, decode_batch) -> dict[str, list]:
         "gather_sdpa": [
             lambda q, k=k, v=v: gather_decode(q, k, v, decode_batch, scale) for k, v in pools
         ],
-        "kernel": [
-            lambda q, k=k, v=v: decode.paged_decode(q, k, v, decode_batch, scale) for k, v in pools
-        ],
     }
+    if decode.backend() is not None:
+        query = mx.zeros((decode_batch.tables.shape[0], Q_HEADS, 1, HEAD_DIM), pools[0][0].dtype)
+        launch = decode.prepare(query, pools[0][0], decode_batch, scale, has_sinks=False)
+        calls["kernel"] = [lambda q, k=k, v=v: launch(q, k, v) for k, v in pools]
+    return calls
 
 
 def timed_path(path: str, context: int, batch: int, block: int, arrays=None) -> float:

@@ -122,3 +122,29 @@ def test_gather_bench_paths_compute_the_same_attention():
         expected, actual = contiguous(), gathered()
         assert actual.shape == query.shape
         assert mx.allclose(expected, actual, atol=1e-5).item()
+    assert "kernel" not in calls  # no kernel backend on the CPU: that path is absent
+
+
+@pytest.mark.skipif(not HAVE_MLX, reason="the gather bench needs MLX (pagedkv[mlx])")
+def test_gather_bench_prepares_the_kernel_launch_once_as_a_decode_step_does(monkeypatch):
+    """The kernel path pays `decode.prepare` once per cell, as a model's step does for all its
+    layers, and each call is one call of that launch with its copy's pools."""
+    import mlx.core as mx
+
+    from pagedkv.benchmarks.gather import cell_arrays, chained, path_calls
+    from pagedkv.mlx_backend.kernels import decode
+
+    prepared, called = [], []
+
+    def prepare(queries, k_pool, batch, scale, has_sinks):
+        prepared.append((queries.shape, queries.dtype, batch, has_sinks))
+        return lambda q, k, v: called.append((k, v)) or q + 1
+
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "prepare", prepare)
+    query, pools, dense, decode_batch = cell_arrays(40, 2, 16, mx.float16, copies=2)
+    chain = chained(path_calls(pools, dense, decode_batch)["kernel"], query[:, :, None, :])
+    for _ in range(3):
+        chain()
+    assert prepared == [((2, 32, 1, 128), mx.float16, decode_batch, False)]
+    assert [id(k) for k, _ in called] == [id(pools[i % 2][0]) for i in range(3)]
