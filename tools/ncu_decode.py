@@ -1,6 +1,7 @@
 """GPU time of one decode-attention call, from Nsight Compute: the paged kernel against cuDNN.
 
     python tools/ncu_decode.py [CELLS] [--splits 8,16] [--variants U4QT4,U2QT4L8] [--csv PATH]
+                               [--details]
     e.g.  python tools/ncu_decode.py 2048x1,32768x16 --splits 8,16,64
 
 The per-call timings of `pagedkv bench gather` and `tools/split_sweep.py` are host-bound for
@@ -14,7 +15,9 @@ then, with `--variants`, the one-lane-per-chunk kernel (`paged_decode.cu`) at ot
 flight `U`, query tiles `QT` and lanes per key row `L`. A tiny marker kernel,
 launched before each measured call with its index as the grid size, attributes every kernel ncu
 records (split + merge, cuDNN's two) to its call; three repetitions, median of each call's summed
-durations.
+durations. With `--details`, one repetition and, instead of durations, ncu's own report of
+every kernel (speed of light, memory workload, occupancy, warp states and scheduler statistics:
+why a kernel is as fast as it is), each call's kernels after the marker carrying its index.
 Needs a CUDA GPU with `ncu` on PATH (not Metal); elsewhere it says so and exits 1.
 """
 
@@ -158,7 +161,13 @@ def variant_call(unroll: int, tile: int, lanes: int | None):
     return call
 
 
-def child(cells, splits, variants, labels_path: str) -> None:
+DETAIL_SECTIONS = (
+    "SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "WarpStateStats", "SchedulerStats",
+    "LaunchStats",
+)  # fmt: skip
+
+
+def child(cells, splits, variants, labels_path: str, repeats: int = REPEATS) -> None:
     """Under ncu: build every call, compile it, then profile REPEATS rounds of marked calls."""
     import ctypes
 
@@ -209,7 +218,7 @@ def child(cells, splits, variants, labels_path: str) -> None:
     mx.synchronize()
     driver = ctypes.CDLL("libcuda.so.1")
     driver.cuProfilerStart()
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for index, (_, fn) in enumerate(calls, 1):
             mx.eval(marker(inputs=[one], grid=(index, 1, 1), threadgroup=(1, 1, 1),
                            output_shapes=[(1,)], output_dtypes=[mx.float32])[0])  # fmt: skip
@@ -228,6 +237,9 @@ def main(argv: list[str]) -> int:
         "--variants", default=None, help="U<n>QT<n>[L<n>],...: paged_decode.cu at these values"
     )
     parser.add_argument("--csv", default=None, help="also write label,us rows here")
+    parser.add_argument(
+        "--details", action="store_true", help="ncu's per-kernel report instead of durations"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -246,14 +258,17 @@ def main(argv: list[str]) -> int:
         return 1
     variants = variants or []
     if args.child:
-        child(cells, splits, variants, args.child)
+        child(cells, splits, variants, args.child, 1 if args.details else REPEATS)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         labels_path, report = os.path.join(tmp, "labels.json"), os.path.join(tmp, "ncu.csv")
+        what = ["--metrics", "gpu__time_duration.sum", "--csv", "--page", "raw"]
+        if args.details:
+            what = [item for name in DETAIL_SECTIONS for item in ("--section", name)]
         command = [
             "ncu", "--profile-from-start", "off", "--cache-control", "all", "--clock-control",
-            "none", "--metrics", "gpu__time_duration.sum", "--csv", "--page", "raw",
-            "--log-file", report, sys.executable, __file__, *argv, "--child", labels_path,
+            "none", *what, "--log-file", report, sys.executable, __file__, *argv,
+            "--child", labels_path,
         ]  # fmt: skip
         print(f"ncu_decode: profiling {len(cells)} cells under ncu ...", flush=True)
         code = subprocess.run(command).returncode
@@ -265,6 +280,12 @@ def main(argv: list[str]) -> int:
             return 1
         with open(labels_path) as f:
             labels = json.load(f)
+        if args.details:
+            for index, label in enumerate(labels, 1):
+                print(f"call {index} (marker grid ({index}, 1, 1)): {label}")
+            with open(report) as f:
+                print(f.read())
+            return 0
         with open(report, newline="") as f:
             times = durations_by_call(list(csv.reader(f)), len(labels))
     results = [(label, times.get(i, float("nan"))) for i, label in enumerate(labels, 1)]
