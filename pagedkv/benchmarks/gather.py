@@ -152,9 +152,17 @@ def parse_cells(text: str) -> list[tuple[int, int]]:
     return cells
 
 
-def cell_arrays(context: int, batch: int, block: int, dtype=None, copies: int | None = None):
+def cell_arrays(
+    context: int,
+    batch: int,
+    block: int,
+    dtype=None,
+    copies: int | None = None,
+    kv_heads: int = KV_HEADS,
+):
     """Query, the fragmented pools and tables, and the same K/V contiguous; the pools and the
-    contiguous K/V as `copies` copies (lists; default `copies_for`). dtype: float16 unless given."""
+    contiguous K/V as `copies` copies (lists; default `copies_for`). dtype: float16 unless given.
+    `kv_heads`: the benchmark's 8 unless given, with Q_HEADS / KV_HEADS query heads each."""
     import mlx.core as mx
     import numpy as np
 
@@ -163,18 +171,18 @@ def cell_arrays(context: int, batch: int, block: int, dtype=None, copies: int | 
     per_seq = ceil_div(context, block)
     pool_blocks = 2 * batch * per_seq  # 2x slack
     mx.random.seed(0)
-    shape = (pool_blocks, block, KV_HEADS, HEAD_DIM)
+    shape = (pool_blocks, block, kv_heads, HEAD_DIM)
     dtype = dtype or mx.float16
     k_pool = mx.random.normal(shape).astype(dtype)
     v_pool = mx.random.normal(shape).astype(dtype)
     order = np.random.default_rng(0).permutation(pool_blocks)[: batch * per_seq]
     tables = mx.array(order.reshape(batch, per_seq).astype(np.int32))
-    query = mx.random.normal((batch, Q_HEADS, HEAD_DIM)).astype(dtype)
+    query = mx.random.normal((batch, kv_heads * (Q_HEADS // KV_HEADS), HEAD_DIM)).astype(dtype)
 
     def contiguous(pool):  # [B, H, ctx, D]
         taken = mx.take(pool, tables.reshape(-1), axis=0)
         return mx.contiguous(
-            taken.reshape(batch, per_seq * block, KV_HEADS, HEAD_DIM)[:, :context].transpose(
+            taken.reshape(batch, per_seq * block, kv_heads, HEAD_DIM)[:, :context].transpose(
                 0, 2, 1, 3
             )
         )
@@ -211,7 +219,9 @@ def path_calls(pools, dense, decode_batch) -> dict[str, list]:
         ],
     }
     if decode.backend() is not None:
-        query = mx.zeros((decode_batch.tables.shape[0], Q_HEADS, 1, HEAD_DIM), pools[0][0].dtype)
+        k_pool = pools[0][0]  # [blocks, block_size, kv_heads, head_dim]
+        q_heads = k_pool.shape[2] * (Q_HEADS // KV_HEADS)
+        query = mx.zeros((decode_batch.tables.shape[0], q_heads, 1, HEAD_DIM), k_pool.dtype)
         launch = decode.prepare(query, pools[0][0], decode_batch, scale, has_sinks=False)
         calls["kernel"] = [lambda q, k=k, v=v: launch(q, k, v) for k, v in pools]
     return calls

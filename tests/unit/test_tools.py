@@ -399,7 +399,8 @@ def test_step_split_pool_variant_sizes_the_store_k_times():
 @pytest.mark.parametrize(
     ("tool", "argv"),
     [("sdpa_check", ["2048"]), ("sdpa_check", ["0x16"]), ("split_sweep", ["--ab-rounds", "0"]),
-     ("split_sweep", ["--splits", "0"])],
+     ("split_sweep", ["--splits", "0"]), ("layout_probe", ["8"]), ("layout_probe", ["1k"]),
+     ("layout_probe", ["--rounds", "0"])],
 )  # fmt: skip
 def test_gpu_timing_tools_refuse_bad_arguments_before_any_gpu_work(tool, argv, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -408,10 +409,42 @@ def test_gpu_timing_tools_refuse_bad_arguments_before_any_gpu_work(tool, argv, c
     assert "usage" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tool", ["sdpa_check", "split_sweep"])
+@pytest.mark.parametrize("tool", ["sdpa_check", "split_sweep", "layout_probe"])
 def test_gpu_timing_tools_say_so_without_a_kernel_backend(tool, monkeypatch, capsys):
     from pagedkv.mlx_backend.kernels import decode
 
     monkeypatch.setattr(decode, "backend", lambda: None)
     assert load(tool).main([]) == 1
     assert "no kernel backend" in capsys.readouterr().out
+
+
+def test_layout_probe_times_equal_bytes_in_both_layouts(monkeypatch, capsys):
+    """With the kernel faked (no GPU here): both layouts hold the same K/V bytes (batch 1 x 8 kv
+    heads, batch 8 x 1), each timed on both paths, and the kernel's launch sees each layout's
+    pools and query heads (4 per kv head)."""
+    from pagedkv.benchmarks import gather
+    from pagedkv.mlx_backend.kernels import decode
+
+    launches = []
+
+    class Launch:
+        splits = 4
+
+        def __call__(self, q, k, v):
+            return q + 0
+
+    def prepare(queries, k_pool, batch, scale, has_sinks=False):
+        launches.append((queries.shape, k_pool.shape, k_pool.nbytes))
+        return Launch()
+
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "prepare", prepare)
+    monkeypatch.setattr(gather, "per_call_us", lambda chain: (chain(), 1.0)[1])
+    probe = load("layout_probe")
+    monkeypatch.setattr(probe, "per_call_us", gather.per_call_us)
+    assert probe.main(["64", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ctx 64 batch 1 x 8 kv heads") == 2 and out.count("batch 8 x 1 kv heads") == 2
+    shapes = {(q[:2], k[2]) for q, k, _ in launches}  # (rows, query heads), kv heads
+    assert shapes == {((1, 32), 8), ((8, 4), 1)}
+    assert len({nbytes for _, _, nbytes in launches}) == 1  # the same pool bytes
