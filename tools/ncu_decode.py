@@ -168,7 +168,7 @@ DETAIL_SECTIONS = (
 
 
 def child(cells, splits, variants, labels_path: str, repeats: int = REPEATS) -> None:
-    """Under ncu: build every call, compile it, then profile REPEATS rounds of marked calls."""
+    """Under ncu: build every call, compile it, then profile `repeats` rounds of marked calls."""
     import ctypes
 
     import mlx.core as mx

@@ -222,7 +222,7 @@ def path_calls(pools, dense, decode_batch) -> dict[str, list]:
         k_pool = pools[0][0]  # [blocks, block_size, kv_heads, head_dim]
         q_heads = k_pool.shape[2] * (Q_HEADS // KV_HEADS)
         query = mx.zeros((decode_batch.tables.shape[0], q_heads, 1, HEAD_DIM), k_pool.dtype)
-        launch = decode.prepare(query, pools[0][0], decode_batch, scale, has_sinks=False)
+        launch = decode.prepare(query, k_pool, decode_batch, scale, has_sinks=False)
         calls["kernel"] = [lambda q, k=k, v=v: launch(q, k, v) for k, v in pools]
     return calls
 
