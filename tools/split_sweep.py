@@ -54,11 +54,11 @@ def sweep_cell(
     scale = HEAD_DIM**-0.5
 
     def kernel_us(num_splits: int | None) -> float:
-        calls = [
-            lambda q, k=k, v=v: decode.paged_decode(q, k, v, decode_batch, scale, None, num_splits)
-            for k, v in pools
-        ]
-        return per_call_us(chained(calls, query[:, :, None, :]))
+        # Prepared once, called per copy, as a decode step calls it (and pagedkv bench gather).
+        queries = query[:, :, None, :]  # [B, q_heads, 1, D]: the shape each chained call gets
+        launch = decode.prepare(queries, pools[0][0], decode_batch, scale, False, num_splits)
+        calls = [lambda q, k=k, v=v: launch(q, k, v) for k, v in pools]
+        return per_call_us(chained(calls, queries))
 
     row = {
         "context": context,

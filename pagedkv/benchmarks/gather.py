@@ -234,7 +234,8 @@ def timed_path(path: str, context: int, batch: int, block: int, arrays=None) -> 
     calls = path_calls(pools, dense, decode_batch)[path]
     max_calls = 200
     if path == "gather_sdpa":  # each call's gathered copy stays in memory until the eval
-        row_bytes = 2 * pools[0][0].itemsize * KV_HEADS * HEAD_DIM  # K and V of one position
+        k_pool = pools[0][0]  # [blocks, block_size, kv_heads, head_dim]
+        row_bytes = 2 * k_pool.itemsize * k_pool.shape[2] * HEAD_DIM  # K and V of one position
         max_calls = max(1, min(200, 4 * 2**30 // (row_bytes * decode_batch.tables.size * block)))
     return per_call_us(chained(calls, query[:, :, None, :]), max_calls=max_calls)
 

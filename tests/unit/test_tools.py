@@ -448,3 +448,33 @@ def test_layout_probe_times_equal_bytes_in_both_layouts(monkeypatch, capsys):
     shapes = {(q[:2], k[2]) for q, k, _ in launches}  # (rows, query heads), kv heads
     assert shapes == {((1, 32), 8), ((8, 4), 1)}
     assert len({nbytes for _, _, nbytes in launches}) == 1  # the same pool bytes
+
+
+def test_split_sweep_calls_the_kernel_as_a_decode_step_does(monkeypatch):
+    """With the kernel faked (no GPU here): each timing prepares one launch for the chained
+    queries' shape, at the count it times (None: the rule's), and calls it once per copy."""
+    from pagedkv.benchmarks import gather
+    from pagedkv.mlx_backend.kernels import decode
+
+    prepared = []
+
+    class Launch:
+        splits = 2
+
+        def __call__(self, q, k, v):
+            return q + 0
+
+    def prepare(queries, k_pool, batch, scale, has_sinks=False, num_splits=None):
+        prepared.append((queries.shape, num_splits))
+        return Launch()
+
+    monkeypatch.setattr(decode, "backend", lambda: "metal")  # no one-launch A/B
+    monkeypatch.setattr(decode, "prepare", prepare)
+    sweep = load("split_sweep")
+    monkeypatch.setattr(sweep, "per_call_us", lambda chain: (chain(), chain(), 1.0)[2])
+    monkeypatch.setattr(gather, "per_call_us", sweep.per_call_us)
+    row = sweep.sweep_cell(64, 2, (1, 2, 8))
+    assert row["rule_splits"] == 2 and {"s1_us", "s2_us"} <= set(row) and "s8_us" not in row
+    timed = [p for p in prepared if len(p[0]) == 4]  # the rule's count: also the cuDNN cell's
+    shape = (2, 32, 1, 128)
+    assert timed == [(shape, None), (shape, None), (shape, 1), (shape, 2)]
