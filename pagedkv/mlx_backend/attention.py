@@ -131,11 +131,17 @@ def _use_kernel(queries, k_pool, v_pool, batch: DecodeBatch, scale: float, sinks
         queries.shape[1] // k_pool.shape[2], sinks is not None,
     )  # fmt: skip
 
+    def launch(splits: int | None = None):  # None: the split rule's count, as calls will use
+        return lambda: decode.paged_decode(
+            queries, k_pool, v_pool, batch, scale, sinks, num_splits=splits
+        )
+
     def check():
         return dispatch.self_check(
-            lambda: decode.paged_decode(queries, k_pool, v_pool, batch, scale, sinks),
+            launch(),
             lambda: gather_decode(queries, k_pool, v_pool, batch, scale, sinks),
             dispatch.CHECK_TOLERANCE[queries.dtype],
+            forms={f"{n} split{'s' * (n > 1)}": launch(n) for n in dispatch.CHECKED_SPLITS},
         )
 
     return dispatch.DISPATCHER.use_kernel(shape, check)

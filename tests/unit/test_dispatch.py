@@ -199,10 +199,11 @@ def test_backend_attention_wires_the_self_check_on_a_metal_device(monkeypatch):
     with pytest.warns(RuntimeWarning, match="differs from gather"):
         got = cache.attention_decode(0, [seq], queries)
     assert mx.allclose(got, want)  # the wrong kernel's answer was not used
+    checked = len(calls)
     cache.attention_decode(0, [seq], queries)  # verdict remembered: no second check
-    assert calls == ["wrong"]
+    assert calls == ["wrong"] * checked
 
-    def good_kernel(q, k_pool, v_pool, batch, scale, sinks=None):
+    def good_kernel(q, k_pool, v_pool, batch, scale, sinks=None, num_splits=None):
         calls.append("good")
         return original_gather(q, k_pool, v_pool, batch, scale, sinks)
 
@@ -351,7 +352,7 @@ def test_the_choice_is_remembered_per_setting_and_shape(monkeypatch):
         kernel_calls.append(q.shape)
         return attention.gather_decode(q, k_pool, v_pool, batch, scale, sinks)
 
-    def fake_check(kernel, gather, tolerance, repeats=20):
+    def fake_check(kernel, gather, tolerance, repeats=20, forms=None):
         checks.append(tolerance)
         return GOOD
 
@@ -392,3 +393,54 @@ def test_the_choice_is_remembered_per_setting_and_shape(monkeypatch):
         ("metal", decode.Shape(mx.float16, mx.float16, 64, 16, 2, 4, False)),
     }
     assert set(dispatch.DISPATCHER.verdicts) == want
+
+
+def test_self_check_rejects_a_kernel_wrong_in_any_of_its_forms():
+    """Every form must match gather; only the kernel's own launch is timed."""
+    forms = {"1 split": ones, "2 splits": lambda: ones() * 2}
+    verdict = dispatch.self_check(ones, slow_ones, 1e-3, repeats=3, forms=forms)
+    assert not verdict.use_kernel and "(2 splits) differs" in verdict.reason
+    timed = []
+
+    def slow_form():
+        timed.append(1)
+        time.sleep(0.01)
+        return ones()
+
+    verdict = dispatch.self_check(ones, slow_ones, 1e-3, repeats=3, forms={"2 splits": slow_form})
+    assert verdict.use_kernel and len(timed) == 1  # checked once, never timed
+
+
+def test_the_metal_self_check_runs_every_form_a_later_call_can_launch(monkeypatch):
+    """A 6-token first call gets one split from the rule; the verdict also covers the splits and
+    merge kernel that longer contexts launch later, so the check runs those forms too: a kernel
+    right in one pass but wrong when split is refused."""
+    from pagedkv.mlx_backend import attention
+
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    monkeypatch.setattr(decode, "backend", lambda: "metal")
+    cache = PagedCache(Config(num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16))
+    seq, _ = cache.add_sequence(list(range(6)))
+    rows = mx.random.normal((6, 2, 16))
+    cache.write_kv(seq, 0, 0, rows, rows + 1)
+    queries = mx.random.normal((1, 4, 16))
+    original_gather = attention.gather_decode
+    asked = []
+
+    def slow_gather(*args, **kwargs):
+        time.sleep(0.003)
+        return original_gather(*args, **kwargs)
+
+    def wrong_when_split(q, k_pool, v_pool, batch, scale, sinks=None, num_splits=None):
+        asked.append(num_splits)
+        out = original_gather(q, k_pool, v_pool, batch, scale, sinks)
+        splits = num_splits or decode.split_count(SHAPE, 1, batch.longest)
+        return out if splits == 1 else out + 1
+
+    monkeypatch.setattr(attention, "gather_decode", slow_gather)
+    monkeypatch.setattr(decode, "paged_decode", wrong_when_split)
+    with pytest.warns(RuntimeWarning, match=r"\(2 splits\) differs from gather"):
+        cache.attention_decode(0, [seq], queries)
+    assert set(asked) == {None, *dispatch.CHECKED_SPLITS}
+    assert dispatch.CHECKED_SPLITS == (1, 2, decode.MAX_SPLITS) and decode.MAX_SPLITS > 128

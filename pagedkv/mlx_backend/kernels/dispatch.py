@@ -7,7 +7,9 @@
   Apple GPUs the Metal kernel has never run on real hardware (no Mac was available), so `auto`
   first runs a one-time self-check per shape: the kernel against the gather path on the real
   shapes, for correctness and for speed, and uses it only if it matches and is faster; otherwise
-  it says why once (a warning) and keeps gather. A Mac user is never worse off than gather.
+  it says why once (a warning) and keeps gather. A Mac user is never worse off than gather. The
+  verdict stands for every later call of the shape, whatever its split count, so the check runs
+  every form a launch can take (`CHECKED_SPLITS`), not only the first call's.
 - `kernel`: always the kernel; raises ConfigError where there is none (the CPU) or the shape is
   not covered.
 - `gather`: always gather -> SDPA (the portable path and the oracle).
@@ -29,6 +31,11 @@ from pagedkv.mlx_backend.kernels import decode
 MODES = ("auto", "kernel", "gather")
 ENV = "PAGEDKV_ATTENTION"
 CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 5e-2}
+# Split counts the self-check also runs, one per form of the launch: one pass (the `final`
+# epilogue), partials merged by the `reduce` kernel, and more splits than that kernel's 128
+# threads (its loops over the splits then go round more than once). A short first call would
+# otherwise check one pass only, and a longer context later run the other kernels unchecked.
+CHECKED_SPLITS = (1, 2, decode.MAX_SPLITS)
 
 
 def mode() -> str:
@@ -51,17 +58,26 @@ def self_check(
     gather: Callable[[], mx.array],
     tolerance: float,
     repeats: int = 20,
+    forms: dict[str, Callable[[], mx.array]] | None = None,
 ) -> Verdict:
     """Runs both paths on the same inputs: the kernel must match gather within `tolerance`
-    (max abs difference) and take less time (median of `repeats` timed calls each)."""
+    (max abs difference) and take less time (median of `repeats` timed calls each).
+    `forms`: {name: call} of the same kernel launched other ways (other split counts); each must
+    match gather too. Only `kernel`, the launch the calls will make, is timed."""
+    calls = {"": kernel, **(forms or {})}
     try:
-        got, want = kernel(), gather()
-        mx.eval(got, want)
+        want = gather()
+        got = {name: call() for name, call in calls.items()}
+        mx.eval(want, *got.values())
     except Exception as error:  # noqa: BLE001 - a kernel that fails to build or run is rejected
         return Verdict(False, f"the kernel failed to run ({type(error).__name__}: {error})")
-    error = float(mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max())
-    if not error <= tolerance:  # also rejects NaN
-        return Verdict(False, f"the kernel differs from gather by {error:.3g} > {tolerance:g}")
+    for name, out in got.items():
+        error = float(mx.abs(out.astype(mx.float32) - want.astype(mx.float32)).max())
+        if not error <= tolerance:  # also rejects NaN
+            form = f" ({name})" if name else ""
+            return Verdict(
+                False, f"the kernel{form} differs from gather by {error:.3g} > {tolerance:g}"
+            )
     kernel_s, gather_s = _median_seconds(kernel, repeats), _median_seconds(gather, repeats)
     if kernel_s >= gather_s:
         return Verdict(

@@ -5,8 +5,10 @@
 // path (correctness and speed) and falls back to gather if either check fails.
 //
 // Small inputs (< 8 elements) arrive as `constant` pointers in MLX's generated
-// signature, so pointers into inputs are declared with `auto`, never `device`.
-// Sections, template constants and types: see paged_decode.cu.
+// signature, so the inputs are only indexed, or read through `pkv_load16`, which has a
+// form for either address space (a pool of one slot is that small). Metal-only:
+// tests/unit/test_kernel_sources.py allows its name. Sections, template constants and
+// types: see paged_decode.cu.
 
 //// header
 #define PKV_LOG2E 1.4426950408889634f
@@ -31,6 +33,12 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
     }
   }
 }
+
+// The 16 bytes at `p`, a pool in the device or (under 8 elements) the constant address space.
+template <typename T>
+inline uint4 pkv_load16(const device T* p) { return *(const device uint4*)p; }
+template <typename T>
+inline uint4 pkv_load16(const constant T* p) { return *(const constant uint4*)p; }
 
 //// partial
   constexpr int VEC = KIND == 0 ? 4 : 8;  // elements per 16-byte load
@@ -85,8 +93,8 @@ inline void pkv_unpack(uint4 raw, thread float* out) {
       for (int c = 0; c < CH; c++) {
         int chunk = c * L + lane;
         if (chunk < NCH) {
-          kraw[u][c] = *(const device uint4*)(k_pool + row + chunk * VEC);
-          vraw[u][c] = *(const device uint4*)(v_pool + row + chunk * VEC);
+          kraw[u][c] = pkv_load16(k_pool + row + chunk * VEC);
+          vraw[u][c] = pkv_load16(v_pool + row + chunk * VEC);
         } else {
           kraw[u][c] = uint4(0);
           vraw[u][c] = uint4(0);
