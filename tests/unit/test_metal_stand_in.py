@@ -1,7 +1,7 @@
 """The Metal kernel's logic, run on the CPU: `paged_decode.metal` through the real launch code.
 
 No Mac runs this project's CI, so the Metal kernel would otherwise only be read. Here
-`mx.fast.metal_kernel` is replaced by `tests.metal_stand_in`, which compiles the kernel text as
+`mx.fast.metal_kernel` is replaced by `tests.kernel_stand_in`, which compiles the kernel text as
 MLX assembles it against a C++ stand-in for Metal's vocabulary and runs every threadgroup's 128
 threads (real barriers, 32-lane shuffles). `decode.paged_decode(..., backend_name="metal")` then
 runs as on an Apple GPU: its plan, templates, grid, the one-pass and split launches and the merge
@@ -21,47 +21,29 @@ import pytest
 
 from pagedkv.mlx_backend.kernels import decode, source
 from pagedkv.spec.split_k import split_k_decode
-from tests import metal_stand_in
-from tests.parity.test_kernel_parity import RAGGED, TOLERANCE, case, gather_oracle
+from tests import kernel_stand_in
+from tests.kernel_stand_in import checks
+from tests.parity.test_kernel_parity import RAGGED, TOLERANCE, case
 
 pytestmark = pytest.mark.skipif(
-    metal_stand_in.unavailable() is not None, reason=str(metal_stand_in.unavailable())
+    kernel_stand_in.unavailable() is not None, reason=str(kernel_stand_in.unavailable())
 )
-
-
-def clear_kernel_caches():
-    decode._kernel.cache_clear()
-    decode.Plan.of.cache_clear()
-    decode._PLANS.clear()
 
 
 @pytest.fixture(autouse=True)
 def metal_on_the_cpu(monkeypatch):
-    """Kernel objects built from here on are stand-ins; none outlives the test either way."""
-    clear_kernel_caches()
-    monkeypatch.setattr(mx.fast, "metal_kernel", metal_stand_in.metal_kernel)
+    checks.clear_kernel_caches()
+    monkeypatch.setattr(mx.fast, "metal_kernel", kernel_stand_in.metal_kernel)
     yield
-    clear_kernel_caches()
+    checks.clear_kernel_caches()
 
 
 def run_metal(queries, k_pool, v_pool, batch, scale, sinks=None, splits=None):
-    launch = decode.prepare(queries, k_pool, batch, scale, sinks is not None, splits, "metal")
-    return launch(queries, k_pool, v_pool, sinks), launch.splits
+    return checks.run("metal", queries, k_pool, v_pool, batch, scale, sinks, splits)[:2]
 
 
-def check(dtype, head_dim, block_size, group, lengths, splits=None, **kwargs):
-    (queries, k_pool, v_pool, batch, sinks), numpy, sinks_np = case(
-        dtype, head_dim, block_size, group, lengths, **kwargs
-    )
-    scale = head_dim**-0.5 * 1.3  # not the default: the scale must reach the kernel
-    out, used = run_metal(queries, k_pool, v_pool, batch, scale, sinks, splits)
-    assert out.dtype == queries.dtype and out.shape == queries.shape
-    got = np.array(out.astype(mx.float32))
-    spec = split_k_decode(*numpy, scale, used, sinks_np)
-    oracle = gather_oracle(queries, k_pool, v_pool, numpy[3], numpy[4], scale, sinks)
-    assert float(np.abs(got - spec).max()) <= TOLERANCE[dtype], used
-    assert float(np.abs(got - oracle).max()) <= TOLERANCE[dtype], used
-    return used
+def check(*args, **kwargs) -> int:
+    return checks.check("metal", *args, **kwargs).splits
 
 
 @pytest.mark.parametrize("head_dim", decode.HEAD_DIMS)
@@ -116,7 +98,7 @@ def test_inputs_under_8_elements_arrive_in_the_constant_address_space():
     queries = rng.standard_normal((1, 1, 4)).astype(np.float32)
     tables, bounds = np.zeros((1, 1), np.int32), np.array([[0, 1]], np.int32)
     batch = decode.DecodeBatch(mx.array(tables), mx.array(bounds), 1)
-    kernel = metal_stand_in._Kernel("probe", ["k_pool"], ["out"], "k_pool", "")
+    kernel = kernel_stand_in.Kernel("metal", "probe", ["k_pool"], ["out"], "k_pool", "")
     assert "const constant float* k_pool" in kernel.program([mx.array(k)], [mx.float32], [])
     out, _ = run_metal(mx.array(queries), mx.array(k), mx.array(v), batch, 0.5)
     np.testing.assert_allclose(np.array(out)[0, 0], v[0, 0, 0], rtol=1e-6)  # one key: its value
