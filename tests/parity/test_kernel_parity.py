@@ -2,7 +2,9 @@
 
 Runs only where MLX's default device is a GPU with a kernel backend (MLX's CUDA build on NVIDIA, or
 Metal on Apple silicon); on the CPU (CI) every test here skips with that reason — the CPU suite tests
-the split-K reference (`tests/unit/test_split_k.py`) and the dispatch logic instead.
+the split-K reference (`tests/unit/test_split_k.py`), the dispatch logic, and the kernels' sources
+run through C++ stand-ins for Metal and CUDA (`tests/unit/test_*_stand_in.py`, which reuse this
+module's cases).
 
 Each case writes random K/V into a pool whose blocks are handed out in a shuffled order (fragmented
 tables), with ragged lengths that include 1 and lengths that are not a multiple of the block size.
@@ -25,7 +27,8 @@ from pagedkv.spec.split_k import split_k_decode
 pytestmark = pytest.mark.skipif(
     kernel.backend() is None,
     reason="needs MLX on a GPU with a kernel backend (CUDA build or Metal); the default device is "
-    f"{mx.default_device()} — the CPU suite covers the split-K reference and dispatch instead",
+    f"{mx.default_device()} — on the CPU, test_metal_stand_in.py and test_cuda_stand_in.py run "
+    "the kernels' sources through C++ stand-ins instead (their arithmetic, not the GPU's)",
 )
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
