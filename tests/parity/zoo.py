@@ -182,6 +182,21 @@ OVERRIDES = {
     "gear": dict(layer_types=SW),
     "gemma3": dict(sliding_window_pattern=2),
     "gemma3_text": dict(sliding_window_pattern=2),
+    "gemma3n": dict(
+        num_hidden_layers=4,
+        layer_types=SW * 2,
+        num_kv_shared_layers=2,  # layers 2-3 read the K/V of layers 0-1
+        vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=8,
+        rope_local_base_freq=10000.0,
+        final_logit_softcapping=30.0,
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+        altup_num_inputs=2,
+        altup_coef_clip=120.0,
+        altup_correct_scale=True,
+        altup_active_idx=0,
+        laurel_rank=8,
+    ),
     "gemma4": dict(
         sliding_window_pattern=2,
         num_hidden_layers=4,
@@ -212,6 +227,12 @@ OVERRIDES = {
     "jamba": dict(
         attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2
     ),
+    "kimi_k3": dict(
+        hidden_act="situ",  # the only activation its TextArgs accepts
+        linear_attn_config=dict(kda_layers=[1], num_heads=4, head_dim=16, short_conv_kernel_size=4),
+        num_experts_per_token=2,
+        attn_res_block_size=1,
+    ),
     "kimi_linear": dict(
         linear_attn_config=dict(kda_layers=[1], num_heads=4, head_dim=16, short_conv_kernel_size=4),
         model_max_length=512,
@@ -237,6 +258,16 @@ OVERRIDES = {
     "mimo_v2_flash": dict(hybrid_layer_pattern=[1, 0], moe_layer_freq=[0, 1]),
     "minicpm3": dict(rope_scaling=dict(original_max_position_embeddings=512)),
     "minimax": dict(shared_intermediate_size=32),
+    "minimax_m3_vl": dict(  # text_config is a copy of these (config())
+        moe_layer_freq=[0, 1],
+        dense_intermediate_size=128,
+        shared_intermediate_size=32,
+        # layer 1 is block-sparse: its indexer keeps 2 blocks of 4 keys (+ the local one)
+        sparse_attention_freq=[0, 1],
+        index_block_size=4,
+        index_topk_blocks=2,
+        index_local_blocks=1,
+    ),
     "ministral3": dict(
         rope_parameters=dict(
             rope_theta=10000.0, llama_4_scaling_beta=0.1, original_max_position_embeddings=512
@@ -249,6 +280,16 @@ OVERRIDES = {
             original_max_position_embeddings=512,
             type="default",
         )
+    ),
+    "muse_spark": dict(
+        num_shared_experts=0,  # its TextArgs refuses shared experts
+        post_norm_eps=1e-5,
+        rope_parameters=dict(rope_theta=10000.0),
+        layer_rope_theta=[10000.0, 0.0],  # 0: the full-attention layer has no RoPE
+        layer_types=SW,
+        final_logit_softcapping=30.0,
+        output_multiplier=1.0,
+        moe_hidden_size=32,
     ),
     "nemotron-nas": dict(
         block_configs=[
@@ -275,12 +316,10 @@ OVERRIDES = {
         ),
     ),
     "step3p5": dict(moe_num_experts=8, moe_top_k=2),
-    "kimi_k3": dict(hidden_act="silu"),
 }
 RP = dict(sliding_attention=dict(rope_theta=10000.0), full_attention=dict(rope_theta=10000.0))
 OVERRIDES.update(
     {
-        "kimi_k3": dict(hidden_act="situ"),
         "mellum": dict(layer_types=SW, rope_parameters=RP),
         "spark2_5": dict(layer_types=SW, rope_parameters=RP, hidden_act="gelu_pytorch_tanh"),
         "nemotron-nas": dict(OVERRIDES["nemotron-nas"], hidden_act="silu"),
