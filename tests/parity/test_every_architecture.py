@@ -5,10 +5,17 @@ request decoding past its window, a prefix-hit request, a trim and re-feed, and 
 (tests/parity/walk.py): float32 logits within 1e-4 and greedy tokens identical at every step, or
 `PagedKVStore.for_model` raises UnsupportedModelError before any forward pass. A new module in
 mlx-lm is walked automatically; one that neither matches nor is refused fails here.
+
+Each architecture is walked twice: on the CPU's path (gather -> SDPA), and on the path a CUDA
+device takes, with the fused kernel run on the CPU by its C++ stand-in (tests/kernel_stand_in).
 """
 
+import mlx.core as mx
 import pytest
 
+from pagedkv.mlx_backend.kernels import decode, dispatch
+from tests import kernel_stand_in
+from tests.kernel_stand_in import checks
 from tests.parity.walk import walk
 from tests.parity.zoo import architectures, build
 
@@ -49,3 +56,41 @@ def test_architecture_matches_mlx_lm_or_is_refused(arch):
         assert status.startswith("refused") and REFUSED[arch] in status, status
     else:
         assert status.startswith("runs"), status
+
+
+@pytest.mark.skipif(
+    kernel_stand_in.unavailable() is not None, reason=str(kernel_stand_in.unavailable())
+)
+@pytest.mark.parametrize("arch", architectures())
+def test_architecture_through_the_cuda_kernel_matches_mlx_lm(arch, monkeypatch):
+    """The same walk with decode attention on the CUDA kernel's path (`auto` on a CUDA device:
+    the kernel for every shape it covers), the kernel run on the CPU by its C++ stand-in
+    (tests/kernel_stand_in). float32: the one-lane-per-chunk pass 1, split and one pass. Every
+    routed architecture must get the kernel and still match mlx-lm within 1e-4. The GPU suite
+    does the same on the device (docs/benchmarks.md, "Tests on the GPU")."""
+    if arch in UNBUILDABLE:
+        pytest.skip(UNBUILDABLE[arch])
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    monkeypatch.setenv("PAGEDKV_DECODE_WRITES", "functional")  # the write kernel works in place
+    monkeypatch.setattr(mx.fast, "cuda_kernel", kernel_stand_in.cuda_kernel)
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
+    launches = []
+    real_call = kernel_stand_in.Kernel.__call__
+    monkeypatch.setattr(
+        kernel_stand_in.Kernel, "__call__",
+        lambda self, **kw: launches.append(self.name) or real_call(self, **kw),
+    )  # fmt: skip
+    checks.clear_kernel_caches()
+    seen: dict = {}
+    try:
+        status = walk(build(arch), seen)
+    finally:
+        checks.clear_kernel_caches()
+    if arch in REFUSED:
+        assert status.startswith("refused") and REFUSED[arch] in status, status
+        return
+    assert status.startswith("runs"), status
+    pass_1 = [name for name in launches if "_reduce_" not in name]
+    assert bool(pass_1) == bool(seen["routed_calls"]), (len(pass_1), seen)
+    assert len(pass_1) <= seen["routed_calls"]

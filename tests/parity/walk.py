@@ -56,8 +56,9 @@ def paged_check(model, session, tokens, logits, what: str) -> None:
         out = model(mx.array([[token]]), cache=session.caches)[0, -1]
 
 
-def walk(model) -> str:
-    """'refused: <message>' or 'runs' (every comparison held); raises AssertionError otherwise."""
+def walk(model, seen: dict | None = None) -> str:
+    """'refused: <message>' or 'runs' (every comparison held); raises AssertionError otherwise.
+    `seen`, if given, gets the store's `routed_calls` (decode calls answered from the pools)."""
     try:
         store = PagedKVStore.for_model(model, num_blocks=64, block_size=BLOCK)
     except UnsupportedModelError as error:
@@ -65,6 +66,8 @@ def walk(model) -> str:
     try:  # decode attention routed to the paged pools (the default), given back after
         return _walk(model, store)
     finally:
+        if seen is not None:
+            seen["routed_calls"] = store.routed_calls
         store.close()
 
 
