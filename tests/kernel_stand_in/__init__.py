@@ -100,24 +100,23 @@ def compiler() -> str | None:
 
 
 @cache
-def unavailable() -> str | None:
-    """None if a C++20 compiler here builds both models (std::barrier, _Float16), else why not."""
+def unavailable(language: str) -> str | None:
+    """None if a C++20 compiler here builds the `language` model ("metal" or "cuda": std::barrier,
+    _Float16), else why not."""
     cxx = compiler()
     if cxx is None:
         return "no C++ compiler (g++ or clang++, or $CXX) to build the kernel stand-ins"
     with tempfile.TemporaryDirectory() as work:
-        for language in ("metal", "cuda"):
-            probe = Path(work, f"{language}.cpp")
-            probe.write_text(f'#include "{HERE / language}.h"\nint main() {{ return 0; }}\n')
-            built = subprocess.run(
-                [cxx, *FLAGS, "-o", str(Path(work, language)), str(probe)],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if built.returncode:
-                return (
-                    f"{cxx} cannot build the {language} stand-in (C++20, _Float16): "
-                    + (built.stderr[-300:])
-                )
+        probe = Path(work, f"{language}.cpp")
+        probe.write_text(f'#include "{HERE / language}.h"\nint main() {{ return 0; }}\n')
+        built = subprocess.run(
+            [cxx, *FLAGS, "-o", str(Path(work, language)), str(probe)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    if built.returncode:
+        return (
+            f"{cxx} cannot build the {language} stand-in (C++20, _Float16): {built.stderr[-300:]}"
+        )
     return None
 
 

@@ -46,7 +46,7 @@ T __ldcg(const T* p) { return *p; }
 
 inline void __syncthreads() { pkv_threadgroup_barrier(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class T>
 T __shfl_xor_sync(unsigned int, T value, int mask) { return pkv_shuffle_xor(value, mask); }
 

@@ -59,7 +59,7 @@ def test_architecture_matches_mlx_lm_or_is_refused(arch):
 
 
 @pytest.mark.skipif(
-    kernel_stand_in.unavailable() is not None, reason=str(kernel_stand_in.unavailable())
+    kernel_stand_in.unavailable("cuda") is not None, reason=str(kernel_stand_in.unavailable("cuda"))
 )
 @pytest.mark.parametrize("arch", architectures())
 def test_architecture_through_the_cuda_kernel_matches_mlx_lm(arch, monkeypatch):

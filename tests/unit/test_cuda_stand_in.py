@@ -26,7 +26,7 @@ from tests.kernel_stand_in import checks
 from tests.parity.test_kernel_parity import RAGGED
 
 pytestmark = pytest.mark.skipif(
-    kernel_stand_in.unavailable() is not None, reason=str(kernel_stand_in.unavailable())
+    kernel_stand_in.unavailable("cuda") is not None, reason=str(kernel_stand_in.unavailable("cuda"))
 )
 SIMT, TENSOR_CORES = 0, 90  # compute capability: before sm_80 (no mma), an H100
 
@@ -106,3 +106,16 @@ def test_inline_ptx_without_an_emulation_is_refused():
         kernel_stand_in.emulate_ptx(header)
     kept = "#define A 1\n__device__ int f(int x,\nint y) {\nreturn x;\n}\n"
     assert kernel_stand_in.emulate_ptx(kept) == kept
+
+
+def test_a_compiler_that_cannot_build_the_model_is_named_in_the_skip_reason(monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    kernel_stand_in.unavailable.cache_clear()
+    try:
+        assert kernel_stand_in.unavailable("cuda").startswith(
+            "false cannot build the cuda stand-in"
+        )
+    finally:
+        monkeypatch.delenv("CXX")
+        kernel_stand_in.unavailable.cache_clear()
+    assert kernel_stand_in.unavailable("cuda") is None  # this machine's compiler again

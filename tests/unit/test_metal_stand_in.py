@@ -26,7 +26,8 @@ from tests.kernel_stand_in import checks
 from tests.parity.test_kernel_parity import RAGGED, TOLERANCE, case
 
 pytestmark = pytest.mark.skipif(
-    kernel_stand_in.unavailable() is not None, reason=str(kernel_stand_in.unavailable())
+    kernel_stand_in.unavailable("metal") is not None,
+    reason=str(kernel_stand_in.unavailable("metal")),
 )
 
 
