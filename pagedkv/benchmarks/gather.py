@@ -12,7 +12,7 @@ query per sequence, block ids scattered over a pool with 2x slack (a fragmented 
   called as a decode step calls it: its launch prepared once, then one call per layer.
 
 Small cells sit on MLX's per-call floor, so each timing runs many calls per synchronize and divides
-(`per_call_us`). The calls are chained as a model's layers are: each call's query is the previous
+(`per_call_us`); a cell's paths are timed in turn, ROUNDS times, medians kept (`measure_cell`). The calls are chained as a model's layers are: each call's query is the previous
 call's output (`chained`). Unchained, MLX's CUDA graph may run consecutive calls at the same time,
 and two calls reading the same K/V together share its reads in the L2 cache (50 MB on an H100),
 which the layers of a decode step never can. Consecutive calls also read different copies of the
@@ -41,6 +41,7 @@ FULL = dict(contexts=(1024, 4096, 16384, 32768), batches=(1, 4, 16), blocks=(16,
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 NAN = float("nan")
 COLD_BYTES = 256 * 2**20  # K/V read between two calls on the same copy: 5x an H100's L2
+ROUNDS = 3  # a cell's paths timed in turn this many times (measure_cell), medians kept
 
 
 @dataclass
@@ -227,35 +228,43 @@ def path_calls(pools, dense, decode_batch) -> dict[str, list]:
     return calls
 
 
-def timed_path(path: str, context: int, batch: int, block: int, arrays=None) -> float:
-    """Microseconds per call of one path on one cell, calls chained (`chained`, `per_call_us`).
-    `arrays`: `cell_arrays(context, batch, block)` if already built."""
+def path_chains(context: int, batch: int, block: int, arrays=None) -> dict[str, tuple]:
+    """Per path of one cell: (its calls chained as `chained` strings them, the most calls one
+    timing may issue). `arrays`: `cell_arrays(context, batch, block)` if already built."""
     query, pools, dense, decode_batch = arrays or cell_arrays(context, batch, block)
-    calls = path_calls(pools, dense, decode_batch)[path]
-    max_calls = 200
-    if path == "gather_sdpa":  # each call's gathered copy stays in memory until the eval
-        k_pool = pools[0][0]  # [blocks, block_size, kv_heads, head_dim]
-        row_bytes = 2 * k_pool.itemsize * k_pool.shape[2] * HEAD_DIM  # K and V of one position
-        max_calls = max(1, min(200, 4 * 2**30 // (row_bytes * decode_batch.tables.size * block)))
-    return per_call_us(chained(calls, query[:, :, None, :]), max_calls=max_calls)
+    chains = {}
+    for path, calls in path_calls(pools, dense, decode_batch).items():
+        max_calls = 200
+        if path == "gather_sdpa":  # each call's gathered copy stays in memory until the eval
+            k_pool = pools[0][0]  # [blocks, block_size, kv_heads, head_dim]
+            row_bytes = 2 * k_pool.itemsize * k_pool.shape[2] * HEAD_DIM  # K and V of a position
+            copies = 4 * 2**30 // (row_bytes * decode_batch.tables.size * block)
+            max_calls = max(1, min(200, copies))
+        chains[path] = (chained(calls, query[:, :, None, :]), max_calls)
+    return chains
 
 
 def contiguous_us(context: int, batch: int, block: int) -> float:
-    return timed_path("contiguous", context, batch, block)
+    chain, max_calls = path_chains(context, batch, block)["contiguous"]
+    return per_call_us(chain, max_calls=max_calls)
 
 
 def measure_cell(
     context: int, batch: int, block: int, read_tb_s: float, vector_us: float
 ) -> GatherCell:
-    from pagedkv.mlx_backend.kernels import decode
-
-    arrays = cell_arrays(context, batch, block)
-    contiguous = timed_path("contiguous", context, batch, block, arrays)
-    gather = timed_path("gather_sdpa", context, batch, block, arrays)
-    kernel = NAN
-    if decode.backend() is not None:
-        kernel = timed_path("kernel", context, batch, block, arrays)
-    return GatherCell(context, batch, block, contiguous, vector_us, gather, kernel, read_tb_s)
+    """Every path of the cell timed in turn, ROUNDS times, the median of each kept: a drift of
+    the device over the cell's seconds (clocks, other tenants) then moves every path alike
+    instead of whichever was timed last, and the ratios the targets are stated in hold."""
+    chains = path_chains(context, batch, block)
+    times: dict[str, list[float]] = {path: [] for path in chains}
+    for _ in range(ROUNDS):
+        for path, (chain, max_calls) in chains.items():
+            times[path].append(per_call_us(chain, max_calls=max_calls, repeats=1))
+    us = {path: statistics.median(values) for path, values in times.items()}
+    return GatherCell(
+        context, batch, block, us["contiguous"], vector_us, us["gather_sdpa"],
+        us.get("kernel", NAN), read_tb_s,
+    )  # fmt: skip
 
 
 def vector_sdpa_us(cells: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], float]:

@@ -148,3 +148,23 @@ def test_gather_bench_prepares_the_kernel_launch_once_as_a_decode_step_does(monk
         chain()
     assert prepared == [((2, 32, 1, 128), mx.float16, decode_batch, False)]
     assert [id(k) for k, _ in called] == [id(pools[i % 2][0]) for i in range(3)]
+
+
+def test_gather_bench_times_a_cells_paths_in_turn_and_keeps_medians(monkeypatch):
+    """Drift during a cell must move every path alike: the paths alternate, round after round."""
+    from pagedkv.benchmarks import gather
+
+    order, values = [], iter([5.0, 50.0, 7.0, 70.0, 6.0, 90.0])
+    chains = gather.path_chains(64, 1, 16)
+    names = {id(chain): path for path, (chain, _) in chains.items()}
+    monkeypatch.setattr(gather, "path_chains", lambda *args: chains)
+
+    def fake_timing(chain, max_calls, repeats):
+        assert repeats == 1
+        order.append(names[id(chain)])
+        return next(values)
+
+    monkeypatch.setattr(gather, "per_call_us", fake_timing)
+    cell = gather.measure_cell(64, 1, 16, read_tb_s=1.0, vector_us=float("nan"))
+    assert order == list(chains) * gather.ROUNDS == ["contiguous", "gather_sdpa"] * 3
+    assert (cell.contiguous_us, cell.gather_sdpa_us) == (6.0, 70.0)  # medians, not last or mean
