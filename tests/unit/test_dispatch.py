@@ -164,20 +164,26 @@ def test_split_count_never_exceeds_max_splits():
     assert decode.split_count(one_head, 1, 10**6) == decode.MAX_SPLITS
 
 
-def test_backend_attention_wires_the_self_check_on_a_metal_device(monkeypatch):
-    """decode_attention as it runs on an Apple GPU, with stand-ins for the Metal kernel: a wrong
-    kernel is caught by the self-check on the real inputs (gather used, one warning); a correct,
-    faster one is used from then on."""
-    from pagedkv.mlx_backend import attention
-
+def on_a_metal_device(monkeypatch):
+    """decode_attention as it runs on an Apple GPU (`auto`, a fresh dispatcher), over a 6-token
+    sequence with non-zero K/V (a zero kernel must not match): (cache, seq id, queries)."""
     monkeypatch.setenv(dispatch.ENV, "auto")
     monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
     monkeypatch.setattr(decode, "backend", lambda: "metal")
     cache = PagedCache(Config(num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16))
     seq, _ = cache.add_sequence(list(range(6)))
     rows = mx.random.normal((6, 2, 16))
-    cache.write_kv(seq, 0, 0, rows, rows + 1)  # non-zero K/V: a zero kernel must not match
-    queries = mx.random.normal((1, 4, 16))
+    cache.write_kv(seq, 0, 0, rows, rows + 1)
+    return cache, seq, mx.random.normal((1, 4, 16))
+
+
+def test_backend_attention_wires_the_self_check_on_a_metal_device(monkeypatch):
+    """decode_attention as it runs on an Apple GPU, with stand-ins for the Metal kernel: a wrong
+    kernel is caught by the self-check on the real inputs (gather used, one warning); a correct,
+    faster one is used from then on."""
+    from pagedkv.mlx_backend import attention
+
+    cache, seq, queries = on_a_metal_device(monkeypatch)
     monkeypatch.setenv(dispatch.ENV, "gather")
     want = cache.attention_decode(0, [seq], queries)
     monkeypatch.setenv(dispatch.ENV, "auto")
@@ -417,14 +423,7 @@ def test_the_metal_self_check_runs_every_form_a_later_call_can_launch(monkeypatc
     right in one pass but wrong when split is refused."""
     from pagedkv.mlx_backend import attention
 
-    monkeypatch.setenv(dispatch.ENV, "auto")
-    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.Dispatcher())
-    monkeypatch.setattr(decode, "backend", lambda: "metal")
-    cache = PagedCache(Config(num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16))
-    seq, _ = cache.add_sequence(list(range(6)))
-    rows = mx.random.normal((6, 2, 16))
-    cache.write_kv(seq, 0, 0, rows, rows + 1)
-    queries = mx.random.normal((1, 4, 16))
+    cache, seq, queries = on_a_metal_device(monkeypatch)
     original_gather = attention.gather_decode
     asked = []
 
