@@ -12,8 +12,9 @@ query per sequence, block ids scattered over a pool with 2x slack (a fragmented 
   called as a decode step calls it: its launch prepared once, then one call per layer.
 
 Small cells sit on MLX's per-call floor, so each timing runs many calls per synchronize and divides
-(`per_call_us`); a cell's paths are timed in turn, ROUNDS times, medians kept (`measure_cell`). The calls are chained as a model's layers are: each call's query is the previous
-call's output (`chained`). Unchained, MLX's CUDA graph may run consecutive calls at the same time,
+(`per_call_us`); a cell's paths are timed in turn, ROUNDS times, medians kept (`measure_cell`).
+The calls are chained as a model's layers are: each call's query is the previous call's output
+(`chained`). Unchained, MLX's CUDA graph may run consecutive calls at the same time,
 and two calls reading the same K/V together share its reads in the L2 cache (50 MB on an H100),
 which the layers of a decode step never can. Consecutive calls also read different copies of the
 cell's arrays (at least COLD_BYTES of K/V in all), as a model's layers read different pools: a
