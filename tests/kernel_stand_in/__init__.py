@@ -198,7 +198,8 @@ class Kernel:
             params.append(f"{'device ' if self.language == 'metal' else ''}{types[dtype]}* {name}")
             args.append(f"out{i}.data()")
             reads.append(
-                f'size_t m{i} = next(); auto out{i} = pkv_read<{types[dtype]}>(dir + "/out{i}", m{i});'
+                f"size_t m{i} = next();"
+                f' auto out{i} = pkv_read<{types[dtype]}>(dir + "/out{i}", m{i});'
             )
             writes.append(f'pkv_write(dir + "/out{i}", out{i});')
         if self.language == "metal":
