@@ -35,6 +35,10 @@ MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 # output on the H100, but no faster there (ADR 0002, fourteenth session), so off; kept so that
 # tools/split_sweep.py can repeat the A/B on another GPU or MLX version (tests cover both forms).
 ONE_LAUNCH = False
+# The tensor-core pass 1: each warp also asks the L2 for its group of keys after next
+# (`prefetch.global.L2`), more K/V on its way from memory at no register cost. A variant under
+# measurement (tools/variant_ab.py); the name of every kernel built with it says so.
+PREFETCH_L2 = False
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the GPU parity suite runs
@@ -62,6 +66,7 @@ class Shape:
     group: int  # query heads per kv head
     has_sinks: bool
     tensor_cores: bool = False  # pass 1 is paged_decode_mma.cu (see `tensor_core_shape`)
+    prefetch: bool = False  # the tensor-core pass 1 with PREFETCH_L2 (set by `plan_for`)
 
     @property
     def lanes(self) -> int:
@@ -103,6 +108,7 @@ class Shape:
         q, p = str(self.query_dtype).split(".")[-1], str(self.pool_dtype).split(".")[-1]
         sinks = "_sinks" if self.has_sinks else ""
         cores = "_mma" if self.tensor_cores and part != "reduce" else ""
+        cores += "_pf" if self.prefetch and part != "reduce" else ""
         return (
             f"pagedkv_decode_{part}{cores}_q{q}_p{p}_d{self.head_dim}_bs{self.block_size}"
             f"_kv{self.kv_heads}_g{self.group}{sinks}"
@@ -257,6 +263,7 @@ class Plan:
         ]  # fmt: skip
         if shape.tensor_cores:  # paged_decode_mma.cu has no lanes or keys in flight to set
             template = [item for item in template if item[0] not in ("L", "U")]
+            template.append(("PREFETCH", int(shape.prefetch)))
         reduce_template = [
             ("TQ", shape.query_dtype), ("D", shape.head_dim), ("KVH", shape.kv_heads),
             ("G", shape.group), ("HAS_SINKS", shape.has_sinks), ("MAX_SPLITS", MAX_SPLITS),
@@ -291,6 +298,7 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
         q_heads,
         has_sinks,
         backend_name,
+        PREFETCH_L2,
     )
     plan = _PLANS.get(key)
     if plan is None:
@@ -301,7 +309,7 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
         )
         shape = Shape(
             queries.dtype, k_pool.dtype, head_dim, block_size, kv_heads, q_heads // kv_heads,
-            has_sinks, tensor_cores,
+            has_sinks, tensor_cores, tensor_cores and PREFETCH_L2,
         )  # fmt: skip
         plan = _PLANS[key] = Plan.of(shape, backend_name)
     return plan
