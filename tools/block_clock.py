@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -66,6 +67,7 @@ def clocked_call(query, k_pool, batch, scale):
         ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
         ("KVH", shape.kv_heads), ("G", shape.group), ("QT", shape.query_tile),
         ("KIND", decode.POOL_KIND[shape.pool_dtype]), ("HAS_SINKS", shape.has_sinks),
+        ("PREFETCH", 0),
     ]  # fmt: skip
     kernel = mx.fast.cuda_kernel(
         name="block_clock_" + shape.name("split"),
@@ -122,7 +124,10 @@ def run_cell(context: int, batch: int, calls: int, splits: int | None, ordered: 
         return [np.array(s).astype(np.int64) for s in stamps]
 
     chain()  # compile and warm up
+    began = time.perf_counter()
     stamps = chain()
+    wall_us = (time.perf_counter() - began) / calls * 1e6
+    timeline_us = ((stamps[-1][:, 0].min() - stamps[0][:, 0].min()) % 2**32) / 1e3 / (calls - 1)
     entry = [s[:, 0] for s in stamps]
     rel = [(s[:, :3] - s[:, :1].min()) % 2**32 / 1e3 for s in stamps]  # µs from the call's start
     span, spread, loop50, loop_max, exit50, exit_max, per_block, gaps = ([] for _ in range(8))
@@ -147,7 +152,8 @@ def run_cell(context: int, batch: int, calls: int, splits: int | None, ordered: 
         f"{', ordered ids' if ordered else ''}): pass 1 span {med(span)} us; entries within "
         f"{med(spread)}; loop done median {med(loop50)} last {med(loop_max)}; exit median "
         f"{med(exit50)} last {med(exit_max)}; per block median {med(per_block)}; gap to next "
-        f"call {med(gaps)} us (medians over {calls - 1} calls)",
+        f"call {med(gaps)} us (medians over {calls - 1} calls); from one call's first entry to "
+        f"the next {timeline_us:.1f} us on average, wall time {wall_us:.1f} us per call",
         flush=True,
     )
     last = rel[-1]

@@ -11,7 +11,10 @@ default: cuDNN on CUDA) and the kernel as each variant builds it:
   two      as shipped (decode.ONE_LAUNCH and PREFETCH_L2 as set in the source);
   one      the splits merged in pass 1's launch (decode.ONE_LAUNCH on);
   pf       the tensor-core pass 1 asking the L2 for each warp's group after next (PREFETCH_L2);
-  pf+one   both.
+  pf+one   both;
+  whole    the pools handed to the kernel whole (decode.POOL_VIEWS off), as before the views.
+The shipped switches are ONE_LAUNCH off, PREFETCH_L2 off, POOL_VIEWS on. Each variant's output
+on the cell's query is compared with the first variant's (max |difference|).
 `--splits` forces a split count for every kernel path (default: the rule's). Needs a GPU with
 a kernel backend; elsewhere it says so and exits 1.
 """
@@ -42,8 +45,8 @@ VARIANTS = {
 
 def variant_calls(variant: str, pools, dense, batch, splits: int | None) -> list:
     """The kernel's calls (one per copy) with the variant's switches set while preparing."""
-    shipped = decode.ONE_LAUNCH, decode.PREFETCH_L2
-    decode.ONE_LAUNCH, decode.PREFETCH_L2 = VARIANTS[variant]
+    shipped = decode.ONE_LAUNCH, decode.PREFETCH_L2, decode.POOL_VIEWS
+    decode.ONE_LAUNCH, decode.PREFETCH_L2, decode.POOL_VIEWS = VARIANTS[variant]
     try:
         if splits is None:
             return path_calls(pools, dense, batch)["kernel"]
@@ -52,7 +55,7 @@ def variant_calls(variant: str, pools, dense, batch, splits: int | None) -> list
         launch = decode.prepare(query, k_pool, batch, 128**-0.5, False, splits)
         return [lambda q, k=k, v=v: launch(q, k, v) for k, v in pools]
     finally:
-        decode.ONE_LAUNCH, decode.PREFETCH_L2 = shipped
+        decode.ONE_LAUNCH, decode.PREFETCH_L2, decode.POOL_VIEWS = shipped
 
 
 def decode_query(batch, k_pool):
@@ -66,7 +69,12 @@ def run_cell(context: int, batch: int, variants: list[str], rounds: int, splits:
     paths = {"cudnn": path_calls(pools, dense, dbatch)["contiguous"]}
     for variant in variants:
         paths[variant] = variant_calls(variant, pools, dense, dbatch, splits)
-    chains = {name: chained(calls, query[:, :, None, :]) for name, calls in paths.items()}
+    import mlx.core as mx
+
+    q4 = query[:, :, None, :]
+    first = paths[variants[0]][0](q4)
+    diffs = {v: mx.abs(paths[v][0](q4) - first).max().item() for v in variants}
+    chains = {name: chained(calls, q4) for name, calls in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in chains}
     for _ in range(rounds):
         for name, chain in chains.items():
@@ -85,7 +93,7 @@ def run_cell(context: int, batch: int, variants: list[str], rounds: int, splits:
     gbytes = kv_bytes(context, batch) / 1e9
     print(
         f"ctx {context} batch {batch} ({count} splits, {gbytes:.3f} GB K/V): {cells} us; "
-        f"range {spread}",
+        f"range {spread}; max |diff| vs {variants[0]}: {diffs}",
         flush=True,
     )
 

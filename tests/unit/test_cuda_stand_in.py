@@ -128,3 +128,21 @@ def test_a_compiler_that_cannot_build_the_model_is_named_in_the_skip_reason(monk
         monkeypatch.delenv("CXX")
         kernel_stand_in.unavailable.cache_clear()
     assert kernel_stand_in.unavailable("cuda") is None  # this machine's compiler again
+
+
+def test_pools_go_to_a_real_cuda_device_as_one_element_views(monkeypatch):
+    """decode.POOL_VIEWS: on a CUDA device each pool reaches the kernels as a one-element view
+    of its buffer (MLX then counts one element, not the pool, towards ending its graph); the
+    view starts where the pool does, also for a pool that is itself a slice. The stand-in reads
+    whole arrays, so on the CPU the launch keeps the pools."""
+    pool = mx.arange(2 * 16 * 2 * 8, dtype=mx.float16).reshape(2, 16, 2, 8)
+    view = decode.pool_view(pool[1:])
+    assert view.shape == (1,) and view.item() == pool[1, 0, 0, 0].item()
+    queries = mx.zeros((1, 2, 8), mx.float16)
+    batch = decode.DecodeBatch(mx.zeros((1, 2), mx.int32), mx.array([[0, 20]]), 20)
+    assert not decode.prepare(queries, pool, batch, 0.1, False, None, "cuda").pool_views
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert decode.prepare(queries, pool, batch, 0.1, False, None, "cuda").pool_views
+    monkeypatch.setattr(decode, "POOL_VIEWS", False)
+    assert not decode.prepare(queries, pool, batch, 0.1, False, None, "cuda").pool_views
+    assert not decode.prepare(queries, pool, batch, 0.1, False, None, "metal").pool_views

@@ -39,6 +39,11 @@ ONE_LAUNCH = False
 # (`prefetch.global.L2`), more K/V on its way from memory at no register cost. A variant under
 # measurement (tools/variant_ab.py); the name of every kernel built with it says so.
 PREFETCH_L2 = False
+# CUDA: hand each pool to a kernel as a one-element view of its buffer (`pool_view`). MLX's CUDA
+# backend ends a graph once its kernels' inputs add up to MLX_MAX_MB_PER_BUFFER (1000 MB on an
+# H100), counting every input's whole size: a whole pool per kernel call ended a graph every few
+# layers, each end a pause of the GPU. The kernels index the buffer from its start either way.
+POOL_VIEWS = True
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the GPU parity suite runs
@@ -225,6 +230,18 @@ def zero_counters(count: int) -> mx.array:
     return zeros
 
 
+def pool_view(pool: mx.array) -> mx.array:
+    """The pool's buffer as a one-element array (`POOL_VIEWS`): the same pointer for the kernel,
+    which reads the buffer through its block tables, and one element for MLX to count. Also
+    orders like the pool: MLX's CUDA graph tracks dependencies by buffer."""
+    return mx.as_strided(pool, (1,), (1,))
+
+
+def uses_pool_views() -> bool:
+    """POOL_VIEWS on a real CUDA device (a stand-in kernel on the CPU reads whole arrays)."""
+    return POOL_VIEWS and mx.cuda.is_available()
+
+
 def split_count(shape: Shape, batch: int, longest: int) -> int:
     """Splits per row: enough that the launch has about one wave of threadblocks (TARGET_BLOCKS,
     TARGET_BLOCKS_MMA for the tensor-core pass 1, which holds fewer per SM), none shorter than
@@ -327,6 +344,7 @@ class Launch:
     queries_shape: tuple
     queries_dtype: mx.Dtype
     one_launch: bool  # several splits merged in pass 1's launch (`Plan.once`)
+    pool_views: bool = False  # pools handed over as `pool_view`s (CUDA, POOL_VIEWS)
 
     def __call__(self, queries, k_pool, v_pool, sinks=None, tables=None) -> mx.array:
         """`queries` of the prepared shape and dtype; pools of the prepared pool's shape.
@@ -334,6 +352,8 @@ class Launch:
         sinks = _scalar(0.0) if sinks is None else sinks.astype(mx.float32)
         step_tables, bounds, scale = self.step_inputs
         tables = step_tables if tables is None else tables
+        if self.pool_views:
+            k_pool, v_pool = pool_view(k_pool), pool_view(v_pool)
         inputs = [queries, k_pool, v_pool, tables, bounds, scale, sinks]
         plan, shape = self.plan, self.queries_shape
         if self.splits == 1:
@@ -383,7 +403,10 @@ def prepare(
     grid = (splits * THREADS, plan.heads_grid, rows)
     step_inputs = (batch.tables, batch.bounds, _scalar(float(scale)))
     one_launch = ONE_LAUNCH and splits > 1 and plan.once is not None
-    return Launch(plan, splits, grid, step_inputs, tuple(queries.shape), queries.dtype, one_launch)
+    views = plan.once is not None and uses_pool_views()  # CUDA plans have `once`
+    return Launch(
+        plan, splits, grid, step_inputs, tuple(queries.shape), queries.dtype, one_launch, views
+    )
 
 
 def paged_decode(

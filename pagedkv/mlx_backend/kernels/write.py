@@ -24,7 +24,13 @@ import mlx.core as mx
 
 from pagedkv.errors import ConfigError
 from pagedkv.mlx_backend.kernels import source
-from pagedkv.mlx_backend.kernels.decode import THREADS, backend, cuda_constants
+from pagedkv.mlx_backend.kernels.decode import (
+    THREADS,
+    backend,
+    cuda_constants,
+    pool_view,
+    uses_pool_views,
+)
 
 ENV = "PAGEDKV_DECODE_WRITES"  # auto (in place where the device has the kernel) | functional
 CHOICES = ("auto", "functional")
@@ -63,6 +69,8 @@ def write_rows(k_pool, v_pool, keys, values, slots, tables, after) -> mx.array:
     validated shapes, dtypes and slots."""
     row = k_pool.shape[2] * k_pool.shape[3]
     threads = max(tables.size, slots.size * row)
+    if uses_pool_views():  # see decode.POOL_VIEWS: the kernel writes from the buffer's start
+        k_pool, v_pool = pool_view(k_pool), pool_view(v_pool)
     (out,) = _kernel(k_pool.dtype, row)(
         inputs=[k_pool, v_pool, keys, values, slots, tables, after],
         grid=(-(-threads // THREADS) * THREADS, 1, 1),
