@@ -67,7 +67,6 @@ def clocked_call(query, k_pool, batch, scale):
         ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
         ("KVH", shape.kv_heads), ("G", shape.group), ("QT", shape.query_tile),
         ("KIND", decode.POOL_KIND[shape.pool_dtype]), ("HAS_SINKS", shape.has_sinks),
-        ("PREFETCH", 0),
     ]  # fmt: skip
     kernel = mx.fast.cuda_kernel(
         name="block_clock_" + shape.name("split"),

@@ -1,6 +1,6 @@
 """Kernel variants against cuDNN and each other, timed in turn: which change pays, cell by cell.
 
-    python tools/variant_ab.py [CELLS] [--variants two,one,pf,pf+one] [--rounds N] [--splits S]
+    python tools/variant_ab.py [CELLS] [--variants two,whole,one] [--rounds N] [--splits S]
     e.g.  python tools/variant_ab.py 16384x1,32768x1,32768x4,32768x16 --rounds 5
 
 Each cell is `pagedkv bench gather`'s (float16, head_dim 128, 32 query / 8 kv heads, block 16,
@@ -8,13 +8,11 @@ scattered block ids), timed as it times them (calls chained, each on its own cop
 many per synchronize; `pagedkv.benchmarks.gather`). Per round every path is timed once, in
 turn, so drift moves all of them alike; medians over `--rounds`. Paths: contiguous SDPA (MLX's
 default: cuDNN on CUDA) and the kernel as each variant builds it:
-  two      as shipped (decode.ONE_LAUNCH and PREFETCH_L2 as set in the source);
-  one      the splits merged in pass 1's launch (decode.ONE_LAUNCH on);
-  pf       the tensor-core pass 1 asking the L2 for each warp's group after next (PREFETCH_L2);
-  pf+one   both;
-  whole    the pools handed to the kernel whole (decode.POOL_VIEWS off), as before the views.
-The shipped switches are ONE_LAUNCH off, PREFETCH_L2 off, POOL_VIEWS on. Each variant's output
-on the cell's query is compared with the first variant's (max |difference|).
+  two      as shipped: two launches, each pool handed over as a one-element view of its
+           buffer (decode.POOL_VIEWS);
+  whole    the pools handed over whole (decode.POOL_VIEWS off), as before the views;
+  one      the splits merged in pass 1's launch (decode.ONE_LAUNCH on).
+Each variant's output on the cell's query is compared with the first variant's (max |difference|).
 `--splits` forces a split count for every kernel path (default: the rule's). Needs a GPU with
 a kernel backend; elsewhere it says so and exits 1.
 """
@@ -35,18 +33,14 @@ from pagedkv.benchmarks.gather import (
 )
 from pagedkv.mlx_backend.kernels import decode
 
-VARIANTS = {
-    "two": (False, False),
-    "one": (True, False),
-    "pf": (False, True),
-    "pf+one": (True, True),
-}
+# (decode.ONE_LAUNCH, decode.POOL_VIEWS) while a variant's launch is prepared
+VARIANTS = {"two": (False, True), "whole": (False, False), "one": (True, True)}
 
 
 def variant_calls(variant: str, pools, dense, batch, splits: int | None) -> list:
     """The kernel's calls (one per copy) with the variant's switches set while preparing."""
-    shipped = decode.ONE_LAUNCH, decode.PREFETCH_L2, decode.POOL_VIEWS
-    decode.ONE_LAUNCH, decode.PREFETCH_L2, decode.POOL_VIEWS = VARIANTS[variant]
+    shipped = decode.ONE_LAUNCH, decode.POOL_VIEWS
+    decode.ONE_LAUNCH, decode.POOL_VIEWS = VARIANTS[variant]
     try:
         if splits is None:
             return path_calls(pools, dense, batch)["kernel"]
@@ -55,7 +49,7 @@ def variant_calls(variant: str, pools, dense, batch, splits: int | None) -> list
         launch = decode.prepare(query, k_pool, batch, 128**-0.5, False, splits)
         return [lambda q, k=k, v=v: launch(q, k, v) for k, v in pools]
     finally:
-        decode.ONE_LAUNCH, decode.PREFETCH_L2, decode.POOL_VIEWS = shipped
+        decode.ONE_LAUNCH, decode.POOL_VIEWS = shipped
 
 
 def decode_query(batch, k_pool):
@@ -101,7 +95,7 @@ def run_cell(context: int, batch: int, variants: list[str], rounds: int, splits:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="?", default="16384x1,32768x1,32768x4,32768x16")
-    parser.add_argument("--variants", default="two,one,pf,pf+one")
+    parser.add_argument("--variants", default="two,whole,one")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--splits", type=int, default=None)
     args = parser.parse_args(argv)

@@ -90,8 +90,6 @@ EMULATED = {
     "{ pkv_mma_emulated<KIND>(c, a0, a1, a2, a3, b0, b1); }\n",
     "pkv_transpose": "inline unsigned int pkv_transpose(unsigned int x) "
     "{ return pkv_movmatrix_trans(x); }\n",
-    # a hint to the L2, no result: nothing to compute (the pointer is not even read)
-    "pkv_prefetch_l2": "inline void pkv_prefetch_l2(const void*) {}\n",
 }
 FLAGS = ["-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-w"]
 RUN_SECONDS = 120  # lanes that stop exchanging together deadlock: fail, don't hang

@@ -73,15 +73,6 @@ def test_tensor_core_pass_1_blocks_and_gqa(monkeypatch, block_size, group):
     check(monkeypatch, TENSOR_CORES, "float16", 64, block_size, group, RAGGED)
 
 
-def test_tensor_core_pass_1_with_its_l2_prefetch(monkeypatch):
-    """PREFETCH_L2 only adds hints (the stand-in's are no-ops): the same output, and the table
-    lookup of the group after next stays inside the table, also at a split's last groups."""
-    monkeypatch.setattr(decode, "PREFETCH_L2", True)
-    launch = check(monkeypatch, TENSOR_CORES, "bfloat16", 128, 16, 4, [1, 200, 700], splits=2)
-    assert "_mma_pf_" in launch.plan.shape.name("split")
-    check(monkeypatch, TENSOR_CORES, "float16", 64, 8, 8, [33, 1000], window=300)
-
-
 def test_tensor_core_pass_1_windows_and_sinks(monkeypatch):
     check(monkeypatch, TENSOR_CORES, "bfloat16", 64, 16, 4, [1, 10, 100, 300], window=48, splits=3)
     check(monkeypatch, TENSOR_CORES, "bfloat16", 64, 16, 8, RAGGED, sinks=True, kv_heads=1)

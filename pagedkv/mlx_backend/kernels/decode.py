@@ -35,10 +35,6 @@ MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 # output on the H100, but no faster there (ADR 0002, fourteenth session), so off; kept so that
 # tools/split_sweep.py can repeat the A/B on another GPU or MLX version (tests cover both forms).
 ONE_LAUNCH = False
-# The tensor-core pass 1: each warp also asks the L2 for its group of keys after next
-# (`prefetch.global.L2`), more K/V on its way from memory at no register cost. A variant under
-# measurement (tools/variant_ab.py); the name of every kernel built with it says so.
-PREFETCH_L2 = False
 # CUDA: hand each pool to a kernel as a one-element view of its buffer (`pool_view`). MLX's CUDA
 # backend ends a graph once its kernels' inputs add up to MLX_MAX_MB_PER_BUFFER (1000 MB on an
 # H100), counting every input's whole size: a whole pool per kernel call ended a graph every few
@@ -71,7 +67,6 @@ class Shape:
     group: int  # query heads per kv head
     has_sinks: bool
     tensor_cores: bool = False  # pass 1 is paged_decode_mma.cu (see `tensor_core_shape`)
-    prefetch: bool = False  # the tensor-core pass 1 with PREFETCH_L2 (set by `plan_for`)
 
     @property
     def lanes(self) -> int:
@@ -113,7 +108,6 @@ class Shape:
         q, p = str(self.query_dtype).split(".")[-1], str(self.pool_dtype).split(".")[-1]
         sinks = "_sinks" if self.has_sinks else ""
         cores = "_mma" if self.tensor_cores and part != "reduce" else ""
-        cores += "_pf" if self.prefetch and part != "reduce" else ""
         return (
             f"pagedkv_decode_{part}{cores}_q{q}_p{p}_d{self.head_dim}_bs{self.block_size}"
             f"_kv{self.kv_heads}_g{self.group}{sinks}"
@@ -280,7 +274,6 @@ class Plan:
         ]  # fmt: skip
         if shape.tensor_cores:  # paged_decode_mma.cu has no lanes or keys in flight to set
             template = [item for item in template if item[0] not in ("L", "U")]
-            template.append(("PREFETCH", int(shape.prefetch)))
         reduce_template = [
             ("TQ", shape.query_dtype), ("D", shape.head_dim), ("KVH", shape.kv_heads),
             ("G", shape.group), ("HAS_SINKS", shape.has_sinks), ("MAX_SPLITS", MAX_SPLITS),
@@ -315,7 +308,6 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
         q_heads,
         has_sinks,
         backend_name,
-        PREFETCH_L2,
     )
     plan = _PLANS.get(key)
     if plan is None:
@@ -326,7 +318,7 @@ def plan_for(queries: mx.array, k_pool: mx.array, has_sinks: bool, backend_name:
         )
         shape = Shape(
             queries.dtype, k_pool.dtype, head_dim, block_size, kv_heads, q_heads // kv_heads,
-            has_sinks, tensor_cores, tensor_cores and PREFETCH_L2,
+            has_sinks, tensor_cores,
         )  # fmt: skip
         plan = _PLANS[key] = Plan.of(shape, backend_name)
     return plan

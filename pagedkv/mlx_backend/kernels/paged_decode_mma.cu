@@ -24,8 +24,7 @@
 // Sections: header, partial (pass 1 up to the warps' merge, whose `merge` section and
 // epilogues come from paged_decode.cu: the same sm_acc / sm_m / sm_l layout, NSG = 4 warps).
 // Template constants: D, BS, KVH, G, QT (query heads per threadblock, <= 8), KIND (1 float16,
-// 2 bfloat16), HAS_SINKS, PREFETCH (1: each warp also asks the L2 for its group after next,
-// decode.PREFETCH_L2); type TQ (the queries' and pool's type).
+// 2 bfloat16), HAS_SINKS; type TQ (the queries' and pool's type).
 
 //// header
 #define PKV_LOG2E 1.4426950408889634f
@@ -69,12 +68,6 @@ __device__ __forceinline__ unsigned int pkv_transpose(unsigned int x) {
   unsigned int y;
   asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
   return y;
-}
-
-// Ask the L2 for the 128-byte line holding `p` (no register waits on it). PREFETCH uses it to
-// have a warp's group after next on its way from memory while the next one loads.
-__device__ __forceinline__ void pkv_prefetch_l2(const void* p) {
-  asm("prefetch.global.L2 [%0];" : : "l"(p));
 }
 
 // A lane's share of one group of 16 keys: the 16-byte pieces j of its rows a and b (pool
@@ -155,14 +148,6 @@ __device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool,
   }
   for (int base = t_begin + 16 * warp; base < t_end; base += 16 * NSG) {
     const int next = base + 16 * NSG;
-    if (PREFETCH && next + 16 * NSG < t_end) {
-      // The group after next into the L2: lane l asks for row l % 16's K (l < 16) or V lines.
-      const int key = min(next + 16 * NSG + lane % 16, t_end - 1);
-      const TQ* pool = lane < 16 ? k_pool : v_pool;
-      const size_t row = (((size_t)table[key / BS] * BS + key % BS) * KVH + kvh) * D;
-#pragma unroll
-      for (int e = 0; e < D; e += 64) pkv_prefetch_l2(pool + row + e);  // 64 values: 128 bytes
-    }
     if (next < t_end) {
       pkv_load_group<NJ>(k_pool, v_pool, row_of(next + r), row_of(next + 8 + r), next_k_a,
                          next_k_b, next_v_a, next_v_b);
