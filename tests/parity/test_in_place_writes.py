@@ -531,7 +531,12 @@ def _pool_and_rows(dtype, blocks, block_size, heads, dim, count, seed):
 @pytest.mark.parametrize(
     "heads, dim, slots", [(2, 64, [9]), (8, 128, [3, 40, 17]), (1, 80, [0, 63])]
 )
-def test_the_kernel_writes_exactly_its_rows_and_returns_the_tables(dtype, heads, dim, slots):
+@pytest.mark.parametrize("views", [False, True])
+def test_the_kernel_writes_exactly_its_rows_and_returns_the_tables(
+    monkeypatch, dtype, heads, dim, slots, views
+):
+    """Also with the pools handed over as one-element views of their buffers (POOL_VIEWS)."""
+    monkeypatch.setattr(decode, "POOL_VIEWS", views)
     k_pool, v_pool, keys, values = _pool_and_rows(dtype, 16, 4, heads, dim, len(slots), seed=dim)
     mx.eval(k_pool, v_pool, keys, values)
     want_k, want_v = np.array(k_pool.astype(mx.float32)), np.array(v_pool.astype(mx.float32))

@@ -283,3 +283,33 @@ def test_compiled_calls_replayed_together_each_count_on_their_own_counters(monke
         mx.eval(got)
         for g, w in zip(got, want):
             assert mx.array_equal(g, w)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="pools go as one-element views to CUDA kernels only")
+@pytest.mark.parametrize(
+    "dtype, head_dim, splits, one_launch",
+    [("float16", 128, None, False), ("bfloat16", 64, 7, True), ("float32", 96, 1, False)],
+)
+def test_pools_as_one_element_views_give_the_whole_pools_output_bit_for_bit(
+    monkeypatch, dtype, head_dim, splits, one_launch
+):
+    """decode.POOL_VIEWS: the kernels read a pool through a one-element view of its buffer (so
+    MLX counts one element towards ending its CUDA graph). The same pointer, so the same output
+    bit for bit, also for pools that are slices of a larger array (the view keeps the offset),
+    in one pass, in splits and in the single launch; and calls made together stay exact."""
+    (queries, k_pool, v_pool, batch, _), _, _ = case(dtype, head_dim, 16, 4, RAGGED + [900])
+    spare = mx.zeros((3, *k_pool.shape[1:]), k_pool.dtype)
+    k_sliced = mx.concatenate([spare, k_pool])[3:]  # the pool at an offset into a buffer
+    v_sliced = mx.concatenate([spare, v_pool])[3:]
+    monkeypatch.setattr(kernel, "ONE_LAUNCH", one_launch)
+    monkeypatch.setattr(kernel, "POOL_VIEWS", False)
+    whole = kernel.prepare(queries, k_pool, batch, 0.1, False, splits)
+    monkeypatch.setattr(kernel, "POOL_VIEWS", True)
+    views = kernel.prepare(queries, k_pool, batch, 0.1, False, splits)
+    assert views.pool_views and not whole.pool_views
+    want = whole(queries, k_pool, v_pool)
+    got = [views(queries, k_pool, v_pool), views(queries, k_sliced, v_sliced)]
+    got += [views(queries * s, k_pool, v_pool) for s in (1.0, 1.0)]  # evaluated together
+    mx.eval(want, got)
+    for out in got:
+        assert mx.array_equal(out, want)

@@ -122,10 +122,12 @@ def test_a_compiler_that_cannot_build_the_model_is_named_in_the_skip_reason(monk
 
 
 def test_pools_go_to_a_real_cuda_device_as_one_element_views(monkeypatch):
-    """decode.POOL_VIEWS: on a CUDA device each pool reaches the kernels as a one-element view
-    of its buffer (MLX then counts one element, not the pool, towards ending its graph); the
-    view starts where the pool does, also for a pool that is itself a slice. The stand-in reads
-    whole arrays, so on the CPU the launch keeps the pools."""
+    """decode.POOL_VIEWS (off until verified on a GPU): on a CUDA device each pool then reaches
+    the kernels as a one-element view of its buffer (MLX counts one element, not the pool,
+    towards ending its graph); the view starts where the pool does, also for a pool that is
+    itself a slice. The stand-in reads whole arrays, so on the CPU the launch keeps the pools."""
+    assert not decode.POOL_VIEWS
+    monkeypatch.setattr(decode, "POOL_VIEWS", True)
     pool = mx.arange(2 * 16 * 2 * 8, dtype=mx.float16).reshape(2, 16, 2, 8)
     view = decode.pool_view(pool[1:])
     assert view.shape == (1,) and view.item() == pool[1, 0, 0, 0].item()

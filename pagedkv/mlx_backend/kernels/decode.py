@@ -14,7 +14,10 @@ The algorithm is `pagedkv.spec.split_k.split_k_decode` (read that first); the so
   and kept for A/B runs on other GPUs (`ONE_LAUNCH`; ADR 0002, fourteenth session);
 - on CUDA GPUs with tensor cores (sm_80 and later), for 16-bit pools read by queries of the same
   dtype and head_dim a multiple of 32 up to 128, pass 1 is `paged_decode_mma.cu` instead
-  (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions.
+  (`Shape.tensor_cores`): the same algorithm, launch and epilogues, with mma instructions;
+- on CUDA, whether the pools go to the kernels whole or as one-element views of their buffers
+  (`POOL_VIEWS`, off until it has run on a GPU: MLX counts a kernel's inputs whole towards
+  ending its CUDA graph; ADR 0002, eighteenth session).
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 ONE_LAUNCH = False
 # CUDA: hand each pool to a kernel as a one-element view of its buffer (`pool_view`). MLX's CUDA
 # backend ends a graph once its kernels' inputs add up to MLX_MAX_MB_PER_BUFFER (1000 MB on an
-# H100), counting every input's whole size: a whole pool per kernel call ended a graph every few
-# layers, each end a pause of the GPU. The kernels index the buffer from its start either way.
-POOL_VIEWS = True
+# H100), counting every input's whole size: a whole pool per kernel call ends a graph every few
+# layers, and the GPU was seen idle ~13 us per call at 32k x 1 (ADR 0002, eighteenth session).
+# Off until it has run on a GPU: written when the session's device time had run out. The
+# GPU suite's view tests and `tools/variant_ab.py --variants whole,two` are the check.
+POOL_VIEWS = False
 MERGE_BUFFER_BYTES = 24 * 1024  # shared memory for the in-block merge; fits Metal's 32 KiB
 POOL_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the GPU parity suite runs
