@@ -1,6 +1,6 @@
 """When does each threadblock of the paged decode kernel start and finish? A GPU-clock timeline.
 
-    python tools/block_clock.py [CELLS] [--calls N] [--splits S] [--ordered]
+    python tools/block_clock.py [CELLS] [--calls N] [--splits S] [--ordered] [--views]
     e.g.  python tools/block_clock.py 32768x1,16384x1,32768x16
 
 At batch 1 from 16k context the kernel's pass 1 takes longer than cuDNN's on the same grid
@@ -16,7 +16,10 @@ after the first: the span of pass 1 (first entry to last exit), the spread of en
 loop's end and the exits (percentiles from the call's first entry), per-block time, and the
 gap from one call's last exit to the next call's first entry (the merge kernel and two launch
 gaps). `--ordered` gives every sequence consecutive block ids (the K/V of a head then lies as
-cuDNN reads it, in order), to compare with the scattered ids of the benchmark.
+cuDNN reads it, in order), to compare with the scattered ids of the benchmark. `--views` hands
+the pools over as one-element views of their buffers (`decode.POOL_VIEWS`): with many `--calls`
+the average from one call's first entry to the next shows whether the GPU still waits between
+calls (MLX ends its CUDA graph by the inputs' counted size; ADR 0002, eighteenth session).
 Needs a CUDA GPU with tensor cores (sm_80+); elsewhere it says so and exits 1. The timer's
 resolution is the GPU's (1 µs on some GPUs, finer under a profiler); the figures are µs.
 """
@@ -78,7 +81,9 @@ def clocked_call(query, k_pool, batch, scale):
     return launch, kernel
 
 
-def run_cell(context: int, batch: int, calls: int, splits: int | None, ordered: bool) -> None:
+def run_cell(
+    context: int, batch: int, calls: int, splits: int | None, ordered: bool, views: bool
+) -> None:
     import mlx.core as mx
 
     query, pools, _, dbatch = cell_arrays(context, batch, 16, dtype=mx.bfloat16)
@@ -100,6 +105,8 @@ def run_cell(context: int, batch: int, calls: int, splits: int | None, ordered: 
     partials = [(rows * q_heads, launch.splits, head_dim), (rows * q_heads, launch.splits, 2)]
 
     def one_call(q, k_pool, v_pool):
+        if views:  # decode.POOL_VIEWS: one element each for MLX to count
+            k_pool, v_pool = decode.pool_view(k_pool), decode.pool_view(v_pool)
         o_acc, o_ml, stamps = kernel(
             inputs=[q, k_pool, v_pool, tables, bounds, scale_arr, sinks],
             grid=launch.grid, threadgroup=(decode.THREADS, 1, 1),
@@ -148,7 +155,7 @@ def run_cell(context: int, batch: int, calls: int, splits: int | None, ordered: 
 
     print(
         f"ctx {context} batch {batch} ({launch.splits} splits, {blocks} blocks on {sms} SMs"
-        f"{', ordered ids' if ordered else ''}): pass 1 span {med(span)} us; entries within "
+        f"{', ordered ids' if ordered else ''}{', pools as views' if views else ''}): pass 1 span {med(span)} us; entries within "
         f"{med(spread)}; loop done median {med(loop50)} last {med(loop_max)}; exit median "
         f"{med(exit50)} last {med(exit_max)}; per block median {med(per_block)}; gap to next "
         f"call {med(gaps)} us (medians over {calls - 1} calls); from one call's first entry to "
@@ -170,6 +177,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--calls", type=int, default=16)
     parser.add_argument("--splits", type=int, default=None)
     parser.add_argument("--ordered", action="store_true")
+    parser.add_argument("--views", action="store_true")
     args = parser.parse_args(argv)
     try:
         cells = parse_cells(args.cells)
@@ -181,7 +189,7 @@ def main(argv: list[str]) -> int:
         print("block_clock: needs a CUDA GPU with tensor cores (sm_80 or later)")
         return 1
     for context, batch in cells:
-        run_cell(context, batch, args.calls, args.splits, args.ordered)
+        run_cell(context, batch, args.calls, args.splits, args.ordered, args.views)
     return 0
 
 
