@@ -81,6 +81,35 @@ def clocked_call(query, k_pool, batch, scale):
     return launch, kernel
 
 
+def tail_report(stamps: list, rel: list) -> str:
+    """Is a late threadblock late because of where it ran? Per call, each SM's last exit; the
+    mean correlation of those between consecutive calls (near 1: the same SMs are late every
+    call, a placement effect; near 0: which ones is chance, as memory serves them), and the
+    median exit of threadblocks that had their SM to themselves against those that shared one."""
+    correlations, alone, shared, previous = [], [], [], None
+    for s, r in zip(stamps[1:], rel[1:]):
+        sm = s[:, 3]
+        late = {int(i): r[sm == i, 2].max() for i in np.unique(sm)}
+        for i, n in zip(*np.unique(sm, return_counts=True)):
+            (alone if n == 1 else shared).extend(r[sm == i, 2].tolist())
+        if previous is not None:
+            common = sorted(set(late) & set(previous))
+            if len(common) > 2:
+                a = np.array([late[i] for i in common])
+                b = np.array([previous[i] for i in common])
+                if a.std() > 0 and b.std() > 0:
+                    correlations.append(float(np.corrcoef(a, b)[0, 1]))
+        previous = late
+    corr = f"{np.mean(correlations):.2f}" if correlations else "n/a"
+    sides = (
+        f"exit median alone on an SM {np.median(alone):.1f} us ({len(alone)}), sharing one "
+        f"{np.median(shared):.1f} us ({len(shared)})"
+        if alone and shared
+        else "every SM ran as many threadblocks"
+    )
+    return f"   SMs' last exits, correlation between consecutive calls {corr}; {sides}"
+
+
 def run_cell(
     context: int, batch: int, calls: int, splits: int | None, ordered: bool, views: bool
 ) -> None:
@@ -162,6 +191,7 @@ def run_cell(
         f"the next {timeline_us:.1f} us on average, wall time {wall_us:.1f} us per call",
         flush=True,
     )
+    print(tail_report(stamps, rel))
     last = rel[-1]
     order = np.sort(last[:, 2])
     deciles = ", ".join(f"{order[int(q * (len(order) - 1))]:.1f}" for q in np.linspace(0, 1, 11))

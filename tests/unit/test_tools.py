@@ -400,7 +400,9 @@ def test_step_split_pool_variant_sizes_the_store_k_times():
     ("tool", "argv"),
     [("sdpa_check", ["2048"]), ("sdpa_check", ["0x16"]), ("split_sweep", ["--ab-rounds", "0"]),
      ("split_sweep", ["--splits", "0"]), ("layout_probe", ["8"]), ("layout_probe", ["1k"]),
-     ("layout_probe", ["--rounds", "0"])],
+     ("layout_probe", ["--rounds", "0"]), ("variant_ab", ["--variants", "two,pf"]),
+     ("variant_ab", ["--rounds", "0"]), ("variant_ab", ["--splits", "0"]),
+     ("block_clock", ["--calls", "1"]), ("block_clock", ["32kx1"])],
 )  # fmt: skip
 def test_gpu_timing_tools_refuse_bad_arguments_before_any_gpu_work(tool, argv, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -409,13 +411,56 @@ def test_gpu_timing_tools_refuse_bad_arguments_before_any_gpu_work(tool, argv, c
     assert "usage" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tool", ["sdpa_check", "split_sweep", "layout_probe"])
+@pytest.mark.parametrize("tool", ["sdpa_check", "split_sweep", "layout_probe", "variant_ab"])
 def test_gpu_timing_tools_say_so_without_a_kernel_backend(tool, monkeypatch, capsys):
     from pagedkv.mlx_backend.kernels import decode
 
     monkeypatch.setattr(decode, "backend", lambda: None)
     assert load(tool).main([]) == 1
     assert "no kernel backend" in capsys.readouterr().out
+
+
+def test_block_clock_needs_tensor_cores_and_tells_placement_from_chance(monkeypatch, capsys):
+    """Without a CUDA GPU it says so; its tail report finds SMs that are late in every call
+    (correlation near 1) and ones late by chance (near 0), and splits exits by SM sharing."""
+    import numpy as np
+
+    from pagedkv.mlx_backend.kernels import decode
+
+    block_clock = load("block_clock")
+    monkeypatch.setattr(decode, "backend", lambda: None)
+    assert block_clock.main([]) == 1
+    assert "tensor cores" in capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    sm = np.concatenate([np.arange(132), np.arange(124)])  # 256 blocks: 8 SMs hold one
+    stamps = [np.stack([sm * 0, sm * 0, sm * 0, sm], axis=1) for _ in range(6)]
+    placed = [np.stack([sm * 0, sm * 0, 50.0 + sm % 7 + rng.random(256)], 1) for _ in range(6)]
+    chance = [np.stack([sm * 0, sm * 0, 50.0 + 7 * rng.random(256)], 1) for _ in range(6)]
+    placement = float(block_clock.tail_report(stamps, placed).split("calls ")[1].split(";")[0])
+    luck = float(block_clock.tail_report(stamps, chance).split("calls ")[1].split(";")[0])
+    assert placement > 0.9 and abs(luck) < 0.4
+    assert "alone on an SM" in block_clock.tail_report(stamps, chance)
+    assert "(40)" in block_clock.tail_report(
+        stamps, chance
+    )  # 8 SMs alone x 5 calls after the first
+
+
+def test_variant_ab_sets_each_variants_switches_only_while_preparing(monkeypatch):
+    """Each variant's launch is prepared with its switches (views, single launch) and the
+    module's switches are the shipped ones again afterwards."""
+    from pagedkv.mlx_backend.kernels import decode
+
+    variant_ab = load("variant_ab")
+    seen = []
+    monkeypatch.setattr(
+        variant_ab, "path_calls",
+        lambda *a: seen.append((decode.ONE_LAUNCH, decode.POOL_VIEWS)) or {"kernel": ["k"]},
+    )  # fmt: skip
+    shipped = (decode.ONE_LAUNCH, decode.POOL_VIEWS)
+    for variant in ("two", "whole", "one"):
+        assert variant_ab.variant_calls(variant, [], [], None, None) == ["k"]
+        assert (decode.ONE_LAUNCH, decode.POOL_VIEWS) == shipped
+    assert seen == [(False, True), (False, False), (True, True)]
 
 
 def test_layout_probe_times_equal_bytes_in_both_layouts(monkeypatch, capsys):
