@@ -402,7 +402,8 @@ def test_step_split_pool_variant_sizes_the_store_k_times():
      ("split_sweep", ["--splits", "0"]), ("layout_probe", ["8"]), ("layout_probe", ["1k"]),
      ("layout_probe", ["--rounds", "0"]), ("variant_ab", ["--variants", "two,pf"]),
      ("variant_ab", ["--rounds", "0"]), ("variant_ab", ["--splits", "0"]),
-     ("block_clock", ["--calls", "1"]), ("block_clock", ["32kx1"])],
+     ("block_clock", ["--calls", "1"]), ("block_clock", ["32kx1"]),
+     ("queue_probe", ["--splits", "1"]), ("queue_probe", ["--blocks", "0"])],
 )  # fmt: skip
 def test_gpu_timing_tools_refuse_bad_arguments_before_any_gpu_work(tool, argv, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -523,3 +524,42 @@ def test_split_sweep_calls_the_kernel_as_a_decode_step_does(monkeypatch):
     timed = [p for p in prepared if len(p[0]) == 4]  # the rule's count: also the cuDNN cell's
     shape = (2, 32, 1, 128)
     assert timed == [(shape, None), (shape, None), (shape, 1), (shape, 2)]
+
+
+def test_queue_probe_gives_the_shipped_split_output_bit_for_bit(monkeypatch):
+    """tools/paged_decode_queue.cu (persistent threadblocks taking split items from a counter,
+    each warp loading the next item's first keys early) writes the shipped split launch's
+    partials, so its output is that launch's at the same split count, bit for bit: run on the
+    CUDA stand-in with ragged rows, a window and GQA 8, fewer threadblocks than items."""
+    import mlx.core as mx
+
+    from pagedkv.mlx_backend.kernels import decode
+    from tests import kernel_stand_in
+    from tests.kernel_stand_in import checks
+    from tests.parity.test_kernel_parity import RAGGED, case
+
+    queue_probe = load("queue_probe")
+    monkeypatch.setattr(decode, "backend", lambda: None)
+    assert queue_probe.main([]) == 1  # no CUDA GPU: it says so (on stdout) and stops
+    monkeypatch.undo()
+    if kernel_stand_in.unavailable("cuda") is not None:
+        pytest.skip(str(kernel_stand_in.unavailable("cuda")))
+    monkeypatch.setattr(mx.fast, "cuda_kernel", kernel_stand_in.cuda_kernel)
+    monkeypatch.setattr(decode, "cuda_arch", lambda: 90)
+    checks.clear_kernel_caches()
+    queue_probe.queue_kernel.cache_clear()
+    try:
+        for dtype, group, window, splits, blocks in [
+            ("float16", 4, None, 3, 4), ("bfloat16", 8, 48, 2, 1), ("float16", 2, None, 5, 64)
+        ]:  # fmt: skip
+            (queries, k_pool, v_pool, batch, _), _, _ = case(
+                dtype, 64, 16, group, RAGGED, window=window
+            )
+            shipped = decode.prepare(queries, k_pool, batch, 0.3, False, splits, "cuda")
+            assert shipped.plan.shape.tensor_cores and not shipped.pool_views
+            queue = queue_probe.queue_launch(queries, k_pool, batch, 0.3, splits, blocks)
+            want, got = shipped(queries, k_pool, v_pool), queue(queries, k_pool, v_pool)
+            assert mx.array_equal(want, got), (dtype, group, window, splits, blocks)
+    finally:
+        checks.clear_kernel_caches()
+        queue_probe.queue_kernel.cache_clear()

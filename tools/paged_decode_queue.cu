@@ -1,0 +1,193 @@
+// An experiment (tools/queue_probe.py), not shipped: the tensor-core pass 1 of
+// pagedkv/mlx_backend/kernels/paged_decode_mma.cu run by persistent threadblocks that take its
+// work items, one split of one (sequence, kv head x query tile) each, from a per-launch counter,
+// so a threadblock that memory served fast takes more items instead of idling while the slow
+// ones finish (ADR 0002, eighteenth session: at 32k x 1 the shipped launch's threadblocks leave
+// between 47.6 and 62.1 us). Each warp loads its first group of the next item while it
+// finishes the current one, so taking an item costs no wait on memory. Every item's partial is
+// computed by the shipped arithmetic in the shipped order and written to its own slot, so the
+// partials, and the merge kernel's output, are those of the shipped split launch with the same
+// split count, bit for bit, whichever threadblock took which item.
+//
+// Extra inputs: `counter` (int32, zero at launch: decode.zero_counters) and `items` (int32
+// [3]: splits per row, threadblocks per row along y (kv heads x query tiles), total items).
+// The merge and split sections of paged_decode.cu are put at `//// epilogue`.
+
+  constexpr int NJ = D / 32;
+  constexpr int NSG = 4;
+  constexpr int QTILES = G / QT;
+  constexpr int HQ = KVH * G;
+  const int num_splits = items[0], heads_grid = items[1], total = items[2];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane / 4, t = lane % 4;
+  const float qscale = scale[0] * PKV_LOG2E;
+  int* taken = const_cast<int*>(counter);
+
+  __shared__ float sm_acc[NSG][QT][D];
+  __shared__ float sm_m[NSG][QT];
+  __shared__ float sm_l[NSG][QT];
+
+  // An item's keys, as the shipped kernel computes them for (split, blockIdx.y, blockIdx.z).
+  // Items are the same for the whole threadblock: thread 0 fills them into shared memory (two
+  // slots: the current item and the next), which keeps them out of the registers.
+  struct Item {
+    int split, b, kvh, head0, t_begin, t_end;
+    const int* table;
+  };
+  __shared__ Item pkv_items[2];
+  __shared__ int pkv_ids[2];
+  auto fill = [&](int slot, int it) {
+    pkv_ids[slot] = it;
+    Item s = {0, 0, 0, 0, 0, 0, tables};
+    if (it < total) {
+      s.split = it % num_splits;
+      const int y = (it / num_splits) % heads_grid;
+      s.b = it / (num_splits * heads_grid);
+      s.kvh = y / QTILES;
+      s.head0 = s.kvh * G + (y % QTILES) * QT;
+      const int first = bounds[2 * s.b], length = bounds[2 * s.b + 1];
+      const int first_block = first / BS;
+      const int blocks = (length + BS - 1) / BS - first_block;
+      const int per_split = (blocks + num_splits - 1) / num_splits;
+      s.t_begin = max(first, (first_block + s.split * per_split) * BS);
+      s.t_end = min(length, (first_block + (s.split + 1) * per_split) * BS);
+      s.table = tables + (size_t)s.b * tables_shape[1];
+    }
+    pkv_items[slot] = s;
+  };
+  auto row_of = [&](const Item& s, int key) {
+    key = min(key, s.t_end - 1);
+    return (((size_t)s.table[key / BS] * BS + key % BS) * KVH + s.kvh) * D + 8 * t;
+  };
+
+  if (threadIdx.x == 0) {  // this threadblock's first two items
+    const int it = atomicAdd(taken, 2);
+    fill(0, it);
+    fill(1, it + 1);
+  }
+  __syncthreads();
+  int slot = 0;
+
+  uint4 k_a[NJ], k_b[NJ], v_a[NJ], v_b[NJ];
+  uint4 next_k_a[NJ], next_k_b[NJ], next_v_a[NJ], next_v_b[NJ];
+  if (pkv_items[0].t_begin + 16 * warp < pkv_items[0].t_end) {
+    const Item& cur = pkv_items[0];
+    const int base = cur.t_begin + 16 * warp;
+    pkv_load_group<NJ>(k_pool, v_pool, row_of(cur, base + r), row_of(cur, base + 8 + r), k_a,
+                       k_b, v_a, v_b);
+  }
+  while (pkv_ids[slot] < total) {
+    const Item& cur = pkv_items[slot];
+    const Item& nxt = pkv_items[slot ^ 1];
+    const int split = cur.split, b = cur.b, head0 = cur.head0, t_end = cur.t_end;
+
+    const unsigned short* query = reinterpret_cast<const unsigned short*>(queries) +
+                                  ((size_t)b * HQ + head0 + r) * D + 8 * t;
+    uint4 qf[NJ];
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+      unsigned int pair[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int e = 0; e < 4 && r < QT; e++) {
+        pair[e] = query[32 * j + 2 * e] | (unsigned int)query[32 * j + 2 * e + 1] << 16;
+      }
+      qf[j] = make_uint4(pair[0], pair[1], pair[2], pair[3]);
+    }
+    float m[2] = {PKV_NEG_BIG, PKV_NEG_BIG}, l[2] = {0.f, 0.f};
+    float acc[D / 16][4];
+#pragma unroll
+    for (int i = 0; i < D / 16; i++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][e] = 0.f;
+    }
+
+    bool next_loaded = false;  // this warp's first group of the next item, if it has one
+    for (int base = cur.t_begin + 16 * warp; base < t_end; base += 16 * NSG) {
+      const int next = base + 16 * NSG;
+      if (next < t_end) {
+        pkv_load_group<NJ>(k_pool, v_pool, row_of(cur, next + r), row_of(cur, next + 8 + r),
+                           next_k_a, next_k_b, next_v_a, next_v_b);
+      } else if (nxt.t_begin + 16 * warp < nxt.t_end) {
+        const int first = nxt.t_begin + 16 * warp;
+        pkv_load_group<NJ>(k_pool, v_pool, row_of(nxt, first + r), row_of(nxt, first + 8 + r),
+                           next_k_a, next_k_b, next_v_a, next_v_b);
+        next_loaded = true;
+      }
+
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NJ; j++) {
+        pkv_mma<KIND>(s, k_a[j].x, k_b[j].x, k_a[j].y, k_b[j].y, qf[j].x, qf[j].y);
+        pkv_mma<KIND>(s, k_a[j].z, k_b[j].z, k_a[j].w, k_b[j].w, qf[j].z, qf[j].w);
+      }
+      const bool valid_a = base + r < t_end, valid_b = base + 8 + r < t_end;
+      float correction[2];
+#pragma unroll
+      for (int q = 0; q < 2; q++) {
+        s[q] = valid_a ? s[q] * qscale : PKV_NEG_INF;
+        s[q + 2] = valid_b ? s[q + 2] * qscale : PKV_NEG_INF;
+        float top = fmaxf(s[q], s[q + 2]);
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+        top = fmaxf(m[q], top);
+        correction[q] = exp2f(m[q] - top);
+        m[q] = top;
+        s[q] = exp2f(s[q] - top);
+        s[q + 2] = exp2f(s[q + 2] - top);
+        l[q] = l[q] * correction[q] + s[q] + s[q + 2];
+      }
+      const unsigned int p_a = pkv_transpose(pkv_pack<KIND>(s[0], s[1]));
+      const unsigned int p_b = pkv_transpose(pkv_pack<KIND>(s[2], s[3]));
+#pragma unroll
+      for (int j = 0; j < NJ; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          acc[2 * j][e] *= correction[e % 2];
+          acc[2 * j + 1][e] *= correction[e % 2];
+        }
+        pkv_mma<KIND>(acc[2 * j], pkv_transpose(v_a[j].x), pkv_transpose(v_a[j].y),
+                      pkv_transpose(v_b[j].x), pkv_transpose(v_b[j].y), p_a, p_b);
+        pkv_mma<KIND>(acc[2 * j + 1], pkv_transpose(v_a[j].z), pkv_transpose(v_a[j].w),
+                      pkv_transpose(v_b[j].z), pkv_transpose(v_b[j].w), p_a, p_b);
+      }
+#pragma unroll
+      for (int j = 0; j < NJ; j++) {
+        k_a[j] = next_k_a[j], k_b[j] = next_k_b[j], v_a[j] = next_v_a[j], v_b[j] = next_v_b[j];
+      }
+    }
+    if (!next_loaded && nxt.t_begin + 16 * warp < nxt.t_end) {  // no group here this item
+      const int first = nxt.t_begin + 16 * warp;
+      pkv_load_group<NJ>(k_pool, v_pool, row_of(nxt, first + r), row_of(nxt, first + 8 + r), k_a,
+                         k_b, v_a, v_b);
+    }
+
+#pragma unroll
+    for (int q = 0; q < 2; q++) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) l[q] += __shfl_xor_sync(0xffffffffu, l[q], o);
+    }
+#pragma unroll
+    for (int i = 0; i < D / 16; i++) {
+      const int d0 = 32 * (i / 2) + 8 * (r / 2) + 4 * (i % 2) + r % 2;
+#pragma unroll
+      for (int q = 0; q < 2; q++) {
+        if (2 * t + q < QT) {
+          sm_acc[warp][2 * t + q][d0] = acc[i][q];
+          sm_acc[warp][2 * t + q][d0 + 2] = acc[i][q + 2];
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 2; q++) {
+      if (r == 0 && 2 * t + q < QT) {
+        sm_m[warp][2 * t + q] = m[q];
+        sm_l[warp][2 * t + q] = l[q];
+      }
+    }
+    __syncthreads();
+//// epilogue
+    __syncthreads();  // everyone is done with sm_* and with this item's slot
+    if (threadIdx.x == 0) fill(slot, atomicAdd(taken, 1));  // the item after next
+    __syncthreads();
+    slot ^= 1;
+  }
