@@ -36,6 +36,9 @@ def cuda_on_the_cpu(monkeypatch):
     checks.clear_kernel_caches()
     monkeypatch.setattr(mx.fast, "cuda_kernel", kernel_stand_in.cuda_kernel)
     monkeypatch.setattr(decode, "ONE_LAUNCH", False)
+    monkeypatch.setattr(
+        decode, "POOL_VIEWS", False
+    )  # the stand-in reads whole arrays (also on a GPU host)
     yield
     checks.clear_kernel_caches()
 
@@ -125,16 +128,18 @@ def test_pools_go_to_a_real_cuda_device_as_one_element_views(monkeypatch):
     """decode.POOL_VIEWS (off until verified on a GPU): on a CUDA device each pool then reaches
     the kernels as a one-element view of its buffer (MLX counts one element, not the pool,
     towards ending its graph); the view starts where the pool does, also for a pool that is
-    itself a slice. The stand-in reads whole arrays, so on the CPU the launch keeps the pools."""
-    assert not decode.POOL_VIEWS
+    itself a slice. The stand-in reads whole arrays: where the default device is the CPU the
+    launch keeps the pools, and the stand-in tests turn the views off (the fixture), since they
+    make the launch code believe it is on a CUDA device."""
     monkeypatch.setattr(decode, "POOL_VIEWS", True)
     pool = mx.arange(2 * 16 * 2 * 8, dtype=mx.float16).reshape(2, 16, 2, 8)
     view = decode.pool_view(pool[1:])
     assert view.shape == (1,) and view.item() == pool[1, 0, 0, 0].item()
     queries = mx.zeros((1, 2, 8), mx.float16)
     batch = decode.DecodeBatch(mx.zeros((1, 2), mx.int32), mx.array([[0, 20]]), 20)
+    monkeypatch.setattr(decode, "backend", lambda: None)  # the default device is the CPU
     assert not decode.prepare(queries, pool, batch, 0.1, False, None, "cuda").pool_views
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
     assert decode.prepare(queries, pool, batch, 0.1, False, None, "cuda").pool_views
     monkeypatch.setattr(decode, "POOL_VIEWS", False)
     assert not decode.prepare(queries, pool, batch, 0.1, False, None, "cuda").pool_views
