@@ -60,11 +60,7 @@
     return (((size_t)s.table[key / BS] * BS + key % BS) * KVH + s.kvh) * D + 8 * t;
   };
 
-  if (threadIdx.x == 0) {  // this threadblock's first two items
-    const int it = atomicAdd(taken, 2);
-    fill(0, it);
-    fill(1, it + 1);
-  }
+  if (threadIdx.x == 0) fill(0, atomicAdd(taken, 1));  // this threadblock's first item
   __syncthreads();
   int slot = 0;
 
@@ -77,6 +73,10 @@
                        k_b, v_a, v_b);
   }
   while (pkv_ids[slot] < total) {
+    // The next item, taken as this one starts (its first keys load in this one's last groups);
+    // taking it only now leaves the rest of the counter to threadblocks that finish early.
+    if (threadIdx.x == 0) fill(slot ^ 1, atomicAdd(taken, 1));
+    __syncthreads();
     const Item& cur = pkv_items[slot];
     const Item& nxt = pkv_items[slot ^ 1];
     const int split = cur.split, b = cur.b, head0 = cur.head0, t_end = cur.t_end;
@@ -187,7 +187,5 @@
     __syncthreads();
 //// epilogue
     __syncthreads();  // everyone is done with sm_* and with this item's slot
-    if (threadIdx.x == 0) fill(slot, atomicAdd(taken, 1));  // the item after next
-    __syncthreads();
     slot ^= 1;
   }
