@@ -3,8 +3,9 @@
 // work items, one split of one (sequence, kv head x query tile) each, from a per-launch counter,
 // so a threadblock that memory served fast takes more items instead of idling while the slow
 // ones finish (ADR 0002, eighteenth session: at 32k x 1 the shipped launch's threadblocks leave
-// between 47.6 and 62.1 us). Each warp loads its first group of the next item while it
-// finishes the current one, so taking an item costs no wait on memory. Every item's partial is
+// between 47.6 and 62.1 us). A threadblock takes its next item when it has read the current
+// one's keys, and its warps load the next item's first keys while the current one's merge and
+// partials are written. Every item's partial is
 // computed by the shipped arithmetic in the shipped order and written to its own slot, so the
 // partials, and the merge kernel's output, are those of the shipped split launch with the same
 // split count, bit for bit, whichever threadblock took which item.
@@ -73,10 +74,6 @@
                        k_b, v_a, v_b);
   }
   while (pkv_ids[slot] < total) {
-    // The next item, taken as this one starts (its first keys load in this one's last groups);
-    // taking it only now leaves the rest of the counter to threadblocks that finish early.
-    if (threadIdx.x == 0) fill(slot ^ 1, atomicAdd(taken, 1));
-    __syncthreads();
     const Item& cur = pkv_items[slot];
     const Item& nxt = pkv_items[slot ^ 1];
     const int split = cur.split, b = cur.b, head0 = cur.head0, t_end = cur.t_end;
@@ -101,17 +98,11 @@
       for (int e = 0; e < 4; e++) acc[i][e] = 0.f;
     }
 
-    bool next_loaded = false;  // this warp's first group of the next item, if it has one
     for (int base = cur.t_begin + 16 * warp; base < t_end; base += 16 * NSG) {
       const int next = base + 16 * NSG;
       if (next < t_end) {
         pkv_load_group<NJ>(k_pool, v_pool, row_of(cur, next + r), row_of(cur, next + 8 + r),
                            next_k_a, next_k_b, next_v_a, next_v_b);
-      } else if (nxt.t_begin + 16 * warp < nxt.t_end) {
-        const int first = nxt.t_begin + 16 * warp;
-        pkv_load_group<NJ>(k_pool, v_pool, row_of(nxt, first + r), row_of(nxt, first + 8 + r),
-                           next_k_a, next_k_b, next_v_a, next_v_b);
-        next_loaded = true;
       }
 
       float s[4] = {0.f, 0.f, 0.f, 0.f};
@@ -155,12 +146,6 @@
         k_a[j] = next_k_a[j], k_b[j] = next_k_b[j], v_a[j] = next_v_a[j], v_b[j] = next_v_b[j];
       }
     }
-    if (!next_loaded && nxt.t_begin + 16 * warp < nxt.t_end) {  // no group here this item
-      const int first = nxt.t_begin + 16 * warp;
-      pkv_load_group<NJ>(k_pool, v_pool, row_of(nxt, first + r), row_of(nxt, first + 8 + r), k_a,
-                         k_b, v_a, v_b);
-    }
-
 #pragma unroll
     for (int q = 0; q < 2; q++) {
 #pragma unroll
@@ -184,7 +169,15 @@
         sm_l[warp][2 * t + q] = l[q];
       }
     }
+    // Take the next item only now that this one's keys are read: the counter's rest stays for
+    // threadblocks that finish early. Its first keys load while this one's epilogue runs.
+    if (threadIdx.x == 0) fill(slot ^ 1, atomicAdd(taken, 1));
     __syncthreads();
+    if (nxt.t_begin + 16 * warp < nxt.t_end) {
+      const int first = nxt.t_begin + 16 * warp;
+      pkv_load_group<NJ>(k_pool, v_pool, row_of(nxt, first + r), row_of(nxt, first + 8 + r), k_a,
+                         k_b, v_a, v_b);
+    }
 //// epilogue
     __syncthreads();  // everyone is done with sm_* and with this item's slot
     slot ^= 1;

@@ -39,9 +39,10 @@ MAX_SPLITS = 256  # the merge kernel keeps one weight per split in shared memory
 # tools/split_sweep.py can repeat the A/B on another GPU or MLX version (tests cover both forms).
 ONE_LAUNCH = False
 # CUDA: hand each pool to a kernel as a one-element view of its buffer (`pool_view`). MLX's CUDA
-# backend ends a graph once its kernels' inputs add up to MLX_MAX_MB_PER_BUFFER (1000 MB on an
-# H100), counting every input's whole size: a whole pool per kernel call ends a graph every few
-# layers, and the GPU was seen idle ~13 us per call at 32k x 1 (ADR 0002, eighteenth session).
+# backend ends a graph once its kernels' inputs add up to MLX_MAX_MB_PER_BUFFER (1000 "MB" on an
+# H100, counted in elements), every input counted whole at every use: whole pools end a graph
+# every few layers, and the GPU was seen idle ~13 us per call at 32k x 1 (ADR 0002, eighteenth
+# session; that the two are linked is inferred, not traced).
 # Off until it has run on a GPU: written when the session's device time had run out. The
 # GPU suite's view tests and `tools/variant_ab.py --variants whole,two` are the check.
 POOL_VIEWS = False
