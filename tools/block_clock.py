@@ -66,11 +66,7 @@ def clocked_call(query, k_pool, batch, scale):
     shape = launch.plan.shape
     if not shape.tensor_cores:
         raise SystemExit("block_clock: this GPU or shape does not run the tensor-core pass 1")
-    template = [
-        ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
-        ("KVH", shape.kv_heads), ("G", shape.group), ("QT", shape.query_tile),
-        ("KIND", decode.POOL_KIND[shape.pool_dtype]), ("HAS_SINKS", shape.has_sinks),
-    ]  # fmt: skip
+    template = decode.pass1_template(shape)
     kernel = mx.fast.cuda_kernel(
         name="block_clock_" + shape.name("split"),
         input_names=["queries", "k_pool", "v_pool", "tables", "bounds", "scale", "sinks"],

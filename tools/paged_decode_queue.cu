@@ -12,7 +12,9 @@
 //
 // Extra inputs: `counter` (int32, zero at launch: decode.zero_counters) and `items` (int32
 // [3]: splits per row, threadblocks per row along y (kv heads x query tiles), total items).
-// The merge and split sections of paged_decode.cu are put at `//// epilogue`.
+// Put in by tools/queue_probe.py: at `//// group`, the shipped pass 1's computation of one group
+// of 16 keys (paged_decode_mma.cu, between its `// group` and `// end group` lines: the same
+// variable names); at `//// epilogue`, the merge and split sections of paged_decode.cu.
 
   constexpr int NJ = D / 32;
   constexpr int NSG = 4;
@@ -105,46 +107,7 @@
                            next_k_a, next_k_b, next_v_a, next_v_b);
       }
 
-      float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < NJ; j++) {
-        pkv_mma<KIND>(s, k_a[j].x, k_b[j].x, k_a[j].y, k_b[j].y, qf[j].x, qf[j].y);
-        pkv_mma<KIND>(s, k_a[j].z, k_b[j].z, k_a[j].w, k_b[j].w, qf[j].z, qf[j].w);
-      }
-      const bool valid_a = base + r < t_end, valid_b = base + 8 + r < t_end;
-      float correction[2];
-#pragma unroll
-      for (int q = 0; q < 2; q++) {
-        s[q] = valid_a ? s[q] * qscale : PKV_NEG_INF;
-        s[q + 2] = valid_b ? s[q + 2] * qscale : PKV_NEG_INF;
-        float top = fmaxf(s[q], s[q + 2]);
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-        top = fmaxf(m[q], top);
-        correction[q] = exp2f(m[q] - top);
-        m[q] = top;
-        s[q] = exp2f(s[q] - top);
-        s[q + 2] = exp2f(s[q + 2] - top);
-        l[q] = l[q] * correction[q] + s[q] + s[q + 2];
-      }
-      const unsigned int p_a = pkv_transpose(pkv_pack<KIND>(s[0], s[1]));
-      const unsigned int p_b = pkv_transpose(pkv_pack<KIND>(s[2], s[3]));
-#pragma unroll
-      for (int j = 0; j < NJ; j++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          acc[2 * j][e] *= correction[e % 2];
-          acc[2 * j + 1][e] *= correction[e % 2];
-        }
-        pkv_mma<KIND>(acc[2 * j], pkv_transpose(v_a[j].x), pkv_transpose(v_a[j].y),
-                      pkv_transpose(v_b[j].x), pkv_transpose(v_b[j].y), p_a, p_b);
-        pkv_mma<KIND>(acc[2 * j + 1], pkv_transpose(v_a[j].z), pkv_transpose(v_a[j].w),
-                      pkv_transpose(v_b[j].z), pkv_transpose(v_b[j].w), p_a, p_b);
-      }
-#pragma unroll
-      for (int j = 0; j < NJ; j++) {
-        k_a[j] = next_k_a[j], k_b[j] = next_k_b[j], v_a[j] = next_v_a[j], v_b[j] = next_v_b[j];
-      }
+//// group
     }
 #pragma unroll
     for (int q = 0; q < 2; q++) {

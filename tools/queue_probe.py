@@ -25,30 +25,36 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from pagedkv.benchmarks.gather import cell_arrays, chained, parse_cells, path_calls, per_call_us
+from pagedkv.benchmarks.gather import cell_arrays, chained, in_turn, parse_cells, path_calls
 from pagedkv.mlx_backend.kernels import decode, source
 
 QUEUE_SOURCE = Path(__file__).with_name("paged_decode_queue.cu")
 
 
+def shipped_group() -> str:
+    """The shipped tensor-core pass 1's computation of one group of keys: its lines between
+    `// group` and `// end group` (paged_decode_mma.cu), compacted as the shipped source is."""
+    text = source.FILES["cuda_mma"].read_text()
+    start = text.index("\n", text.index("    // group:")) + 1
+    return source._compact(text[start : text.index("    // end group")].splitlines())
+
+
 def queue_body() -> str:
-    """The experiment's body with the shipped in-block merge and split epilogue at `epilogue`."""
+    """The experiment's body with the shipped group computation at `group` and the shipped
+    in-block merge and split epilogue at `epilogue`."""
     text = QUEUE_SOURCE.read_text()
-    before, after = text.split("//// epilogue\n")
-    start = before.index("  constexpr int NJ")  # past the file's comment
+    head, rest = text.split("//// group\n")
+    middle, tail = rest.split("//// epilogue\n")
+    start = head.index("  constexpr int NJ")  # past the file's comment
     shared = source.sections("cuda")
-    return before[start:] + shared["merge"] + shared["split"] + after
+    return head[start:] + shipped_group() + middle + shared["merge"] + shared["split"] + tail
 
 
 @cache
 def queue_kernel(shape: decode.Shape):
     import mlx.core as mx
 
-    template = [
-        ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
-        ("KVH", shape.kv_heads), ("G", shape.group), ("QT", shape.query_tile),
-        ("KIND", decode.POOL_KIND[shape.pool_dtype]), ("HAS_SINKS", shape.has_sinks),
-    ]  # fmt: skip
+    template = decode.pass1_template(shape)
     return mx.fast.cuda_kernel(
         name="queue_probe_" + shape.name("split"),
         input_names=[
@@ -117,11 +123,7 @@ def run_cell(context: int, batch: int, splits: list[int], blocks: int, rounds: i
             raise SystemExit(f"queue_probe: the queue form differs at {count} splits")
         chains[f"s{count}"] = [lambda q, k=k, v=v, f=shipped: f(q, k, v) for k, v in pools]
         chains[f"q{count}"] = [lambda q, k=k, v=v, f=queue: f(q, k, v) for k, v in pools]
-    timed = {name: chained(calls, q4) for name, calls in chains.items()}
-    times: dict[str, list[float]] = {name: [] for name in timed}
-    for _ in range(rounds):
-        for name, chain in timed.items():
-            times[name].append(per_call_us(chain, repeats=1))
+    times = in_turn({name: chained(calls, q4) for name, calls in chains.items()}, rounds)
     us = {name: statistics.median(v) for name, v in times.items()}
     text = ", ".join(f"{n} {v:.1f} ({v / us['cudnn']:.2f}x)" for n, v in us.items())
     print(

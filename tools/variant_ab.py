@@ -26,10 +26,10 @@ import sys
 from pagedkv.benchmarks.gather import (
     cell_arrays,
     chained,
+    in_turn,
     kv_bytes,
     parse_cells,
     path_calls,
-    per_call_us,
 )
 from pagedkv.mlx_backend.kernels import decode
 
@@ -69,10 +69,7 @@ def run_cell(context: int, batch: int, variants: list[str], rounds: int, splits:
     first = paths[variants[0]][0](q4)
     diffs = {v: mx.abs(paths[v][0](q4) - first).max().item() for v in variants}
     chains = {name: chained(calls, q4) for name, calls in paths.items()}
-    times: dict[str, list[float]] = {name: [] for name in chains}
-    for _ in range(rounds):
-        for name, chain in chains.items():
-            times[name].append(per_call_us(chain, repeats=1))
+    times = in_turn(chains, rounds)
     us = {name: statistics.median(values) for name, values in times.items()}
     count = (
         splits

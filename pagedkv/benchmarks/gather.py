@@ -250,6 +250,18 @@ def contiguous_us(context: int, batch: int, block: int) -> float:
     return per_call_us(chain, max_calls=max_calls)
 
 
+def in_turn(chains: dict, rounds: int, max_calls: dict | None = None) -> dict[str, list[float]]:
+    """Every chain timed once per round, in turn (`per_call_us`, one repeat), `rounds` times:
+    a drift of the device moves every chain alike. {name: µs per call, one value per round}.
+    `max_calls`: per name, the most calls one timing may issue (default per_call_us's)."""
+    times: dict[str, list[float]] = {name: [] for name in chains}
+    for _ in range(rounds):
+        for name, chain in chains.items():
+            limit = (max_calls or {}).get(name, 200)
+            times[name].append(per_call_us(chain, max_calls=limit, repeats=1))
+    return times
+
+
 def measure_cell(
     context: int, batch: int, block: int, read_tb_s: float, vector_us: float
 ) -> GatherCell:
@@ -257,10 +269,8 @@ def measure_cell(
     the device over the cell's seconds (clocks, other tenants) then moves every path alike
     instead of whichever was timed last, and the ratios the targets are stated in hold."""
     chains = path_chains(context, batch, block)
-    times: dict[str, list[float]] = {path: [] for path in chains}
-    for _ in range(ROUNDS):
-        for path, (chain, max_calls) in chains.items():
-            times[path].append(per_call_us(chain, max_calls=max_calls, repeats=1))
+    times = in_turn({path: chain for path, (chain, _) in chains.items()}, ROUNDS,
+                    {path: max_calls for path, (_, max_calls) in chains.items()})  # fmt: skip
     us = {path: statistics.median(values) for path, values in times.items()}
     return GatherCell(
         context, batch, block, us["contiguous"], vector_us, us["gather_sdpa"],

@@ -257,6 +257,20 @@ def split_count(shape: Shape, batch: int, longest: int) -> int:
     return max(1, min(wanted, longest // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
+def pass1_template(shape: Shape) -> list:
+    """Pass 1's template constants for a shape, as (name, value) pairs (the single launch adds
+    MAX_SPLITS). The tensor-core pass 1 has no lanes or keys in flight to set."""
+    template = [
+        ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
+        ("KVH", shape.kv_heads), ("G", shape.group), ("QT", shape.query_tile),
+        ("L", shape.lanes), ("U", shape.unroll), ("KIND", POOL_KIND[shape.pool_dtype]),
+        ("HAS_SINKS", shape.has_sinks),
+    ]  # fmt: skip
+    if shape.tensor_cores:
+        template = [item for item in template if item[0] not in ("L", "U")]
+    return template
+
+
 @dataclass(frozen=True)
 class Plan:
     """Launch data for one shape on one backend, computed once: the kernel objects and templates."""
@@ -273,14 +287,7 @@ class Plan:
     @staticmethod
     @cache
     def of(shape: Shape, backend_name: str) -> Plan:
-        template = [
-            ("TQ", shape.query_dtype), ("D", shape.head_dim), ("BS", shape.block_size),
-            ("KVH", shape.kv_heads), ("G", shape.group), ("QT", shape.query_tile),
-            ("L", shape.lanes), ("U", shape.unroll), ("KIND", POOL_KIND[shape.pool_dtype]),
-            ("HAS_SINKS", shape.has_sinks),
-        ]  # fmt: skip
-        if shape.tensor_cores:  # paged_decode_mma.cu has no lanes or keys in flight to set
-            template = [item for item in template if item[0] not in ("L", "U")]
+        template = pass1_template(shape)
         reduce_template = [
             ("TQ", shape.query_dtype), ("D", shape.head_dim), ("KVH", shape.kv_heads),
             ("G", shape.group), ("HAS_SINKS", shape.has_sinks), ("MAX_SPLITS", MAX_SPLITS),

@@ -153,6 +153,7 @@ __device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool,
                          next_k_b, next_v_a, next_v_b);
     }
 
+    // group: one group of 16 keys computed (tools/paged_decode_queue.cu reuses these lines)
     // Scores S^T: two k-steps per piece (its words 0-1, then 2-3).
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -200,6 +201,7 @@ __device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool,
     for (int j = 0; j < NJ; j++) {  // the next group becomes this one (unread past the last)
       k_a[j] = next_k_a[j], k_b[j] = next_k_b[j], v_a[j] = next_v_a[j], v_b[j] = next_v_b[j];
     }
+    // end group
   }
 
   // The warp's sums over its key rows, then the NSG warps merge through shared memory.
