@@ -12,9 +12,10 @@
 //
 // Extra inputs: `counter` (int32, zero at launch: decode.zero_counters) and `items` (int32
 // [3]: splits per row, threadblocks per row along y (kv heads x query tiles), total items).
-// Put in by tools/queue_probe.py: at `//// group`, the shipped pass 1's computation of one group
-// of 16 keys (paged_decode_mma.cu, between its `// group` and `// end group` lines: the same
-// variable names); at `//// epilogue`, the merge and split sections of paged_decode.cu.
+// Put in by tools/queue_probe.py: at `//// group`, `//// sums` and `//// stores`, the shipped pass
+// 1's lines between its `// NAME` and `// end NAME` comments (paged_decode_mma.cu: one group of
+// 16 keys computed, the warp's sums, its state into shared memory; the same variable names); at
+// `//// epilogue`, the merge and split sections of paged_decode.cu.
 
   constexpr int NJ = D / 32;
   constexpr int NSG = 4;
@@ -109,29 +110,8 @@
 
 //// group
     }
-#pragma unroll
-    for (int q = 0; q < 2; q++) {
-#pragma unroll
-      for (int o = 4; o < 32; o <<= 1) l[q] += __shfl_xor_sync(0xffffffffu, l[q], o);
-    }
-#pragma unroll
-    for (int i = 0; i < D / 16; i++) {
-      const int d0 = 32 * (i / 2) + 8 * (r / 2) + 4 * (i % 2) + r % 2;
-#pragma unroll
-      for (int q = 0; q < 2; q++) {
-        if (2 * t + q < QT) {
-          sm_acc[warp][2 * t + q][d0] = acc[i][q];
-          sm_acc[warp][2 * t + q][d0 + 2] = acc[i][q + 2];
-        }
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < 2; q++) {
-      if (r == 0 && 2 * t + q < QT) {
-        sm_m[warp][2 * t + q] = m[q];
-        sm_l[warp][2 * t + q] = l[q];
-      }
-    }
+//// sums
+//// stores
     // Take the next item only now that this one's keys are read: the counter's rest stays for
     // threadblocks that finish early. Its first keys load while this one's epilogue runs.
     if (threadIdx.x == 0) fill(slot ^ 1, atomicAdd(taken, 1));

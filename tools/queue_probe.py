@@ -31,23 +31,23 @@ from pagedkv.mlx_backend.kernels import decode, source
 QUEUE_SOURCE = Path(__file__).with_name("paged_decode_queue.cu")
 
 
-def shipped_group() -> str:
-    """The shipped tensor-core pass 1's computation of one group of keys: its lines between
-    `// group` and `// end group` (paged_decode_mma.cu), compacted as the shipped source is."""
+def shipped_lines(name: str) -> str:
+    """The shipped tensor-core pass 1's lines between `// NAME` and `// end NAME`
+    (paged_decode_mma.cu), compacted as the shipped source is."""
     text = source.FILES["cuda_mma"].read_text()
-    start = text.index("\n", text.index("    // group:")) + 1
-    return source._compact(text[start : text.index("    // end group")].splitlines())
+    start = text.index("\n", text.index(f"  // {name}:")) + 1
+    return source._compact(text[start : text.index(f"  // end {name}")].splitlines())
 
 
 def queue_body() -> str:
-    """The experiment's body with the shipped group computation at `group` and the shipped
-    in-block merge and split epilogue at `epilogue`."""
+    """The experiment's body with the shipped lines at `group`, `sums` and `stores` and the
+    shipped in-block merge and split epilogue at `epilogue`."""
     text = QUEUE_SOURCE.read_text()
-    head, rest = text.split("//// group\n")
-    middle, tail = rest.split("//// epilogue\n")
-    start = head.index("  constexpr int NJ")  # past the file's comment
+    start = text.index("  constexpr int NJ")  # past the file's comment
+    for name in ("group", "sums", "stores"):
+        text = text.replace(f"//// {name}\n", shipped_lines(name))
     shared = source.sections("cuda")
-    return head[start:] + shipped_group() + middle + shared["merge"] + shared["split"] + tail
+    return text[start:].replace("//// epilogue\n", shared["merge"] + shared["split"])
 
 
 @cache

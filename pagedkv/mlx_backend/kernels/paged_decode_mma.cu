@@ -205,14 +205,17 @@ __device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool,
   }
 
   // The warp's sums over its key rows, then the NSG warps merge through shared memory.
+  // sums: (tools/paged_decode_queue.cu reuses the lines down to `end sums`, and those of `stores`)
 #pragma unroll
   for (int q = 0; q < 2; q++) {
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) l[q] += __shfl_xor_sync(0xffffffffu, l[q], o);
   }
+  // end sums
   __shared__ float sm_acc[NSG][QT][D];
   __shared__ float sm_m[NSG][QT];
   __shared__ float sm_l[NSG][QT];
+  // stores: each warp's state into shared memory
 #pragma unroll
   for (int i = 0; i < D / 16; i++) {
     const int d0 = 32 * (i / 2) + 8 * (r / 2) + 4 * (i % 2) + r % 2;
@@ -231,4 +234,5 @@ __device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool,
       sm_l[warp][2 * t + q] = l[q];
     }
   }
+  // end stores
   __syncthreads();
