@@ -25,6 +25,8 @@ VARIANTs (experiments on the paged side only, each another paged store in the sa
              what the in-place writes give
   history    every caller gets the lazy history, none the placeholders (callers.py): what the
              placeholders save
+  views      the pools handed to the CUDA kernels as one-element views of their buffers
+             (decode.POOL_VIEWS on): fewer CUDA graph ends if MLX counts whole inputs
   simt       16-bit pools on the one-lane-per-chunk kernel (paged_decode.cu), as GPUs before
              sm_80 run them, instead of the tensor-core pass 1: what the tensor cores give
 `--small`: the 4-layer benchmark model (a CPU smoke run). Run it on the GPU; `MLX_MAX_OPS_PER_BUFFER` (MLX's ops per CUDA graph) is read by MLX at start.
@@ -48,7 +50,7 @@ from pagedkv.benchmarks.throughput import dense_side, paged_side, prompts_for
 from pagedkv.models import LLAMA3_8B, SMALL, random_model
 
 ROUNDS, STEPS = 7, 64
-KNOWN = ("every", "lazyfirst", "lazyall", "functional", "pool", "split", "stub", "history", "simt")
+KNOWN = ("every", "lazyfirst", "lazyall", "functional", "pool", "split", "stub", "history", "simt", "views")
 _REAL = {
     "record": layer_cache.PagedLayerCache._record_step,
     "write": layer_cache.PagedLayerCache._write_in_step,
@@ -56,6 +58,7 @@ _REAL = {
     "unread": layer_cache.PagedLayerCache._history_unread,
     "launch": kernel.Launch.__call__,
     "arch": kernel.cuda_arch,
+    "views": kernel.POOL_VIEWS,
 }
 _COPY = (
     mx.fast.cuda_kernel(  # the stub: y = x, one thread per element; the pools are read by no one
@@ -116,6 +119,7 @@ def apply(variant: str) -> None:
     if kernel.cuda_arch is not _REAL["arch"] or "simt" in options:
         kernel._PLANS.clear()  # the plans remember which pass 1 they chose
     kernel.cuda_arch = (lambda: 0) if "simt" in options else _REAL["arch"]
+    kernel.POOL_VIEWS = "views" in options or _REAL["views"]
     layer_cache.mx = layer_decode.mx = store_module.mx = mx
     if "pool" in options and int(options["pool"]) < 1:
         sys.exit("step_split: pool=K needs K >= 1")
