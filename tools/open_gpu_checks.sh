@@ -6,12 +6,14 @@
 #   4. each threadblock's clock with views over 200 chained calls (is the idle between calls gone?);
 #   5. `pagedkv bench gather --full` with views on (every cell of section 3 of docs/benchmarks.md).
 # Run on a CUDA GPU with MLX's CUDA build (`../shared/gpu/README.md` for the lent machine):
-#     bash tools/open_gpu_checks.sh [OUT_DIR]      (default gpu-results/; about 8 minutes on an H100)
+#     bash tools/open_gpu_checks.sh [OUT_DIR]      (default gpu-results/, git-ignored; about 8 minutes on an H100)
 # Everything goes to OUT_DIR/log.txt (each step's command, output, exit status and seconds; a step
 # that fails does not stop the next) and the gather table to OUT_DIR/gather.csv and gather.png.
 set -u
 out=${1:-gpu-results}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."  # the repository root: the test paths are relative to it
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=${MLX_ENABLE_TF32:-0}
 {
