@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: appended to the log; its last lines pr
 }
 
 step views_tests 150 python -m pytest -q -x -p no:cacheprovider tests/parity/test_kernel_parity.py \
-  tests/parity/test_in_place_writes.py -k "views or exactly_its_rows"
+  tests/parity/test_write_kernel.py -k "views or exactly_its_rows"
 step variant_ab 100 python tools/variant_ab.py 16384x1,32768x1,32768x16 --variants whole,two
 step queue 90 python tools/queue_probe.py 16384x1,32768x1 --splits 32,64,128 --blocks 256
 step clock_views 40 python tools/block_clock.py 32768x1 --calls 200 --views
