@@ -4,9 +4,11 @@
 #   2. whole pools against views, timed in turn with cuDNN (does ending fewer CUDA graphs pay?);
 #   3. the queue experiment (tools/queue_probe.py: does handing out splits close the tail?);
 #   4. each threadblock's clock with views over 200 chained calls (is the idle between calls gone?);
-#   5. `pagedkv bench gather --full` with views on (every cell of section 3 of docs/benchmarks.md).
+#   5. `pagedkv bench gather --full` with views on (every cell of section 3 of docs/benchmarks.md);
+#   6. a Llama-3-8B-shaped decode step, views against whole pools, also with 16x the blocks
+#      (tools/step_split.py: the model-level A/B; a large pool ends graphs most often).
 # Run on a CUDA GPU with MLX's CUDA build (`../shared/gpu/README.md` for the lent machine):
-#     bash tools/open_gpu_checks.sh [OUT_DIR]      (default gpu-results/, git-ignored; about 8 minutes on an H100)
+#     bash tools/open_gpu_checks.sh [OUT_DIR]      (default gpu-results/, git-ignored; about 10 minutes on an H100)
 # Everything goes to OUT_DIR/log.txt (each step's command, output, exit status and seconds; a step
 # that fails does not stop the next) and the gather table to OUT_DIR/gather.csv and gather.png.
 set -u
@@ -44,3 +46,4 @@ from pagedkv.mlx_backend.kernels import decode
 decode.POOL_VIEWS = True  # what the step measures: the shipped switch is off until the tests pass
 from pagedkv.__main__ import main
 sys.exit(main(['bench', 'gather', '--full', '--out', sys.argv[1]]))" "$out"
+step step_views 150 python tools/step_split.py 1 views pool=16 views+pool=16
