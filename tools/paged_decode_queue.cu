@@ -12,9 +12,10 @@
 //
 // Extra inputs: `counter` (int32, zero at launch: decode.zero_counters) and `items` (int32
 // [3]: splits per row, threadblocks per row along y (kv heads x query tiles), total items).
-// Put in by tools/queue_probe.py: at `//// group`, `//// sums` and `//// stores`, the shipped pass
-// 1's lines between its `// NAME` and `// end NAME` comments (paged_decode_mma.cu: one group of
-// 16 keys computed, the warp's sums, its state into shared memory; the same variable names); at
+// Put in by tools/queue_probe.py: at `//// queries`, `//// group`, `//// sums` and `//// stores`,
+// the shipped pass 1's lines between its `// NAME` and `// end NAME` comments
+// (paged_decode_mma.cu: the tile's queries loaded, one group of 16 keys computed, the warp's
+// sums, its state into shared memory; the same variable names); at
 // `//// epilogue`, the merge and split sections of paged_decode.cu.
 
   constexpr int NJ = D / 32;
@@ -81,18 +82,7 @@
     const Item& nxt = pkv_items[slot ^ 1];
     const int split = cur.split, b = cur.b, head0 = cur.head0, t_end = cur.t_end;
 
-    const unsigned short* query = reinterpret_cast<const unsigned short*>(queries) +
-                                  ((size_t)b * HQ + head0 + r) * D + 8 * t;
-    uint4 qf[NJ];
-#pragma unroll
-    for (int j = 0; j < NJ; j++) {
-      unsigned int pair[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-      for (int e = 0; e < 4 && r < QT; e++) {
-        pair[e] = query[32 * j + 2 * e] | (unsigned int)query[32 * j + 2 * e + 1] << 16;
-      }
-      qf[j] = make_uint4(pair[0], pair[1], pair[2], pair[3]);
-    }
+//// queries
     float m[2] = {PKV_NEG_BIG, PKV_NEG_BIG}, l[2] = {0.f, 0.f};
     float acc[D / 16][4];
 #pragma unroll

@@ -40,11 +40,11 @@ def shipped_lines(name: str) -> str:
 
 
 def queue_body() -> str:
-    """The experiment's body with the shipped lines at `group`, `sums` and `stores` and the
+    """The experiment's body with the shipped lines at `queries`, `group`, `sums` and `stores` and the
     shipped in-block merge and split epilogue at `epilogue`."""
     text = QUEUE_SOURCE.read_text()
     start = text.index("  constexpr int NJ")  # past the file's comment
-    for name in ("group", "sums", "stores"):
+    for name in ("queries", "group", "sums", "stores"):
         text = text.replace(f"//// {name}\n", shipped_lines(name))
     shared = source.sections("cuda")
     return text[start:].replace("//// epilogue\n", shared["merge"] + shared["split"])

@@ -106,8 +106,9 @@ __device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool,
   const int t_end = min(length, (first_block + (split + 1) * per_split) * BS);
   const int* table = tables + (size_t)b * tables_shape[1];
 
-  // B of the scores: query r of the tile (zero past QT), its pieces in the K pieces' order.
-  // Read 2 bytes at a time (once per threadblock): a query row need not start 16-byte aligned.
+  // queries: B of the scores, query r of the tile (zero past QT), its pieces in the K pieces'
+  // order. Read 2 bytes at a time (once per threadblock): a query row need not start 16-byte
+  // aligned. (tools/paged_decode_queue.cu reuses the lines down to `end queries`.)
   const unsigned short* query = reinterpret_cast<const unsigned short*>(queries) +
                                 ((size_t)b * HQ + head0 + r) * D + 8 * t;
   uint4 qf[NJ];
@@ -120,6 +121,7 @@ __device__ __forceinline__ void pkv_load_group(const T* k_pool, const T* v_pool,
     }
     qf[j] = make_uint4(pair[0], pair[1], pair[2], pair[3]);
   }
+  // end queries
   const float qscale = scale[0] * PKV_LOG2E;
 
   // Online softmax for queries 2t and 2t + 1: running max m, this lane's part of the sum l, and
