@@ -145,3 +145,24 @@ def test_window_benchmark_curve_is_flat_past_the_window():
     past = [r for r in rows if r[0] >= 64 + 8]
     assert past and all(window == past[0][1] <= bound for _, window, _, bound in past)
     assert rows[-1][2] == ceil_div(rows[-1][0], 8)  # full attention keeps every block
+
+
+def test_a_prefill_query_needing_only_the_one_released_position_is_refused(impl):
+    """The boundary of rule 10's check, at block size 1: with window 3 and the last extend's first
+    query at 3, only position 0 is released. Two queries (at 2 and 3): the one at 2 needs keys
+    0..2, so the call is refused and nothing changes; one query (at 3) needs 1..3, all held."""
+    config = Config(num_blocks=8, block_size=1, num_kv_heads=1, head_dim=2, window=3)
+    cache = cache_class(impl)(config)
+    seq, _ = cache.add_sequence([1, 2, 3])
+    cache.extend(seq, [4])
+    assert cache.block_table(seq)[0] == -1 and -1 not in cache.block_table(seq)[1:]
+    queries = np.ones((2, 1, 2), np.float32)
+    if impl == "mlx":
+        import mlx.core as mx
+
+        queries = mx.array(queries)
+    before = cache.snapshot()
+    with pytest.raises(InvalidPositionError, match="released"):
+        cache.attention_prefill(seq, 0, queries)
+    assert cache.snapshot() == before
+    assert to_numpy(cache.attention_prefill(seq, 0, queries[1:])).shape == (1, 1, 2)
