@@ -254,11 +254,12 @@ def in_turn(chains: dict, rounds: int, max_calls: dict | None = None) -> dict[st
     """Every chain timed once per round, in turn (`per_call_us`, one repeat), `rounds` times:
     a drift of the device moves every chain alike. {name: µs per call, one value per round}.
     `max_calls`: per name, the most calls one timing may issue (default per_call_us's)."""
+    limits = max_calls or {}
     times: dict[str, list[float]] = {name: [] for name in chains}
     for _ in range(rounds):
         for name, chain in chains.items():
-            limit = (max_calls or {}).get(name, 200)
-            times[name].append(per_call_us(chain, max_calls=limit, repeats=1))
+            limit = {"max_calls": limits[name]} if name in limits else {}
+            times[name].append(per_call_us(chain, repeats=1, **limit))
     return times
 
 
